@@ -1,0 +1,1 @@
+"""PMLM flows package."""

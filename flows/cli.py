@@ -1,0 +1,209 @@
+"""The ``pmlm`` command line: thin wrappers over the packages' plain functions.
+
+Every command reads and writes one workspace folder (``--workspace``, default
+``$PMLM_WORKSPACE`` or ``./pmlm-workspace``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipelines.workspace import Workspace, default_workspace
+
+app = typer.Typer(
+    help="PMLM: personalized hard prompts for LLMs from patient records.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+ingest_app = typer.Typer(help="Read a data source into the workspace's canonical tables.", no_args_is_help=True)
+cohort_app = typer.Typer(help="Generated cohorts (Synthea) and the built-in default cohort.", no_args_is_help=True)
+data_app = typer.Typer(help="Inspect the workspace's canonical tables.", no_args_is_help=True)
+app.add_typer(ingest_app, name="ingest")
+app.add_typer(cohort_app, name="cohort")
+app.add_typer(data_app, name="data")
+
+console = Console()
+
+WorkspaceOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--workspace",
+        "-w",
+        help="Workspace folder [default: $PMLM_WORKSPACE or ./pmlm-workspace]",
+        show_default=False,
+    ),
+]
+SplitSeedOpt = Annotated[int, typer.Option(help="Seed of the per-patient train/validation/test split.")]
+
+
+def _ws(path: Path | None) -> Workspace:
+    return Workspace.at(path if path is not None else default_workspace())
+
+
+def print_summary(summary: dict[str, Any], title: str = "Cohort summary") -> None:
+    """Print a data summary as a table (the same figures as `pmlm data summary --json`)."""
+    table = Table(title=title, show_header=False)
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    table.add_row("patients", str(summary["patients"]))
+    table.add_row("encounters", str(summary["encounters"]))
+    table.add_row("events", str(summary["events"]))
+    for kind, n in summary["events_by_kind"].items():
+        table.add_row(f"  {kind}", str(n))
+    table.add_row("notes", str(summary["notes"]))
+    table.add_row("reference plans", str(summary["reference_plans"]))
+    table.add_row("plan items (distinct)", f"{summary['plan_items']} ({summary['distinct_plan_items']})")
+    table.add_row("index encounters", str(summary["index_encounters"]))
+    for split, n in summary["index_encounters_by_split"].items():
+        pts = summary["patients_with_index_by_split"][split]
+        table.add_row(f"  {split}", f"{n} ({pts} patients)")
+    table.add_row(
+        "obstetric index encounters",
+        f"{summary['obstetric_index_encounters']} ({summary['obstetric_share']:.1%})",
+    )
+    table.add_row("adult index encounters", str(summary["adult_index_encounters"]))
+    table.add_row("quarantined records", str(summary["quarantined"]))
+    for reason, n in summary["quarantine_reasons"].items():
+        table.add_row(f"  {reason}", str(n))
+    ingest = summary.get("ingest")
+    if ingest:
+        table.add_row(
+            "records read = kept + quarantined + skipped",
+            f"{ingest['read']} = {ingest['kept']} + {ingest['quarantined']} + {ingest['skipped']}",
+        )
+        if ingest.get("files_quarantined"):
+            table.add_row("unreadable files (quarantined)", str(ingest["files_quarantined"]))
+    console.print(table)
+    if "remark" in summary:
+        console.print(f"[yellow]Note:[/] {summary['remark']}")
+    for note in (ingest or {}).get("notes", []):
+        console.print(f"[yellow]Note:[/] {note}")
+
+
+@ingest_app.command("fhir")
+def ingest_fhir_cmd(
+    folder: Annotated[Path, typer.Argument(help="Folder of FHIR R4 bundles (Synthea output or its fhir/).")],
+    workspace: WorkspaceOpt = None,
+    split_seed: SplitSeedOpt = 0,
+) -> None:
+    """Ingest a folder of FHIR R4 bundles."""
+    from pipelines.ingest import ingest_fhir
+
+    ws = _ws(workspace)
+    started = time.perf_counter()
+    summary = ingest_fhir(ws, folder, split_seed=split_seed)
+    print_summary(summary, f"FHIR ingest of {folder} ({time.perf_counter() - started:.1f} s)")
+    console.print(f"Tables written to {ws.tables_dir}")
+
+
+@ingest_app.command("omop")
+def ingest_omop_cmd(
+    path: Annotated[
+        Path | None,
+        typer.Argument(help="OMOP CDM DuckDB file or folder of CDM CSV files [default: Eunomia]."),
+    ] = None,
+    workspace: WorkspaceOpt = None,
+    split_seed: SplitSeedOpt = 0,
+) -> None:
+    """Ingest an OMOP CDM 5.3 database (the Eunomia database when no path is given)."""
+    from pipelines.ingest import ingest_omop
+
+    ws = _ws(workspace)
+    started = time.perf_counter()
+    summary = ingest_omop(ws, path, split_seed=split_seed)
+    print_summary(summary, f"OMOP ingest of {path or 'Eunomia'} ({time.perf_counter() - started:.1f} s)")
+    console.print(f"Tables written to {ws.tables_dir}")
+
+
+@cohort_app.command("generate")
+def cohort_generate_cmd(
+    n: Annotated[int, typer.Option("--n", min=1, help="Number of women to generate.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder (bundles go to OUT/fhir).")],
+    seed: Annotated[int, typer.Option("--seed", help="Generator seed.")] = 42,
+    threads: Annotated[int, typer.Option(help="Generator threads.")] = 2,
+) -> None:
+    """Generate a cohort of women aged 18–45 with Synthea (same arguments → identical files)."""
+    from pipelines.cohort import CohortSpec, generate_cohort
+
+    started = time.perf_counter()
+    fhir_dir, reused = generate_cohort(CohortSpec(n=n, seed=seed), out, threads=threads)
+    files = len(list(fhir_dir.glob("*.json")))
+    verb = "Reused" if reused else "Generated"
+    console.print(f"{verb} {files} bundles in {fhir_dir} ({time.perf_counter() - started:.1f} s)")
+    console.print(f"Next: pmlm ingest fhir {fhir_dir}")
+
+
+@cohort_app.command("snapshot")
+def cohort_snapshot_cmd(
+    out: Annotated[Path, typer.Argument(help="A folder written by `pmlm cohort generate`.")],
+    target: Annotated[
+        Path | None, typer.Option(help="Where to write the snapshot [default: the package's default cohort].")
+    ] = None,
+) -> None:
+    """Make a generated cohort the built-in default cohort (maintainers)."""
+    from pipelines.cohort import DEFAULT_COHORT_DIR, MARKER, write_snapshot
+    from pipelines.fhir import read_fhir_folder
+
+    marker = out / MARKER
+    if not marker.exists():
+        raise typer.BadParameter(f"{out} has no {MARKER}: make it with `pmlm cohort generate`")
+    meta = json.loads(marker.read_text())
+    source = read_fhir_folder(out / "fhir")
+    spec = meta["spec"]
+    provenance = {
+        "spec": spec,
+        "command": f"pmlm cohort generate --n {spec['n']} --seed {spec['seed']} --out {out.name} "
+        f"&& pmlm cohort snapshot {out.name}",
+        "synthea_command": meta["command"],
+        "bundle_digest": meta["digest"],
+        "bundles": meta["files"],
+    }
+    written = write_snapshot(source, provenance, target or DEFAULT_COHORT_DIR)
+    console.print(f"Snapshot of {meta['files']} bundles written to {written}")
+
+
+@data_app.command("summary")
+def data_summary_cmd(
+    workspace: WorkspaceOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Patients, encounters, events by kind, index encounters by split, obstetric share, quarantine."""
+    from pipelines.ingest import load_tables, summarize
+
+    ws = _ws(workspace)
+    summary = summarize(load_tables(ws))
+    ingest = ws.read_manifest().get("steps", {}).get("ingest", {})
+    if "summary" in ingest:
+        summary["ingest"] = ingest["summary"].get("ingest")
+        if summary["ingest"] is None:
+            summary.pop("ingest")
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2, default=str))
+    else:
+        print_summary(summary, f"Workspace {ws.root}")
+
+
+@app.command("run")
+def run_cmd(workspace: WorkspaceOpt = None) -> None:
+    """The main job on the built-in default cohort: prepare the data, print its summary."""
+    from pipelines.cohort import prepare_default_cohort
+
+    ws = _ws(workspace)
+    started = time.perf_counter()
+    console.print("[bold]PMLM main job[/] on the built-in default cohort")
+    console.print("Step 1/1: canonical tables, reference plans, index encounters and split")
+    summary = prepare_default_cohort(ws)
+    print_summary(summary, f"Default cohort ({time.perf_counter() - started:.1f} s)")
+    console.print(f"Workspace: {ws.root.resolve()}  (tables in {ws.tables_dir})")
+
+
+def main() -> None:
+    """Entry point of the ``pmlm`` console script."""
+    app()

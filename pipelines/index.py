@@ -1,0 +1,181 @@
+"""Index encounters, the per-patient split, and a patient's context as of an index time.
+
+An encounter is an *index encounter* when the patient's next encounter (the
+first one that starts strictly after it ends) has a reference plan with at
+least one item. Its ``index_time`` is its end: the prompt may use only what is
+recorded at or before it. The reference is the next encounter's plan.
+
+Patients, not encounters, are split: a salted hash of the patient id decides,
+so a patient's split never changes when other patients are added.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import pandas as pd
+
+from pipelines.schemas import INDEX_ENCOUNTERS, SPLITS
+
+DEFAULT_SPLIT_SEED: Final = 0
+DEFAULT_FRACTIONS: Final = (0.7, 0.15, 0.15)
+
+#: Words that mark obstetric care in encounter types, reasons and event displays.
+OBSTETRIC_PATTERN: Final = re.compile(
+    r"pregnan|prenatal|antenatal|antepartum|obstetric|fetal|fetus|gestation|"
+    r"labor|delivery|postpartum|postnatal|miscarriage|eclampsia|trimester|"
+    r"cesarean|caesarean|placent|amnio|episiotomy|childbirth|tubal pregnancy",
+    re.IGNORECASE,
+)
+#: A pregnancy with no recorded end counts as ongoing for this long after its onset.
+PREGNANCY_MAX_DAYS: Final = 300
+ADULT_AGE: Final = 18.0
+
+
+def split_of(patient_id: str, seed: int = DEFAULT_SPLIT_SEED,
+             fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> str:
+    """train / validation / test for a patient, from a seeded hash of her id."""
+    if abs(sum(fractions) - 1.0) > 1e-9 or min(fractions) < 0:
+        raise ValueError(f"split fractions must be non-negative and sum to 1, got {fractions}")
+    digest = hashlib.sha256(f"{seed}:{patient_id}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    if u < fractions[0]:
+        return SPLITS[0]
+    if u < fractions[0] + fractions[1]:
+        return SPLITS[1]
+    return SPLITS[2]
+
+
+def pregnancy_episodes(events: pd.DataFrame) -> pd.DataFrame:
+    """(patient_id, start, end) of each known pregnancy, from conditions whose display says so.
+
+    An episode starts when the pregnancy is recorded (not at its onset), so a
+    flag computed from it uses only what was known at the index time.
+    """
+    cond = events[(events["kind"] == "condition") & events["display"].notna()]
+    preg = cond[cond["display"].str.contains(r"pregnan", case=False, regex=True)]
+    preg = preg[~preg["display"].str.contains(r"history of|not pregnant", case=False, regex=True)]
+    end = preg["end_time"].fillna(preg["time"] + pd.Timedelta(days=PREGNANCY_MAX_DAYS))
+    return pd.DataFrame({"patient_id": preg["patient_id"], "start": preg["recorded_time"], "end": end})
+
+
+def index_encounters(
+    encounters: pd.DataFrame,
+    events: pd.DataFrame,
+    patients: pd.DataFrame,
+    reference_plans: pd.DataFrame,
+    split_seed: int = DEFAULT_SPLIT_SEED,
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+) -> pd.DataFrame:
+    """The index encounters of a cohort, with split, obstetric and adult flags.
+
+    Returns a frame with the columns of ``schemas.INDEX_ENCOUNTERS``, sorted by
+    patient and time.
+    """
+    enc = encounters[["encounter_id", "patient_id", "start", "end", "type_display", "reason_display"]]
+    enc = enc.sort_values(["patient_id", "start", "end", "encounter_id"]).reset_index(drop=True)
+    # The next encounter: the first whose start is strictly after this one's end.
+    nxt = pd.merge_asof(
+        enc[["encounter_id", "patient_id", "end"]].sort_values("end"),
+        enc[["encounter_id", "patient_id", "start"]]
+        .rename(columns={"encounter_id": "next_encounter_id", "start": "next_time"})
+        .sort_values("next_time"),
+        left_on="end",
+        right_on="next_time",
+        by="patient_id",
+        direction="forward",
+        allow_exact_matches=False,
+    )
+    plans = reference_plans[reference_plans["n_items"] > 0][["encounter_id", "n_items"]]
+    idx = nxt.dropna(subset=["next_encounter_id"]).merge(
+        plans.rename(columns={"encounter_id": "next_encounter_id", "n_items": "n_plan_items"}),
+        on="next_encounter_id",
+        how="inner",
+    )
+    idx = idx.rename(columns={"end": "index_time"})
+
+    births = patients.set_index("patient_id")["birth_date"]
+    birth = pd.to_datetime(idx["patient_id"].map(births), utc=True)
+    idx["age_years"] = ((idx["index_time"] - birth).dt.days / 365.25).astype("float64")
+    idx["is_adult"] = (idx["age_years"] >= ADULT_AGE).fillna(False).astype(bool)
+    idx["is_obstetric"] = _obstetric_flags(idx, enc, events)
+    idx["split"] = [split_of(p, split_seed, fractions) for p in idx["patient_id"]]
+    idx["n_plan_items"] = idx["n_plan_items"].astype("int32")
+    out = idx[INDEX_ENCOUNTERS.names].sort_values(["patient_id", "index_time", "encounter_id"])
+    return out.reset_index(drop=True)
+
+
+def _obstetric_flags(idx: pd.DataFrame, enc: pd.DataFrame, events: pd.DataFrame) -> np.ndarray:
+    """During a pregnancy at index time, or obstetric codes on the index encounter."""
+    flags = np.zeros(len(idx), dtype=bool)
+    if idx.empty:
+        return flags
+    episodes = pregnancy_episodes(events)
+    if not episodes.empty:
+        joined = idx[["encounter_id", "patient_id", "index_time"]].merge(episodes, on="patient_id")
+        during = joined[(joined["start"] <= joined["index_time"]) & (joined["index_time"] <= joined["end"])]
+        flags |= idx["encounter_id"].isin(during["encounter_id"]).to_numpy()
+    text = enc["type_display"].fillna("") + " " + enc["reason_display"].fillna("")
+    ob_enc = set(enc.loc[text.str.contains(OBSTETRIC_PATTERN), "encounter_id"])
+    ev = events[events["encounter_id"].notna() & events["display"].notna()]
+    ob_enc |= set(ev.loc[ev["display"].str.contains(OBSTETRIC_PATTERN), "encounter_id"])
+    flags |= idx["encounter_id"].isin(ob_enc).to_numpy()
+    return flags
+
+
+@dataclass(frozen=True)
+class PatientContext:
+    """Everything recorded about one patient at or before an index time."""
+
+    patient: pd.Series
+    index: pd.Series
+    encounters: pd.DataFrame
+    events: pd.DataFrame
+    notes: pd.DataFrame
+    reference_plans: pd.DataFrame
+    plan_items: pd.DataFrame
+
+    @property
+    def index_time(self) -> pd.Timestamp:
+        return pd.Timestamp(self.index["index_time"])
+
+
+def context_as_of(tables: dict[str, pd.DataFrame], encounter_id: str) -> PatientContext:
+    """A patient's record as of an index encounter: nothing recorded after its index time.
+
+    ``tables`` maps canonical table names to frames (as read from a workspace).
+    Encounters are kept when they started at or before the index time (an end
+    after it is cut to it); events when they were recorded at or before it
+    (``recorded_time``: a diagnosis made at the next visit has an earlier onset
+    but is not known yet); notes and plans when their time is at or before it (an event's end after it is blanked: a condition abated later is
+    still active then); plan items when their plan is kept. Raises KeyError naming the encounter when it is not an index
+    encounter.
+    """
+    idx = tables["index_encounters"]
+    row = idx[idx["encounter_id"] == encounter_id]
+    if row.empty:
+        raise KeyError(f"{encounter_id!r} is not an index encounter (see table index_encounters)")
+    index = row.iloc[0]
+    pid, t = index["patient_id"], index["index_time"]
+
+    def own(name: str, time_col: str) -> pd.DataFrame:
+        df = tables[name]
+        mine = df[df["patient_id"] == pid]
+        return mine[mine[time_col] <= t].reset_index(drop=True)
+
+    # Ends that lie after the index time are not known yet at the index time.
+    encounters = own("encounters", "start")
+    encounters["end"] = encounters["end"].where(encounters["end"] <= t, t)
+    events = own("events", "recorded_time")
+    events["end_time"] = events["end_time"].where(events["end_time"] <= t)
+    notes = own("notes", "time")
+    plans = own("reference_plans", "time")
+    items = tables["plan_items"]
+    items = items[items["encounter_id"].isin(set(plans["encounter_id"]))].reset_index(drop=True)
+    patients = tables["patients"]
+    patient = patients[patients["patient_id"] == pid].iloc[0]
+    return PatientContext(patient, index, encounters, events, notes, plans, items)

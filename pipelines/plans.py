@@ -1,0 +1,268 @@
+"""Reference plans: what the physician ordered at an encounter, as items and as text.
+
+From a note, the plan is its "Assessment and Plan" section. Synthea writes the
+orders as sentences followed by bullets, for example::
+
+    # Assessment and Plan
+    Patient is presenting with normal pregnancy (finding).
+
+    ## Plan
+    The following procedures were conducted:
+    - evaluation of uterine fundal height (procedure)
+    Patient was given the following immunizations: influenza, seasonal, injectable.
+    The patient was placed on a careplan:
+    - routine antenatal care (regime/therapy)
+
+Each item is resolved to a coded event of the same encounter when one has the
+same display (case-insensitive); its ``item_key`` is then ``SYSTEM|CODE``, the
+same key whatever the note's wording, otherwise ``text|display``.
+
+Without notes (OMOP CDM), the plan is built from the orders recorded at the
+encounter: procedures, medications, immunizations, care plans and measurements.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import pandas as pd
+
+from pipelines.schemas import PLAN_ITEMS, REFERENCE_PLANS
+
+AP_HEADING = re.compile(r"^#\s*Assessment and Plan\s*$", re.IGNORECASE | re.MULTILINE)
+NEXT_TOP_HEADING = re.compile(r"^#\s+\S", re.MULTILINE)
+
+#: Lead-in sentence → plan item kind. Matched on the lower-cased line.
+LEAD_INS: tuple[tuple[str, str], ...] = (
+    ("procedures", "procedure"),
+    ("lab", "lab"),
+    ("medication", "medication"),
+    ("immunization", "immunization"),
+    ("careplan", "careplan"),
+    ("care plan", "careplan"),
+)
+
+#: Which event kinds an item of each plan kind may resolve to, in preference order.
+RESOLVES_TO: dict[str, tuple[str, ...]] = {
+    "procedure": ("procedure", "observation"),
+    "lab": ("observation", "procedure"),
+    "medication": ("medication",),
+    "immunization": ("immunization",),
+    "careplan": ("careplan",),
+    "other": ("procedure", "observation", "medication", "immunization", "careplan"),
+}
+
+#: Event kind → plan item kind, for plans built from recorded orders (no note).
+ORDER_KINDS: dict[str, str] = {
+    "procedure": "procedure",
+    "medication": "medication",
+    "immunization": "immunization",
+    "careplan": "careplan",
+    "observation": "lab",
+}
+
+
+@dataclass(frozen=True)
+class PlanSection:
+    """The parsed "Assessment and Plan" of one note."""
+
+    text: str
+    items: tuple[tuple[str, str], ...]  # (kind, display as written)
+
+
+def _kind_of(lead_in: str) -> str:
+    low = lead_in.lower()
+    for needle, kind in LEAD_INS:
+        if needle in low:
+            return kind
+    return "other"
+
+
+def assessment_and_plan(note_text: str) -> str | None:
+    """The text of the note's "Assessment and Plan" section, or None if it has none."""
+    match = AP_HEADING.search(note_text)
+    if match is None:
+        return None
+    rest = note_text[match.end() :]
+    following = NEXT_TOP_HEADING.search(rest)
+    return (rest[: following.start()] if following else rest).strip()
+
+
+def parse_plan(note_text: str, known_displays: dict[str, list[str]] | None = None) -> PlanSection:
+    """Parse the orders of a note's "Assessment and Plan" into (kind, display) items.
+
+    ``known_displays`` maps a plan kind to the displays of the encounter's coded
+    events; it splits inline lists ("given the following immunizations: a, b.")
+    whose displays themselves contain commas. Without it, inline lists are
+    split on ", ".
+    """
+    section = assessment_and_plan(note_text)
+    if section is None:
+        return PlanSection(text="", items=())
+    plan_part = section.split("## Plan", 1)[1] if "## Plan" in section else ""
+    items: list[tuple[str, str]] = []
+    kind = "other"
+    for raw in plan_part.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        if line.startswith("- "):
+            display = line[2:].strip()
+            if display:
+                items.append((kind, display))
+            continue
+        kind = _kind_of(line)
+        if ":" in line:
+            inline = line.split(":", 1)[1].strip().rstrip(".").strip()
+            if inline:
+                items.extend((kind, d) for d in _split_inline(inline, kind, known_displays))
+    return PlanSection(text=section, items=tuple(items))
+
+
+def _split_inline(text: str, kind: str, known: dict[str, list[str]] | None) -> list[str]:
+    candidates = []
+    if known:
+        for k in RESOLVES_TO.get(kind, (kind,)):
+            candidates.extend(known.get(k, []))
+    out: list[str] = []
+    rest = text
+    low_candidates = sorted({c.lower() for c in candidates if c}, key=len, reverse=True)
+    while rest:
+        low = rest.lower()
+        hit = next((c for c in low_candidates if low.startswith(c)), None)
+        if hit is None:
+            head, _, tail = rest.partition(", ")
+            out.append(head.strip())
+            rest = tail
+        else:
+            out.append(rest[: len(hit)].strip())
+            rest = rest[len(hit) :].lstrip(",").strip()
+    return [d for d in out if d]
+
+
+def normalize_display(display: str) -> str:
+    return " ".join(display.lower().split())
+
+
+def plans_from_notes(notes: pd.DataFrame, events: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Reference plans and their items from every note that has an "Assessment and Plan".
+
+    Returns (reference_plans, plan_items) frames with the canonical columns. A
+    note whose plan lists no order ("No orders placed at this visit.") gives a
+    plan with ``n_items == 0``.
+    """
+    coded = events.dropna(subset=["encounter_id", "display"])
+    coded = coded[coded["kind"].isin(list(RESOLVES_TO["other"]))]
+    # encounter → (kind, normalized display) → (system, code); encounter → kind → displays
+    lookups: dict[str, dict[tuple[str, str], tuple[str | None, str | None]]] = {}
+    knowns: dict[str, dict[str, list[str]]] = {}
+    for eid, kind, display, system, code in zip(
+        coded["encounter_id"].tolist(),
+        coded["kind"].tolist(),
+        coded["display"].tolist(),
+        coded["code_system"].tolist(),
+        coded["code"].tolist(),
+        strict=True,
+    ):
+        lookups.setdefault(eid, {}).setdefault((kind, normalize_display(display)), (system, code))
+        knowns.setdefault(eid, {}).setdefault(kind, []).append(display)
+    plan_rows: list[dict[str, object]] = []
+    item_rows: list[dict[str, object]] = []
+    with_encounter = notes.dropna(subset=["encounter_id"]).sort_values(["time", "note_id"])
+    for note in with_encounter.itertuples(index=False):
+        lookup = lookups.get(note.encounter_id, {})
+        known = knowns.get(note.encounter_id, {})
+        plan = parse_plan(note.text, known)
+        if not plan.text:
+            continue
+        position = 0
+        seen_keys: set[str] = set()
+        for kind, display in plan.items:
+            norm = normalize_display(display)
+            resolved = next(
+                (lookup[(k, norm)] for k in RESOLVES_TO.get(kind, (kind,)) if (k, norm) in lookup),
+                None,
+            )
+            if resolved is not None and resolved[0] and resolved[1]:
+                system, code = resolved
+                key = f"{system}|{code}"
+            else:
+                system = code = None
+                key = f"text|{norm}"
+            if key in seen_keys:
+                continue
+            seen_keys.add(key)
+            item_rows.append(
+                {
+                    "encounter_id": note.encounter_id,
+                    "patient_id": note.patient_id,
+                    "position": position,
+                    "kind": kind,
+                    "item_key": key,
+                    "code_system": system,
+                    "code": code,
+                    "display": display,
+                }
+            )
+            position += 1
+        plan_rows.append(
+            {
+                "encounter_id": note.encounter_id,
+                "patient_id": note.patient_id,
+                "time": note.time,
+                "plan_source": "note",
+                "plan_text": plan.text,
+                "n_items": position,
+            }
+        )
+    plans = pd.DataFrame(plan_rows, columns=REFERENCE_PLANS.names)
+    # One plan per encounter: an encounter with several notes keeps its first.
+    plans = plans.drop_duplicates("encounter_id", keep="first")
+    items = pd.DataFrame(item_rows, columns=PLAN_ITEMS.names)
+    items = items[items["encounter_id"].isin(plans["encounter_id"])]
+    return plans.reset_index(drop=True), items.reset_index(drop=True)
+
+
+def plans_from_orders(events: pd.DataFrame, encounters: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Reference plans built from the orders recorded at each encounter (for sources without notes)."""
+    orders = events[events["kind"].isin(list(ORDER_KINDS)) & events["encounter_id"].notna()].copy()
+    orders = orders.dropna(subset=["code"])
+    orders["plan_kind"] = orders["kind"].map(ORDER_KINDS)
+    orders["item_key"] = orders["code_system"].fillna("unknown") + "|" + orders["code"].astype(str)
+    orders = orders.sort_values(["encounter_id", "time", "event_id"]).drop_duplicates(
+        ["encounter_id", "item_key"]
+    )
+    orders["display"] = orders["display"].fillna(orders["item_key"])
+    orders["position"] = orders.groupby("encounter_id").cumcount().astype("int32")
+    items = pd.DataFrame(
+        {
+            "encounter_id": orders["encounter_id"],
+            "patient_id": orders["patient_id"],
+            "position": orders["position"],
+            "kind": orders["plan_kind"],
+            "item_key": orders["item_key"],
+            "code_system": orders["code_system"],
+            "code": orders["code"].astype(str),
+            "display": orders["display"],
+        },
+        columns=PLAN_ITEMS.names,
+    ).reset_index(drop=True)
+    if items.empty:
+        return pd.DataFrame(columns=REFERENCE_PLANS.names), items
+    grouped = items.groupby("encounter_id", sort=True)
+    texts = ("- " + items["display"]).groupby(items["encounter_id"], sort=True).agg("\n".join)
+    texts = "## Plan\nOrders recorded at this encounter:\n" + texts
+    starts = encounters.set_index("encounter_id")["start"]
+    plans = pd.DataFrame(
+        {
+            "encounter_id": texts.index,
+            "patient_id": grouped["patient_id"].first().reindex(texts.index).to_numpy(),
+            "time": starts.reindex(texts.index).to_numpy(),
+            "plan_source": "events",
+            "plan_text": texts.to_numpy(),
+            "n_items": grouped.size().reindex(texts.index).astype("int32").to_numpy(),
+        },
+        columns=REFERENCE_PLANS.names,
+    )
+    return plans.reset_index(drop=True), items

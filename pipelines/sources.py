@@ -1,0 +1,99 @@
+"""What every source reader returns: raw canonical tables plus an ingest summary.
+
+A source reader (FHIR R4, OMOP CDM) produces the record-level tables
+(patients, encounters, events, notes) and a quarantine of what it rejected.
+The derived tables (reference plans, index encounters) are computed from these
+by `pipelines.ingest`, the same way for every source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from pipelines.schemas import ENCOUNTERS, EVENTS, NOTES, PATIENTS, QUARANTINE
+
+#: Salt of the patient pseudonyms. Set PMLM_PSEUDONYM_SALT to a secret of the
+#: hospital's own so that pseudonyms cannot be recomputed from source ids.
+DEFAULT_SALT = "pmlm"
+
+
+def pseudonym(source: str, source_id: str, salt: str | None = None) -> str:
+    """A stable pseudonymous patient id: ``p`` + 16 hex digits of a salted SHA-256."""
+    salt = salt if salt is not None else os.environ.get("PMLM_PSEUDONYM_SALT", DEFAULT_SALT)
+    digest = hashlib.sha256(f"{salt}\x1f{source}\x1f{source_id}".encode()).hexdigest()
+    return "p" + digest[:16]
+
+
+@dataclass
+class IngestSummary:
+    """Counts that reconcile: ``read == kept + quarantined + skipped_by_type``.
+
+    ``read`` counts records (FHIR resources, OMOP rows) found in readable files;
+    ``files_quarantined`` counts files that could not be read at all (their
+    records cannot be counted and are not in ``read``).
+    """
+
+    source: str
+    files_read: int = 0
+    files_quarantined: int = 0
+    read: int = 0
+    kept: int = 0
+    quarantined: int = 0
+    skipped_by_type: Counter[str] = field(default_factory=Counter)
+    kept_by_type: Counter[str] = field(default_factory=Counter)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.skipped_by_type.values())
+
+    def reconciles(self) -> bool:
+        return self.read == self.kept + self.quarantined + self.skipped
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "files_read": self.files_read,
+            "files_quarantined": self.files_quarantined,
+            "read": self.read,
+            "kept": self.kept,
+            "quarantined": self.quarantined,
+            "skipped": self.skipped,
+            "skipped_by_type": dict(sorted(self.skipped_by_type.items())),
+            "kept_by_type": dict(sorted(self.kept_by_type.items())),
+            "notes": list(self.notes),
+        }
+
+
+@dataclass
+class SourceTables:
+    """Record-level canonical tables from one source, before derivation."""
+
+    patients: pd.DataFrame
+    encounters: pd.DataFrame
+    events: pd.DataFrame
+    notes: pd.DataFrame
+    quarantine: pd.DataFrame
+    summary: IngestSummary
+
+
+def frame(rows: list[dict[str, Any]], schema_names: list[str]) -> pd.DataFrame:
+    """A frame with exactly ``schema_names`` as columns, even when ``rows`` is empty."""
+    return pd.DataFrame(rows, columns=schema_names)
+
+
+def empty_tables(source: str) -> SourceTables:
+    return SourceTables(
+        patients=frame([], PATIENTS.names),
+        encounters=frame([], ENCOUNTERS.names),
+        events=frame([], EVENTS.names),
+        notes=frame([], NOTES.names),
+        quarantine=frame([], QUARANTINE.names),
+        summary=IngestSummary(source=source),
+    )
