@@ -120,14 +120,18 @@ def generate_cohort(spec: CohortSpec, out: Path, threads: int = 2) -> tuple[Path
             "delete the folder to regenerate it"
         )
     if out.exists() and any(out.iterdir()):
-        raise CohortError(f"{out} is not empty and holds no {MARKER}: choose an empty or new folder")
+        raise CohortError(
+            f"{out} is not empty and holds no {MARKER}: choose an empty or new folder"
+        )
     out.mkdir(parents=True, exist_ok=True)
     cmd = spec.command(out, threads)
     cmd[0] = _synthea_executable()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-        raise CohortError(f"synthea failed (exit {proc.returncode}) running {' '.join(cmd)}:\n{tail}")
+        raise CohortError(
+            f"synthea failed (exit {proc.returncode}) running {' '.join(cmd)}:\n{tail}"
+        )
     files = sorted(fhir_dir.glob("*.json"))
     if not files:
         raise CohortError(f"synthea wrote no FHIR bundles under {fhir_dir}")
@@ -155,7 +159,9 @@ def _folder_digest(files: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def write_snapshot(source: SourceTables, provenance: dict[str, Any], target: Path = DEFAULT_COHORT_DIR) -> Path:
+def write_snapshot(
+    source: SourceTables, provenance: dict[str, Any], target: Path = DEFAULT_COHORT_DIR
+) -> Path:
     """Write record-level tables and PROVENANCE.json as a cohort snapshot."""
     target.mkdir(parents=True, exist_ok=True)
     for name in SNAPSHOT_TABLES:

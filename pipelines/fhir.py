@@ -377,7 +377,7 @@ class _FhirReader:
             if not coded:
                 raise Rejected("CarePlan has no coded category")
             system, code, display = first_coding(coded[0], "category")
-            period = r.get("period") if isinstance(r.get("period"), dict) else {}
+            period: dict[str, Any] = r["period"] if isinstance(r.get("period"), dict) else {}
             time = parse_time(period.get("start"), "period.start")
             if period.get("end"):
                 end_time = parse_time(period["end"], "period.end")
@@ -497,13 +497,17 @@ def sorted_tables(t: SourceTables) -> SourceTables:
     recorded = events["time"].astype("datetime64[us, UTC]")
     if len(events):
         start_of = dict(zip(t.encounters["encounter_id"], t.encounters["start"], strict=True))
-        starts = pd.to_datetime(events["encounter_id"].map(start_of), utc=True).astype("datetime64[us, UTC]")
+        starts = pd.to_datetime(events["encounter_id"].map(start_of), utc=True).astype(
+            "datetime64[us, UTC]"
+        )
         recorded = recorded.where(starts.isna() | (recorded >= starts), starts)
     t.events = events.assign(recorded_time=recorded)
 
     def srt(name: str) -> pd.DataFrame:
         df: pd.DataFrame = getattr(t, name)
-        return df.sort_values(SORT_KEYS[name], kind="stable", na_position="first").reset_index(drop=True)
+        return df.sort_values(SORT_KEYS[name], kind="stable", na_position="first").reset_index(
+            drop=True
+        )
 
     return SourceTables(
         patients=srt("patients"),
@@ -515,7 +519,9 @@ def sorted_tables(t: SourceTables) -> SourceTables:
     )
 
 
-def read_fhir_folder(folder: Path, salt: str | None = None, workers: int | None = None) -> SourceTables:
+def read_fhir_folder(
+    folder: Path, salt: str | None = None, workers: int | None = None
+) -> SourceTables:
     """Read every bundle of ``folder`` into record-level canonical tables.
 
     Each Bundle must carry the Patient and Encounters its resources refer to
@@ -551,7 +557,7 @@ def _merge(parts: list[SourceTables]) -> SourceTables:
         for name in ("patients", "encounters", "events", "notes", "quarantine")
     }
     # Ids repeated across chunks: keep the first, quarantine the rest.
-    extra_quarantine = []
+    extra_quarantine: list[dict[str, Any]] = []
     for name, key, rtype in (
         ("patients", "patient_id", "Patient"),
         ("encounters", "encounter_id", "Encounter"),

@@ -36,8 +36,11 @@ PREGNANCY_MAX_DAYS: Final = 300
 ADULT_AGE: Final = 18.0
 
 
-def split_of(patient_id: str, seed: int = DEFAULT_SPLIT_SEED,
-             fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> str:
+def split_of(
+    patient_id: str,
+    seed: int = DEFAULT_SPLIT_SEED,
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+) -> str:
     """train / validation / test for a patient, from a seeded hash of her id."""
     if abs(sum(fractions) - 1.0) > 1e-9 or min(fractions) < 0:
         raise ValueError(f"split fractions must be non-negative and sum to 1, got {fractions}")
@@ -60,7 +63,9 @@ def pregnancy_episodes(events: pd.DataFrame) -> pd.DataFrame:
     preg = cond[cond["display"].str.contains(r"pregnan", case=False, regex=True)]
     preg = preg[~preg["display"].str.contains(r"history of|not pregnant", case=False, regex=True)]
     end = preg["end_time"].fillna(preg["time"] + pd.Timedelta(days=PREGNANCY_MAX_DAYS))
-    return pd.DataFrame({"patient_id": preg["patient_id"], "start": preg["recorded_time"], "end": end})
+    return pd.DataFrame(
+        {"patient_id": preg["patient_id"], "start": preg["recorded_time"], "end": end}
+    )
 
 
 def index_encounters(
@@ -76,7 +81,9 @@ def index_encounters(
     Returns a frame with the columns of ``schemas.INDEX_ENCOUNTERS``, sorted by
     patient and time.
     """
-    enc = encounters[["encounter_id", "patient_id", "start", "end", "type_display", "reason_display"]]
+    enc = encounters[
+        ["encounter_id", "patient_id", "start", "end", "type_display", "reason_display"]
+    ]
     enc = enc.sort_values(["patient_id", "start", "end", "encounter_id"]).reset_index(drop=True)
     # The next encounter: the first whose start is strictly after this one's end.
     nxt = pd.merge_asof(
@@ -117,7 +124,9 @@ def _obstetric_flags(idx: pd.DataFrame, enc: pd.DataFrame, events: pd.DataFrame)
     episodes = pregnancy_episodes(events)
     if not episodes.empty:
         joined = idx[["encounter_id", "patient_id", "index_time"]].merge(episodes, on="patient_id")
-        during = joined[(joined["start"] <= joined["index_time"]) & (joined["index_time"] <= joined["end"])]
+        during = joined[
+            (joined["start"] <= joined["index_time"]) & (joined["index_time"] <= joined["end"])
+        ]
         flags |= idx["encounter_id"].isin(during["encounter_id"]).to_numpy()
     text = enc["type_display"].fillna("") + " " + enc["reason_display"].fillna("")
     ob_enc = set(enc.loc[text.str.contains(OBSTETRIC_PATTERN), "encounter_id"])

@@ -75,7 +75,9 @@ def write_cohort(
     return summary
 
 
-def summarize(tables: dict[str, pd.DataFrame], ingest: dict[str, Any] | None = None) -> dict[str, Any]:
+def summarize(
+    tables: dict[str, pd.DataFrame], ingest: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Counts a data scientist checks first; every figure is computed from the tables."""
     idx = tables["index_encounters"]
     events = tables["events"]
@@ -121,20 +123,28 @@ def _reason_counts(quarantine: pd.DataFrame) -> dict[str, int]:
     return {str(k): int(v) for k, v in prefix.value_counts().items()}
 
 
-def load_tables(workspace: Workspace, names: tuple[str, ...] | None = None) -> dict[str, pd.DataFrame]:
+def load_tables(
+    workspace: Workspace, names: tuple[str, ...] | None = None
+) -> dict[str, pd.DataFrame]:
     """Read canonical tables from a workspace (all by default)."""
     return {name: workspace.read_table(name) for name in (names or tuple(TABLES))}
 
 
-def ingest_fhir(workspace: Workspace, folder: Path, split_seed: int = DEFAULT_SPLIT_SEED) -> dict[str, Any]:
+def ingest_fhir(
+    workspace: Workspace, folder: Path, split_seed: int = DEFAULT_SPLIT_SEED
+) -> dict[str, Any]:
     """Read a folder of FHIR R4 bundles into the workspace; returns the summary."""
     from pipelines.fhir import read_fhir_folder
 
     source = read_fhir_folder(folder)
-    return write_cohort(workspace, source, input_description=f"fhir:{folder}", split_seed=split_seed)
+    return write_cohort(
+        workspace, source, input_description=f"fhir:{folder}", split_seed=split_seed
+    )
 
 
-def ingest_omop(workspace: Workspace, path: Path | None, split_seed: int = DEFAULT_SPLIT_SEED) -> dict[str, Any]:
+def ingest_omop(
+    workspace: Workspace, path: Path | None, split_seed: int = DEFAULT_SPLIT_SEED
+) -> dict[str, Any]:
     """Read an OMOP CDM (DuckDB file or CSV folder; None → Eunomia) into the workspace."""
     from pipelines.omop import eunomia_path, read_omop
 

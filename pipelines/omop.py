@@ -41,24 +41,44 @@ class OmopSchemaError(ValueError):
 #: table → (kind, id column, concept column, start date, start datetime, end date, value columns)
 EVENT_TABLES: dict[str, tuple[str, str, str, str, str, str | None]] = {
     "condition_occurrence": (
-        "condition", "condition_occurrence_id", "condition_concept_id",
-        "condition_start_date", "condition_start_datetime", "condition_end_date",
+        "condition",
+        "condition_occurrence_id",
+        "condition_concept_id",
+        "condition_start_date",
+        "condition_start_datetime",
+        "condition_end_date",
     ),
     "procedure_occurrence": (
-        "procedure", "procedure_occurrence_id", "procedure_concept_id",
-        "procedure_date", "procedure_datetime", None,
+        "procedure",
+        "procedure_occurrence_id",
+        "procedure_concept_id",
+        "procedure_date",
+        "procedure_datetime",
+        None,
     ),
     "drug_exposure": (
-        "medication", "drug_exposure_id", "drug_concept_id",
-        "drug_exposure_start_date", "drug_exposure_start_datetime", "drug_exposure_end_date",
+        "medication",
+        "drug_exposure_id",
+        "drug_concept_id",
+        "drug_exposure_start_date",
+        "drug_exposure_start_datetime",
+        "drug_exposure_end_date",
     ),
     "measurement": (
-        "observation", "measurement_id", "measurement_concept_id",
-        "measurement_date", "measurement_datetime", None,
+        "observation",
+        "measurement_id",
+        "measurement_concept_id",
+        "measurement_date",
+        "measurement_datetime",
+        None,
     ),
     "observation": (
-        "observation", "observation_id", "observation_concept_id",
-        "observation_date", "observation_datetime", None,
+        "observation",
+        "observation_id",
+        "observation_concept_id",
+        "observation_date",
+        "observation_datetime",
+        None,
     ),
 }
 ID_PREFIX = {
@@ -69,7 +89,13 @@ ID_PREFIX = {
     "observation": "ob",
 }
 PERSON_COLUMNS = ("person_id", "gender_concept_id", "year_of_birth")
-VISIT_COLUMNS = ("visit_occurrence_id", "person_id", "visit_concept_id", "visit_start_date", "visit_end_date")
+VISIT_COLUMNS = (
+    "visit_occurrence_id",
+    "person_id",
+    "visit_concept_id",
+    "visit_start_date",
+    "visit_end_date",
+)
 
 
 def eunomia_path() -> Path:
@@ -89,7 +115,9 @@ def _connect(path: Path) -> tuple[duckdb.DuckDBPyConnection, dict[str, str]]:
     """A connection with one view per CDM table; returns it and table → where it came from."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: give an OMOP CDM DuckDB file or a folder of CDM CSV files")
+        raise FileNotFoundError(
+            f"{path} does not exist: give an OMOP CDM DuckDB file or a folder of CDM CSV files"
+        )
     origins: dict[str, str] = {}
     if path.is_dir():
         con = duckdb.connect(":memory:")
@@ -98,9 +126,9 @@ def _connect(path: Path) -> tuple[duckdb.DuckDBPyConnection, dict[str, str]]:
             raise FileNotFoundError(f"{path} holds no CDM *.csv files (person.csv, ...)")
         for csv in csvs:
             name = csv.stem.lower()
+            literal = str(csv).replace("'", "''")  # views cannot take parameters
             con.execute(
-                f'CREATE VIEW "{name}" AS SELECT * FROM read_csv_auto(?, header=true, all_varchar=false)',
-                [str(csv)],
+                f"CREATE VIEW \"{name}\" AS SELECT * FROM read_csv_auto('{literal}', header=true)"
             )
             origins[name] = str(csv)
         return con, origins
@@ -122,7 +150,9 @@ def _columns(con: duckdb.DuckDBPyConnection, table: str) -> set[str]:
     return {r[0].lower() for r in rows}
 
 
-def _require(con: duckdb.DuckDBPyConnection, origins: dict[str, str], table: str, needed: tuple[str, ...]) -> None:
+def _require(
+    con: duckdb.DuckDBPyConnection, origins: dict[str, str], table: str, needed: tuple[str, ...]
+) -> None:
     missing = [c for c in needed if c not in _columns(con, table)]
     if missing:
         raise OmopSchemaError(
@@ -138,14 +168,21 @@ def read_omop(path: Path, salt: str | None = None) -> SourceTables:
     if "person" not in origins:
         raise OmopSchemaError(f"{path} has no person table: an OMOP CDM needs one")
     _require(con, origins, "person", PERSON_COLUMNS)
-    has_concepts = "concept" in origins and {"concept_id", "concept_name", "vocabulary_id", "concept_code"} <= _columns(con, "concept")
+    has_concepts = "concept" in origins and {
+        "concept_id",
+        "concept_name",
+        "vocabulary_id",
+        "concept_code",
+    } <= _columns(con, "concept")
     if has_concepts:
         concepts = con.execute(
             "SELECT concept_id, concept_name, vocabulary_id, concept_code FROM concept"
         ).df()
         concepts.columns = [c.lower() for c in concepts.columns]
     else:
-        concepts = pd.DataFrame(columns=["concept_id", "concept_name", "vocabulary_id", "concept_code"])
+        concepts = pd.DataFrame(
+            columns=["concept_id", "concept_name", "vocabulary_id", "concept_code"]
+        )
         summary.notes.append("no concept table: displays are concept ids")
     concepts = concepts.drop_duplicates("concept_id").set_index("concept_id")
 
@@ -221,13 +258,25 @@ def read_omop(path: Path, salt: str | None = None) -> SourceTables:
         summary.kept += len(df)
         summary.kept_by_type[table] += len(df)
         concept = df[concept_col]
-        vocab = concept.map(concepts["vocabulary_id"]) if len(concepts) else pd.Series(None, index=df.index)
+        vocab = (
+            concept.map(concepts["vocabulary_id"])
+            if len(concepts)
+            else pd.Series(None, index=df.index)
+        )
         ev_kind = pd.Series(kind, index=df.index)
         if table == "drug_exposure":
             ev_kind = ev_kind.where(vocab != "CVX", "immunization")
-        end = pd.to_datetime(df[end_col], errors="coerce") if end_col and end_col in df.columns else pd.NaT
+        end = (
+            pd.to_datetime(df[end_col], errors="coerce")
+            if end_col and end_col in df.columns
+            else pd.NaT
+        )
         value = df["value_as_number"] if "value_as_number" in df.columns else None
-        visit = df["visit_occurrence_id"] if "visit_occurrence_id" in df.columns else pd.Series(None, index=df.index)
+        visit = (
+            df["visit_occurrence_id"]
+            if "visit_occurrence_id" in df.columns
+            else pd.Series(None, index=df.index)
+        )
         event_frames.append(
             pd.DataFrame(
                 {
@@ -238,30 +287,59 @@ def read_omop(path: Path, salt: str | None = None) -> SourceTables:
                     "recorded_time": time,  # set from the encounter by sorted_tables
                     "end_time": end,
                     "kind": ev_kind,
-                    "code_system": vocab.fillna("OMOP"),
-                    "code": concept.map(concepts["concept_code"]).fillna(concept.astype(str)) if len(concepts) else concept.astype(str),
-                    "display": concept.map(concepts["concept_name"]).fillna("concept " + concept.astype(str)) if len(concepts) else "concept " + concept.astype(str),
+                    "code_system": vocab.astype(object).fillna("OMOP"),
+                    "code": concept.map(concepts["concept_code"]).fillna(concept.astype(str))
+                    if len(concepts)
+                    else concept.astype(str),
+                    "display": concept.map(concepts["concept_name"]).fillna(
+                        "concept " + concept.astype(str)
+                    )
+                    if len(concepts)
+                    else "concept " + concept.astype(str),
                     "value": value,
-                    "value_text": df["value_as_string"] if "value_as_string" in df.columns else None,
+                    "value_text": df["value_as_string"]
+                    if "value_as_string" in df.columns
+                    else None,
                     "unit": None,
                 }
             )
         )
-    events = pd.concat(event_frames, ignore_index=True) if event_frames else pd.DataFrame(columns=[*EVENTS.names, "visit_id"])
+    events = (
+        pd.concat(event_frames, ignore_index=True)
+        if event_frames
+        else pd.DataFrame(columns=[*EVENTS.names, "visit_id"])
+    )
 
     # --- encounters: visit rows, then visits reconstructed from events, then day encounters
     visits = pd.DataFrame(columns=ENCOUNTERS.names)
     known_visits: set[int] = set()
-    if "visit_occurrence" in origins and not all(c.startswith("column") for c in _columns(con, "visit_occurrence")):
+    if "visit_occurrence" in origins and not all(
+        c.startswith("column") for c in _columns(con, "visit_occurrence")
+    ):
         _require(con, origins, "visit_occurrence", VISIT_COLUMNS)
         v = con.execute("SELECT * FROM visit_occurrence").df()
         v.columns = [c.lower() for c in v.columns]
         summary.read += len(v)
-        start = pd.to_datetime(v.get("visit_start_datetime"), errors="coerce").fillna(pd.to_datetime(v["visit_start_date"], errors="coerce"))
-        end = pd.to_datetime(v.get("visit_end_datetime"), errors="coerce").fillna(pd.to_datetime(v["visit_end_date"], errors="coerce")).fillna(start)
-        bad = ~v["person_id"].isin(pmap.keys()) | start.isna() | v["visit_occurrence_id"].duplicated()
+        start = pd.to_datetime(v.get("visit_start_datetime"), errors="coerce").fillna(
+            pd.to_datetime(v["visit_start_date"], errors="coerce")
+        )
+        end = (
+            pd.to_datetime(v.get("visit_end_datetime"), errors="coerce")
+            .fillna(pd.to_datetime(v["visit_end_date"], errors="coerce"))
+            .fillna(start)
+        )
+        bad = (
+            ~v["person_id"].isin(pmap.keys()) | start.isna() | v["visit_occurrence_id"].duplicated()
+        )
         for rid in v.loc[bad, "visit_occurrence_id"]:
-            quarantine.append(_q(origins["visit_occurrence"], "visit_occurrence", rid, "absent person, missing start date or duplicate id"))
+            quarantine.append(
+                _q(
+                    origins["visit_occurrence"],
+                    "visit_occurrence",
+                    rid,
+                    "absent person, missing start date or duplicate id",
+                )
+            )
         summary.quarantined += int(bad.sum())
         v, start, end = v[~bad], start[~bad], end[~bad]
         summary.kept += len(v)
@@ -288,7 +366,9 @@ def read_omop(path: Path, salt: str | None = None) -> SourceTables:
     reconstructed = has_visit & ~vid.isin(known_visits)
     day = events["time"].dt.strftime("%Y%m%d")
     events["encounter_id"] = "v" + vid.astype(str)
-    events.loc[~has_visit, "encounter_id"] = "d" + events.loc[~has_visit, "patient_id"] + "-" + day[~has_visit]
+    events.loc[~has_visit, "encounter_id"] = (
+        "d" + events.loc[~has_visit, "patient_id"] + "-" + day[~has_visit]
+    )
     grouped = events[~has_visit | reconstructed].groupby("encounter_id")
     rebuilt = pd.DataFrame(
         {
@@ -312,7 +392,9 @@ def read_omop(path: Path, salt: str | None = None) -> SourceTables:
 
     # --- notes
     notes = pd.DataFrame(columns=NOTES.names)
-    if "note" in origins and {"note_id", "person_id", "note_text", "note_date"} <= _columns(con, "note"):
+    if "note" in origins and {"note_id", "person_id", "note_text", "note_date"} <= _columns(
+        con, "note"
+    ):
         n = con.execute("SELECT * FROM note").df()
         n.columns = [c.lower() for c in n.columns]
         summary.read += len(n)
@@ -326,8 +408,14 @@ def read_omop(path: Path, salt: str | None = None) -> SourceTables:
             {
                 "note_id": "n" + n["note_id"].astype(str),
                 "patient_id": n["person_id"].map(pmap),
-                "encounter_id": ("v" + n["visit_occurrence_id"].astype("Int64").astype(str)).where(n.get("visit_occurrence_id").notna()) if "visit_occurrence_id" in n.columns else None,
-                "time": pd.to_datetime(n.get("note_datetime"), errors="coerce").fillna(pd.to_datetime(n["note_date"])),
+                "encounter_id": ("v" + n["visit_occurrence_id"].astype("Int64").astype(str)).where(
+                    n.get("visit_occurrence_id").notna()
+                )
+                if "visit_occurrence_id" in n.columns
+                else None,
+                "time": pd.to_datetime(n.get("note_datetime"), errors="coerce").fillna(
+                    pd.to_datetime(n["note_date"])
+                ),
                 "note_type": n.get("note_title"),
                 "text": n["note_text"].fillna(""),
             },
@@ -354,7 +442,8 @@ def _q(origin: str, table: str, rid: object, reason: str) -> dict[str, object]:
         "source": SOURCE,
         "source_file": origin,
         "resource_type": table,
-        "resource_id": None if rid is None or (isinstance(rid, float) and pd.isna(rid)) else str(rid),
+        "resource_id": None
+        if rid is None or (isinstance(rid, float) and pd.isna(rid))
+        else str(rid),
         "reason": reason,
     }
-

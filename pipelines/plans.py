@@ -145,7 +145,9 @@ def normalize_display(display: str) -> str:
     return " ".join(display.lower().split())
 
 
-def plans_from_notes(notes: pd.DataFrame, events: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+def plans_from_notes(
+    notes: pd.DataFrame, events: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Reference plans and their items from every note that has an "Assessment and Plan".
 
     Returns (reference_plans, plan_items) frames with the canonical columns. A
@@ -224,7 +226,9 @@ def plans_from_notes(notes: pd.DataFrame, events: pd.DataFrame) -> tuple[pd.Data
     return plans.reset_index(drop=True), items.reset_index(drop=True)
 
 
-def plans_from_orders(events: pd.DataFrame, encounters: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+def plans_from_orders(
+    events: pd.DataFrame, encounters: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Reference plans built from the orders recorded at each encounter (for sources without notes)."""
     orders = events[events["kind"].isin(list(ORDER_KINDS)) & events["encounter_id"].notna()].copy()
     orders = orders.dropna(subset=["code"])

@@ -55,8 +55,20 @@ def to_arrow(name: str, frame: pd.DataFrame) -> pa.Table:
         raise ValueError(f"table {name!r}: missing columns {missing}")
     try:
         return pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+    except (ValueError, TypeError, pa.ArrowException) as exc:
         raise ValueError(f"table {name!r} does not fit its schema: {exc}") from exc
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp: str, path: Path) -> None:
+    """Give a temporary file the usual permissions (mkstemp makes it private) and rename it."""
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -68,7 +80,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -121,7 +133,7 @@ class Workspace:
         os.close(fd)
         try:
             pq.write_table(table, tmp, compression="zstd")
-            os.replace(tmp, path)
+            _publish(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -151,6 +163,4 @@ class Workspace:
             **details,
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        atomic_write_bytes(
-            self.manifest_path, json.dumps(manifest, indent=2, default=str).encode()
-        )
+        atomic_write_bytes(self.manifest_path, json.dumps(manifest, indent=2, default=str).encode())

@@ -32,13 +32,28 @@ def tiny_bundle() -> dict[str, Any]:
     enc_ref = {"reference": f"urn:uuid:{ENCOUNTER_ID}"}
     subject = {"reference": f"urn:uuid:{PATIENT_ID}"}
     resources = [
-        {"resourceType": "Patient", "id": PATIENT_ID, "gender": "female", "birthDate": "1990-02-03"},
+        {
+            "resourceType": "Patient",
+            "id": PATIENT_ID,
+            "gender": "female",
+            "birthDate": "1990-02-03",
+        },
         {
             "resourceType": "Encounter",
             "id": ENCOUNTER_ID,
             "subject": subject,
             "class": {"code": "AMB"},
-            "type": [{"coding": [{"system": "http://snomed.info/sct", "code": "424441002", "display": "Prenatal initial visit"}]}],
+            "type": [
+                {
+                    "coding": [
+                        {
+                            "system": "http://snomed.info/sct",
+                            "code": "424441002",
+                            "display": "Prenatal initial visit",
+                        }
+                    ]
+                }
+            ],
             "period": {"start": "2020-01-01T10:00:00+00:00", "end": "2020-01-01T11:00:00+00:00"},
         },
         {
@@ -46,7 +61,15 @@ def tiny_bundle() -> dict[str, Any]:
             "id": "proc-1",
             "subject": subject,
             "encounter": enc_ref,
-            "code": {"coding": [{"system": "http://snomed.info/sct", "code": "252160004", "display": "Standard pregnancy test (procedure)"}]},
+            "code": {
+                "coding": [
+                    {
+                        "system": "http://snomed.info/sct",
+                        "code": "252160004",
+                        "display": "Standard pregnancy test (procedure)",
+                    }
+                ]
+            },
             "performedDateTime": "2020-01-01T10:10:00+00:00",
         },
         {
@@ -55,11 +78,23 @@ def tiny_bundle() -> dict[str, Any]:
             "subject": subject,
             "date": "2020-01-01T10:00:00+00:00",
             "context": {"encounter": [enc_ref]},
-            "content": [{"attachment": {"data": note("# Assessment and Plan\n\n## Plan\nThe following procedures were conducted:\n- standard pregnancy test (procedure)\n")}}],
+            "content": [
+                {
+                    "attachment": {
+                        "data": note(
+                            "# Assessment and Plan\n\n## Plan\nThe following procedures were conducted:\n- standard pregnancy test (procedure)\n"
+                        )
+                    }
+                }
+            ],
         },
         {"resourceType": "Claim", "id": "claim-1"},
     ]
-    return {"resourceType": "Bundle", "type": "transaction", "entry": [{"resource": r} for r in resources]}
+    return {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [{"resource": r} for r in resources],
+    }
 
 
 def write(folder: Path, name: str, content: bytes | dict[str, Any]) -> Path:
@@ -86,16 +121,33 @@ def test_tiny_bundle_reads_every_resource_type(tmp_path: Path) -> None:
     ("mutate", "reason"),
     [
         (lambda b: b["entry"][2]["resource"].pop("code"), "missing code"),
-        (lambda b: b["entry"][2]["resource"].update(performedDateTime="01/01/2020"), "unparsable performedDateTime"),
-        (lambda b: b["entry"][2]["resource"].update(encounter={"reference": "urn:uuid:nope"}), "references absent Encounter nope"),
-        (lambda b: b["entry"][2]["resource"].update(subject={"reference": "Patient/ghost"}), "references absent Patient ghost"),
-        (lambda b: b["entry"].append({"resource": dict(b["entry"][2]["resource"])}), "duplicate Procedure id"),
-        (lambda b: b["entry"][3]["resource"]["content"][0]["attachment"].update(data="%%%"), "not base64"),
+        (
+            lambda b: b["entry"][2]["resource"].update(performedDateTime="01/01/2020"),
+            "unparsable performedDateTime",
+        ),
+        (
+            lambda b: b["entry"][2]["resource"].update(encounter={"reference": "urn:uuid:nope"}),
+            "references absent Encounter nope",
+        ),
+        (
+            lambda b: b["entry"][2]["resource"].update(subject={"reference": "Patient/ghost"}),
+            "references absent Patient ghost",
+        ),
+        (
+            lambda b: b["entry"].append({"resource": dict(b["entry"][2]["resource"])}),
+            "duplicate Procedure id",
+        ),
+        (
+            lambda b: b["entry"][3]["resource"]["content"][0]["attachment"].update(data="%%%"),
+            "not base64",
+        ),
         (lambda b: b["entry"][1]["resource"].pop("period"), "missing period"),
         (lambda b: b["entry"][2]["resource"].pop("id"), "missing id"),
     ],
 )
-def test_bad_resources_are_quarantined_with_reason(tmp_path: Path, mutate: Any, reason: str) -> None:
+def test_bad_resources_are_quarantined_with_reason(
+    tmp_path: Path, mutate: Any, reason: str
+) -> None:
     bundle = tiny_bundle()
     mutate(bundle)
     write(tmp_path, "bad.json", bundle)
@@ -113,10 +165,15 @@ def test_bad_resources_are_quarantined_with_reason(tmp_path: Path, mutate: Any, 
         (b'{"resourceType": "Bundle", "entry": [', "malformed JSON"),
         (b'{"resourceType": "Patient", "id": "x"}', "not a FHIR Bundle (resourceType 'Patient')"),
         (b"[1, 2]", "not a FHIR Bundle"),
-        ('{"resourceType": "Bundle", "note": "caf\xe9"}'.encode("latin-1"), "not UTF-8: invalid byte at offset"),
+        (
+            '{"resourceType": "Bundle", "note": "caf\xe9"}'.encode("latin-1"),
+            "not UTF-8: invalid byte at offset",
+        ),
     ],
 )
-def test_unreadable_files_are_quarantined_not_fatal(tmp_path: Path, content: bytes, reason: str) -> None:
+def test_unreadable_files_are_quarantined_not_fatal(
+    tmp_path: Path, content: bytes, reason: str
+) -> None:
     write(tmp_path, "a_good.json", tiny_bundle())
     write(tmp_path, "b_bad.json", content)
     t = read_fhir_folder(tmp_path)
@@ -131,7 +188,7 @@ def test_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_fhir_folder(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no \\*.json FHIR bundles"):
+    with pytest.raises(FileNotFoundError, match=r"no \*\.json FHIR bundles"):
         read_fhir_folder(tmp_path / "empty")
 
 
@@ -163,8 +220,14 @@ def test_generated_cohort_plans_become_index_encounters(generated_cohort: Path) 
     has_orders = notes.str.contains(r"## Plan\n(?:.*\n)*?(?:- |.*: \S)", regex=True)
     nxt = pd.merge_asof(
         enc[["encounter_id", "patient_id", "end"]].sort_values("end"),
-        enc[["encounter_id", "patient_id", "start"]].rename(columns={"encounter_id": "next_id"}).sort_values("start"),
-        left_on="end", right_on="start", by="patient_id", direction="forward", allow_exact_matches=False,
+        enc[["encounter_id", "patient_id", "start"]]
+        .rename(columns={"encounter_id": "next_id"})
+        .sort_values("start"),
+        left_on="end",
+        right_on="start",
+        by="patient_id",
+        direction="forward",
+        allow_exact_matches=False,
     ).dropna(subset=["next_id"])
     eligible = nxt[nxt["next_id"].map(has_orders).fillna(False).astype(bool)]
     idx = tables["index_encounters"]
@@ -181,10 +244,21 @@ def test_ingest_twice_gives_identical_tables(generated_cohort: Path, tmp_path: P
     a, b = Workspace.at(tmp_path / "a"), Workspace.at(tmp_path / "b")
     ingest_fhir(a, generated_cohort)
     ingest_fhir(b, generated_cohort)
-    for name in ("patients", "encounters", "events", "notes", "reference_plans", "plan_items", "index_encounters"):
+    for name in (
+        "patients",
+        "encounters",
+        "events",
+        "notes",
+        "reference_plans",
+        "plan_items",
+        "index_encounters",
+    ):
         ta, tb = pq.read_table(a.table_path(name)), pq.read_table(b.table_path(name))
         assert ta.equals(tb), name
-    assert a.read_manifest()["steps"]["ingest"]["data_hash"] == b.read_manifest()["steps"]["ingest"]["data_hash"]
+    assert (
+        a.read_manifest()["steps"]["ingest"]["data_hash"]
+        == b.read_manifest()["steps"]["ingest"]["data_hash"]
+    )
 
 
 @pytest.mark.slow
@@ -235,14 +309,23 @@ def _mutate(bundle: dict[str, Any], ops: list[tuple[str, int]]) -> dict[str, Any
     return bundle
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(
-    ops=st.lists(st.tuples(st.sampled_from(MUTATIONS), st.integers(0, 10_000)), min_size=1, max_size=8),
+    ops=st.lists(
+        st.tuples(st.sampled_from(MUTATIONS), st.integers(0, 10_000)), min_size=1, max_size=8
+    ),
     corrupt=st.one_of(st.none(), st.integers(0, 10_000)),
 )
 @pytest.mark.slow
 def test_mutated_real_bundles_never_crash_and_reconcile(
-    real_bundle: bytes, tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, int]], corrupt: int | None
+    real_bundle: bytes,
+    tmp_path_factory: pytest.TempPathFactory,
+    ops: list[tuple[str, int]],
+    corrupt: int | None,
 ) -> None:
     folder = tmp_path_factory.mktemp("mutated")
     bundle = _mutate(json.loads(real_bundle), ops)

@@ -31,7 +31,9 @@ def test_index_encounters_of_the_default_cohort(default_tables: dict[str, pd.Dat
     # the next encounter starts strictly after the index time and has a non-empty plan
     assert (idx["next_time"] > idx["index_time"]).all()
     plans = default_tables["reference_plans"].set_index("encounter_id")
-    assert (plans.loc[idx["next_encounter_id"], "n_items"].to_numpy() == idx["n_plan_items"].to_numpy()).all()
+    assert (
+        plans.loc[idx["next_encounter_id"], "n_items"].to_numpy() == idx["n_plan_items"].to_numpy()
+    ).all()
     assert (idx["n_plan_items"] > 0).all()
     # it is the *next* one: no encounter of the patient starts between the two
     enc = default_tables["encounters"]
@@ -48,7 +50,9 @@ def test_obstetric_flags_follow_prenatal_care(default_tables: dict[str, pd.DataF
     kinds = enc.loc[idx["encounter_id"], "type_display"].fillna("").str.lower().to_numpy()
     prenatal = np.char.find(kinds.astype(str), "prenatal") >= 0
     assert prenatal.sum() > 50
-    assert idx["is_obstetric"].to_numpy()[prenatal].all(), "a prenatal visit is not flagged obstetric"
+    assert idx["is_obstetric"].to_numpy()[prenatal].all(), (
+        "a prenatal visit is not flagged obstetric"
+    )
     share = idx["is_obstetric"].mean()
     assert 0.02 < share < 0.6, share
     # obstetric encounters happen to adults of childbearing age in this cohort, not to infants
@@ -58,7 +62,9 @@ def test_obstetric_flags_follow_prenatal_care(default_tables: dict[str, pd.DataF
 def test_no_leakage_in_patient_context(default_tables: dict[str, pd.DataFrame]) -> None:
     """Nothing recorded after the index time reaches a patient's context."""
     idx = default_tables["index_encounters"]
-    sample = pd.concat([idx[idx["is_obstetric"]].sample(40, random_state=1), idx.sample(40, random_state=2)])
+    sample = pd.concat(
+        [idx[idx["is_obstetric"]].sample(40, random_state=1), idx.sample(40, random_state=2)]
+    )
     for row in sample.itertuples():
         ctx = context_as_of(default_tables, row.encounter_id)
         t = ctx.index_time
@@ -90,12 +96,18 @@ def test_leakage_guard_cuts_a_planted_future(default_tables: dict[str, pd.DataFr
     t = row["index_time"]
     tables = dict(default_tables)
     events = tables["events"]
-    own = events[(events["patient_id"] == row["patient_id"]) & (events["recorded_time"] <= t)].iloc[[0]].copy()
+    own = (
+        events[(events["patient_id"] == row["patient_id"]) & (events["recorded_time"] <= t)]
+        .iloc[[0]]
+        .copy()
+    )
     later = t + pd.Timedelta(seconds=1)
     future = own.assign(event_id="planted-future", time=later, recorded_time=later)
     # happened before t, but only recorded at a later visit (a late diagnosis)
     late = own.assign(event_id="planted-late", time=t - pd.Timedelta(days=60), recorded_time=later)
-    abated = own.assign(event_id="planted-abated", time=t, recorded_time=t, end_time=t + pd.Timedelta(days=30))
+    abated = own.assign(
+        event_id="planted-abated", time=t, recorded_time=t, end_time=t + pd.Timedelta(days=30)
+    )
     tables["events"] = pd.concat([events, future, late, abated], ignore_index=True)
     ctx = context_as_of(tables, row["encounter_id"])
     assert "planted-future" not in set(ctx.events["event_id"])

@@ -40,7 +40,12 @@ def test_section_stops_at_next_top_heading() -> None:
 
 
 def test_items_and_kinds() -> None:
-    known = {"immunization": ["Hep B, adolescent or pediatric", "Influenza, seasonal, injectable, preservative free"]}
+    known = {
+        "immunization": [
+            "Hep B, adolescent or pediatric",
+            "Influenza, seasonal, injectable, preservative free",
+        ]
+    }
     plan = parse_plan(NOTE, known)
     assert plan.items == (
         ("procedure", "evaluation of uterine fundal height (procedure)"),
@@ -54,12 +59,16 @@ def test_items_and_kinds() -> None:
 
 
 def test_inline_list_without_known_displays_splits_on_commas() -> None:
-    plan = parse_plan("# Assessment and Plan\n## Plan\nPatient was given the following immunizations: a, b.\n")
+    plan = parse_plan(
+        "# Assessment and Plan\n## Plan\nPatient was given the following immunizations: a, b.\n"
+    )
     assert plan.items == (("immunization", "a"), ("immunization", "b"))
 
 
 def test_no_orders_gives_an_empty_plan() -> None:
-    plan = parse_plan("# Assessment and Plan\nRoutine visit.\n\n## Plan\nNo orders placed at this visit.\n")
+    plan = parse_plan(
+        "# Assessment and Plan\nRoutine visit.\n\n## Plan\nNo orders placed at this visit.\n"
+    )
     assert plan.text.startswith("Routine visit.")
     assert plan.items == ()
 
@@ -67,8 +76,16 @@ def test_no_orders_gives_an_empty_plan() -> None:
 def _events(rows: list[tuple[str, str, str, str]]) -> pd.DataFrame:
     return pd.DataFrame(
         [
-            {"event_id": f"e{i}", "patient_id": "p1", "encounter_id": enc, "time": pd.Timestamp("2020-01-01", tz="UTC"),
-             "kind": kind, "code_system": "http://snomed.info/sct", "code": code, "display": display}
+            {
+                "event_id": f"e{i}",
+                "patient_id": "p1",
+                "encounter_id": enc,
+                "time": pd.Timestamp("2020-01-01", tz="UTC"),
+                "kind": kind,
+                "code_system": "http://snomed.info/sct",
+                "code": code,
+                "display": display,
+            }
             for i, (enc, kind, code, display) in enumerate(rows)
         ]
     )
@@ -76,19 +93,40 @@ def _events(rows: list[tuple[str, str, str, str]]) -> pd.DataFrame:
 
 def test_items_resolve_to_codes_of_the_same_encounter() -> None:
     notes = pd.DataFrame(
-        [{"note_id": "n1", "patient_id": "p1", "encounter_id": "E1", "time": pd.Timestamp("2020-01-01", tz="UTC"), "text": NOTE}]
+        [
+            {
+                "note_id": "n1",
+                "patient_id": "p1",
+                "encounter_id": "E1",
+                "time": pd.Timestamp("2020-01-01", tz="UTC"),
+                "text": NOTE,
+            }
+        ]
     )
     events = _events(
         [
             ("E1", "procedure", "274804006", "Evaluation of uterine fundal height (procedure)"),
-            ("E2", "procedure", "999", "Auscultation of the fetal heart (procedure)"),  # another encounter
+            (
+                "E2",
+                "procedure",
+                "999",
+                "Auscultation of the fetal heart (procedure)",
+            ),  # another encounter
         ]
     )
     plans, items = plans_from_notes(notes, events)
-    assert plans.iloc[0]["n_items"] == len(items) == 11  # the inline list falls back to ", " splitting
+    assert (
+        plans.iloc[0]["n_items"] == len(items) == 11
+    )  # the inline list falls back to ", " splitting
     keys = dict(zip(items["display"], items["item_key"], strict=True))
-    assert keys["evaluation of uterine fundal height (procedure)"] == "http://snomed.info/sct|274804006"
-    assert keys["auscultation of the fetal heart (procedure)"] == "text|auscultation of the fetal heart (procedure)"
+    assert (
+        keys["evaluation of uterine fundal height (procedure)"]
+        == "http://snomed.info/sct|274804006"
+    )
+    assert (
+        keys["auscultation of the fetal heart (procedure)"]
+        == "text|auscultation of the fetal heart (procedure)"
+    )
     assert list(items["position"]) == list(range(11))
 
 
@@ -102,7 +140,10 @@ def test_plans_from_orders_when_there_are_no_notes() -> None:
         ]
     )
     encounters = pd.DataFrame(
-        {"encounter_id": ["E1", "E2"], "start": pd.to_datetime(["2020-01-01", "2020-02-01"], utc=True)}
+        {
+            "encounter_id": ["E1", "E2"],
+            "start": pd.to_datetime(["2020-01-01", "2020-02-01"], utc=True),
+        }
     )
     plans, items = plans_from_orders(events, encounters)
     assert list(plans["encounter_id"]) == ["E1", "E2"]

@@ -1,0 +1,120 @@
+"""Ingest throughput and peak memory: FHIR R4 against the generator, OMOP on Eunomia.
+
+Usage::
+
+    .venv/bin/python benchmarks/ingest.py [--n 200] [--seed 11] [--cohort DIR]
+
+Generates (or reuses) a Synthea cohort of N women, times the generator, then
+ingests it in a fresh process (so peak RSS is the ingest's own) and reports
+resources per second, patients per second, the ratio to the generator's rate
+(the target is ≥ 20×) and peak memory. The same for OMOP on Eunomia. Both
+measurements run in this one invocation, so the ratio compares like with like
+on a shared, noisy machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+CHILD = r"""
+import json, resource, sys, time
+from pathlib import Path
+from pipelines.workspace import Workspace
+kind, src, ws = sys.argv[1], sys.argv[2], sys.argv[3]
+t0 = time.perf_counter()
+if kind == "fhir":
+    from pipelines.fhir import read_fhir_folder
+    from pipelines.ingest import write_cohort
+    source = read_fhir_folder(Path(src))
+    t_read = time.perf_counter() - t0
+    summary = write_cohort(Workspace.at(ws), source, input_description=src)
+else:
+    from pipelines.omop import read_omop, eunomia_path
+    from pipelines.ingest import write_cohort
+    source = read_omop(eunomia_path())
+    t_read = time.perf_counter() - t0
+    summary = write_cohort(Workspace.at(ws), source, input_description="eunomia")
+total = time.perf_counter() - t0
+# parent + the largest worker process: an upper bound of the peak at any one time
+peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(json.dumps({"read_s": t_read, "total_s": total, "records": summary["ingest"]["read"],
+                  "patients": summary["patients"], "index_encounters": summary["index_encounters"],
+                  "peak_mb": peak_kb / 1024}))
+"""
+
+
+def run_child(kind: str, src: str, ws: str) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, kind, src, ws], capture_output=True, text=True, check=True
+    )
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--n", type=int, default=200, help="women to generate")
+    parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument(
+        "--cohort", type=Path, default=None, help="reuse/keep the generated cohort here"
+    )
+    args = parser.parse_args()
+
+    from pipelines.cohort import CohortSpec, generate_cohort
+
+    out = args.cohort or Path(tempfile.mkdtemp(prefix="pmlm-bench-")) / "cohort"
+    t0 = time.perf_counter()
+    fhir_dir, reused = generate_cohort(CohortSpec(n=args.n, seed=args.seed), out)
+    gen_s = time.perf_counter() - t0
+    if reused:
+        print(f"cohort reused from {out}: generator time not measured in this run", file=sys.stderr)
+    mb = sum(p.stat().st_size for p in fhir_dir.glob("*.json")) / 2**20
+
+    with tempfile.TemporaryDirectory() as ws:
+        fhir = run_child("fhir", str(fhir_dir), ws)
+    with tempfile.TemporaryDirectory() as ws:
+        omop = run_child("omop", "", ws)
+
+    gen_rate = args.n / gen_s if not reused else float("nan")
+    read_rate = fhir["patients"] / fhir["read_s"]
+    total_rate = fhir["patients"] / fhir["total_s"]
+    print(
+        f"# ingest benchmark, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
+        f"{platform.processor() or platform.machine()}, python {platform.python_version()}"
+    )
+    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    print("| what | figure |")
+    print("|---|---|")
+    print(f"| generated cohort | {args.n} women, {mb:.0f} MB of FHIR JSON |")
+    print(f"| generator (synthea, 2 threads) | {gen_s:.1f} s = {gen_rate:.2f} patients/s |")
+    print(
+        f"| FHIR read | {fhir['read_s']:.1f} s = {fhir['records'] / fhir['read_s']:,.0f} resources/s = {read_rate:.1f} patients/s |"
+    )
+    print(f"| FHIR read + derive + write | {fhir['total_s']:.1f} s = {total_rate:.1f} patients/s |")
+    print(
+        f"| ingest / generator speed | read {read_rate / gen_rate:.1f}×, end to end {total_rate / gen_rate:.1f}× (target ≥ 20×) |"
+    )
+    print(
+        f"| FHIR ingest peak RSS (parent + largest worker) | {fhir['peak_mb']:.0f} MB for {args.n} patients "
+        f"(≈ {fhir['peak_mb'] * 1000 / args.n / 1024:.1f} GB per 1,000 if linear; target ≤ 2 GB) |"
+    )
+    print(
+        f"| OMOP (Eunomia) read | {omop['read_s']:.1f} s = {omop['records'] / omop['read_s']:,.0f} rows/s, {omop['patients']:.0f} patients |"
+    )
+    print(
+        f"| OMOP read + derive + write | {omop['total_s']:.1f} s, {omop['index_encounters']:.0f} index encounters, peak RSS {omop['peak_mb']:.0f} MB |"
+    )
+
+
+if __name__ == "__main__":
+    main()
