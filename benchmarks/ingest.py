@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -49,6 +50,23 @@ print(json.dumps({"read_s": t_read, "total_s": total, "records": summary["ingest
                   "patients": summary["patients"], "index_encounters": summary["index_encounters"],
                   "peak_mb": peak_kb / 1024}))
 """
+
+
+UUID = re.compile(rb"\b([0-9a-f])([0-9a-f]{7}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\b")
+
+
+def replicate(fhir_dir: Path, target: Path, n: int) -> Path:
+    """``n`` bundles from the generated ones, copies given fresh ids (first hex digit of every UUID)."""
+    target.mkdir(parents=True, exist_ok=True)
+    files = sorted(fhir_dir.glob("*.json"))
+    for i in range(n):
+        src = files[i % len(files)]
+        copy = i // len(files)
+        raw = src.read_bytes()
+        if copy:
+            raw = UUID.sub(lambda m, c=copy: b"%x" % ((int(m.group(1), 16) + c) % 16) + m.group(2), raw)
+        (target / f"{copy}-{src.name}").write_bytes(raw)
+    return target
 
 
 def run_child(kind: str, src: str, ws: str) -> dict[str, float]:
@@ -84,6 +102,9 @@ def main() -> None:
         fhir = run_child("fhir", str(fhir_dir), ws)
     with tempfile.TemporaryDirectory() as ws:
         omop = run_child("omop", "", ws)
+    with tempfile.TemporaryDirectory() as tmp:
+        big = replicate(fhir_dir, Path(tmp) / "fhir", args.scale)
+        scaled = run_child("fhir", str(big), str(Path(tmp) / "ws"))
 
     gen_rate = args.n / gen_s if not reused else float("nan")
     read_rate = fhir["patients"] / fhir["read_s"]

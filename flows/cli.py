@@ -22,8 +22,12 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
-ingest_app = typer.Typer(help="Read a data source into the workspace's canonical tables.", no_args_is_help=True)
-cohort_app = typer.Typer(help="Generated cohorts (Synthea) and the built-in default cohort.", no_args_is_help=True)
+ingest_app = typer.Typer(
+    help="Read a data source into the workspace's canonical tables.", no_args_is_help=True
+)
+cohort_app = typer.Typer(
+    help="Generated cohorts (Synthea) and the built-in default cohort.", no_args_is_help=True
+)
 data_app = typer.Typer(help="Inspect the workspace's canonical tables.", no_args_is_help=True)
 app.add_typer(ingest_app, name="ingest")
 app.add_typer(cohort_app, name="cohort")
@@ -40,7 +44,9 @@ WorkspaceOpt = Annotated[
         show_default=False,
     ),
 ]
-SplitSeedOpt = Annotated[int, typer.Option(help="Seed of the per-patient train/validation/test split.")]
+SplitSeedOpt = Annotated[
+    int, typer.Option(help="Seed of the per-patient train/validation/test split.")
+]
 
 
 def _ws(path: Path | None) -> Workspace:
@@ -59,7 +65,9 @@ def print_summary(summary: dict[str, Any], title: str = "Cohort summary") -> Non
         table.add_row(f"  {kind}", str(n))
     table.add_row("notes", str(summary["notes"]))
     table.add_row("reference plans", str(summary["reference_plans"]))
-    table.add_row("plan items (distinct)", f"{summary['plan_items']} ({summary['distinct_plan_items']})")
+    table.add_row(
+        "plan items (distinct)", f"{summary['plan_items']} ({summary['distinct_plan_items']})"
+    )
     table.add_row("index encounters", str(summary["index_encounters"]))
     for split, n in summary["index_encounters_by_split"].items():
         pts = summary["patients_with_index_by_split"][split]
@@ -89,7 +97,9 @@ def print_summary(summary: dict[str, Any], title: str = "Cohort summary") -> Non
 
 @ingest_app.command("fhir")
 def ingest_fhir_cmd(
-    folder: Annotated[Path, typer.Argument(help="Folder of FHIR R4 bundles (Synthea output or its fhir/).")],
+    folder: Annotated[
+        Path, typer.Argument(help="Folder of FHIR R4 bundles (Synthea output or its fhir/).")
+    ],
     workspace: WorkspaceOpt = None,
     split_seed: SplitSeedOpt = 0,
 ) -> None:
@@ -118,7 +128,9 @@ def ingest_omop_cmd(
     ws = _ws(workspace)
     started = time.perf_counter()
     summary = ingest_omop(ws, path, split_seed=split_seed)
-    print_summary(summary, f"OMOP ingest of {path or 'Eunomia'} ({time.perf_counter() - started:.1f} s)")
+    print_summary(
+        summary, f"OMOP ingest of {path or 'Eunomia'} ({time.perf_counter() - started:.1f} s)"
+    )
     console.print(f"Tables written to {ws.tables_dir}")
 
 
@@ -144,7 +156,8 @@ def cohort_generate_cmd(
 def cohort_snapshot_cmd(
     out: Annotated[Path, typer.Argument(help="A folder written by `pmlm cohort generate`.")],
     target: Annotated[
-        Path | None, typer.Option(help="Where to write the snapshot [default: the package's default cohort].")
+        Path | None,
+        typer.Option(help="Where to write the snapshot [default: the package's default cohort]."),
     ] = None,
 ) -> None:
     """Make a generated cohort the built-in default cohort (maintainers)."""

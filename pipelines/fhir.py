@@ -113,6 +113,8 @@ class _FhirReader:
         self.encounters: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
         self.notes: list[dict[str, Any]] = []
+        # rows are turned into frames after each file: dicts cost ~10× the memory
+        self.parts: dict[str, list[pd.DataFrame]] = {"patients": [], "encounters": [], "events": [], "notes": []}
         self.quarantine: list[dict[str, Any]] = []
         self.seen_ids: set[tuple[str, str]] = set()
         # source patient id → pseudonym, source encounter id → (pseudonym patient id)
@@ -420,12 +422,28 @@ class _FhirReader:
         )
         self.events.extend({**base, **row} for row in extra)
 
+    def flush(self) -> None:
+        """Move the rows read so far into typed frames."""
+        for name, schema in (("patients", PATIENTS), ("encounters", ENCOUNTERS), ("events", EVENTS), ("notes", NOTES)):
+            rows: list[dict[str, Any]] = getattr(self, name)
+            if rows:
+                self.parts[name].append(typed(frame(rows, schema.names), schema.names))
+                rows.clear()
+
     def tables(self) -> SourceTables:
+        self.flush()
+
+        def concat(name: str, names: list[str]) -> pd.DataFrame:
+            parts = self.parts[name]
+            if not parts:
+                return typed(frame([], names), names)
+            return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+
         return SourceTables(
-            patients=typed(frame(self.patients, PATIENTS.names), PATIENTS.names),
-            encounters=typed(frame(self.encounters, ENCOUNTERS.names), ENCOUNTERS.names),
-            events=typed(frame(self.events, EVENTS.names), EVENTS.names),
-            notes=typed(frame(self.notes, NOTES.names), NOTES.names),
+            patients=concat("patients", PATIENTS.names),
+            encounters=concat("encounters", ENCOUNTERS.names),
+            events=concat("events", EVENTS.names),
+            notes=concat("notes", NOTES.names),
             quarantine=frame(self.quarantine, QUARANTINE.names),
             summary=self.summary,
         )
@@ -478,6 +496,7 @@ def _read_chunk(paths: list[Path], salt: str | None) -> SourceTables:
     reader = _FhirReader(salt)
     for path in paths:
         reader.read_file(path)
+        reader.flush()
     return reader.tables()
 
 

@@ -153,6 +153,29 @@ class PatientContext:
         return pd.Timestamp(self.index["index_time"])
 
 
+def _as_of(
+    patient: pd.Series, index: pd.Series, own: dict[str, pd.DataFrame], plan_items: pd.DataFrame
+) -> PatientContext:
+    """Cut one patient's frames (``own``: encounters, events, notes, reference_plans) at the index time."""
+    t = index["index_time"]
+    encounters = own["encounters"]
+    encounters = encounters[encounters["start"] <= t].reset_index(drop=True)
+    # Ends that lie after the index time are not known yet at the index time.
+    encounters["end"] = encounters["end"].where(encounters["end"] <= t, t)
+    events = own["events"]
+    events = events[events["recorded_time"] <= t].reset_index(drop=True)
+    events["end_time"] = events["end_time"].where(events["end_time"] <= t)
+    notes = own["notes"]
+    notes = notes[notes["time"] <= t].reset_index(drop=True)
+    plans = own["reference_plans"]
+    plans = plans[plans["time"] <= t].reset_index(drop=True)
+    items = plan_items[plan_items["encounter_id"].isin(set(plans["encounter_id"]))].reset_index(drop=True)
+    return PatientContext(patient, index, encounters, events, notes, plans, items)
+
+
+CONTEXT_TABLES = ("encounters", "events", "notes", "reference_plans")
+
+
 def context_as_of(tables: dict[str, pd.DataFrame], encounter_id: str) -> PatientContext:
     """A patient's record as of an index encounter: nothing recorded after its index time.
 
@@ -160,31 +183,38 @@ def context_as_of(tables: dict[str, pd.DataFrame], encounter_id: str) -> Patient
     Encounters are kept when they started at or before the index time (an end
     after it is cut to it); events when they were recorded at or before it
     (``recorded_time``: a diagnosis made at the next visit has an earlier onset
-    but is not known yet); notes and plans when their time is at or before it (an event's end after it is blanked: a condition abated later is
-    still active then); plan items when their plan is kept. Raises KeyError naming the encounter when it is not an index
-    encounter.
+    but is not known yet); notes and plans when their time is at or before it;
+    plan items when their plan is kept. Raises KeyError naming the encounter
+    when it is not an index encounter. For many encounters use `ContextStore`.
     """
-    idx = tables["index_encounters"]
-    row = idx[idx["encounter_id"] == encounter_id]
-    if row.empty:
-        raise KeyError(f"{encounter_id!r} is not an index encounter (see table index_encounters)")
-    index = row.iloc[0]
-    pid, t = index["patient_id"], index["index_time"]
+    return ContextStore(tables, only_encounters=[encounter_id]).context(encounter_id)
 
-    def own(name: str, time_col: str) -> pd.DataFrame:
-        df = tables[name]
-        mine = df[df["patient_id"] == pid]
-        return mine[mine[time_col] <= t].reset_index(drop=True)
 
-    # Ends that lie after the index time are not known yet at the index time.
-    encounters = own("encounters", "start")
-    encounters["end"] = encounters["end"].where(encounters["end"] <= t, t)
-    events = own("events", "recorded_time")
-    events["end_time"] = events["end_time"].where(events["end_time"] <= t)
-    notes = own("notes", "time")
-    plans = own("reference_plans", "time")
-    items = tables["plan_items"]
-    items = items[items["encounter_id"].isin(set(plans["encounter_id"]))].reset_index(drop=True)
-    patients = tables["patients"]
-    patient = patients[patients["patient_id"] == pid].iloc[0]
-    return PatientContext(patient, index, encounters, events, notes, plans, items)
+class ContextStore:
+    """Contexts of many index encounters: the tables are grouped by patient once."""
+
+    def __init__(self, tables: dict[str, pd.DataFrame], only_encounters: list[str] | None = None) -> None:
+        idx = tables["index_encounters"]
+        if only_encounters is not None:
+            idx = idx[idx["encounter_id"].isin(only_encounters)]
+        self.index = idx.set_index("encounter_id", drop=False)
+        wanted = set(self.index["patient_id"])
+        self.patients = tables["patients"].set_index("patient_id", drop=False)
+        self._by_patient: dict[str, dict[str, pd.DataFrame]] = {p: {} for p in wanted}
+        for name in CONTEXT_TABLES:
+            frame = tables[name]
+            frame = frame[frame["patient_id"].isin(wanted)]
+            empty = frame.iloc[0:0]
+            groups = dict(tuple(frame.groupby("patient_id", sort=False)))
+            for pid in wanted:
+                self._by_patient[pid][name] = groups.get(pid, empty)
+        items = tables["plan_items"]
+        self._items = dict(tuple(items[items["patient_id"].isin(wanted)].groupby("patient_id", sort=False)))
+        self._no_items = items.iloc[0:0]
+
+    def context(self, encounter_id: str) -> PatientContext:
+        if encounter_id not in self.index.index:
+            raise KeyError(f"{encounter_id!r} is not an index encounter (see table index_encounters)")
+        index = self.index.loc[encounter_id]
+        pid = index["patient_id"]
+        return _as_of(self.patients.loc[pid], index, self._by_patient[pid], self._items.get(pid, self._no_items))

@@ -36,6 +36,7 @@ def test_summary_without_data_tells_what_to_run(tmp_path: Path) -> None:
     assert "pmlm ingest" in str(result.exception)
 
 
+@pytest.mark.slow
 def test_ingest_fhir_of_a_generated_cohort(generated_cohort: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["ingest", "fhir", str(generated_cohort), "-w", str(tmp_path)])
     assert result.exit_code == 0, result.output
