@@ -1,0 +1,1 @@
+"""PMLM promptenv package."""

@@ -1,0 +1,47 @@
+"""Connection settings of the LLM client: keys, base URLs, timeouts, local model size.
+
+Keys are held in memory only: they are not in ``repr``, the cache key, the
+cache, the ledger or any log line.
+
+Example::
+
+    config = ClientConfig()                     # everything from the environment
+    config = ClientConfig(anthropic_api_key="...", timeout_s=30)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Where and how to reach the backends.
+
+    Unset fields fall back to the environment when the backend is built:
+    ``OPENAI_API_KEY``, ``OPENAI_BASE_URL``, ``ANTHROPIC_API_KEY``,
+    ``ANTHROPIC_BASE_URL``, ``PMLM_PRICES``. A base URL in the backend spec
+    (``openai:MODEL@URL``) wins over both.
+    """
+
+    openai_api_key: str | None = field(default=None, repr=False)
+    openai_base_url: str | None = None
+    anthropic_api_key: str | None = field(default=None, repr=False)
+    anthropic_base_url: str | None = None
+    #: Seconds before one HTTP attempt times out (then it is retried).
+    timeout_s: float = 120.0
+    #: Context window of the local model, in tokens (SmolLM2 supports 8192).
+    local_n_ctx: int = 4096
+    local_n_threads: int = 2
+    prices_path: Path | None = None
+
+
+def public_endpoint(url: str) -> str:
+    """``url`` without user:password, query string or fragment (they can hold secrets)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", "")) if parts.scheme else url
