@@ -15,6 +15,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows.cli_llm import llm_app
+from flows.cli_prompts import evaluate_cmd, prompts_app
+from flows.cli_recsys import recsys_app
 from pipelines.workspace import Workspace, default_workspace
 
 app = typer.Typer(
@@ -32,6 +35,10 @@ data_app = typer.Typer(help="Inspect the workspace's canonical tables.", no_args
 app.add_typer(ingest_app, name="ingest")
 app.add_typer(cohort_app, name="cohort")
 app.add_typer(data_app, name="data")
+app.add_typer(recsys_app, name="recsys")
+app.add_typer(llm_app, name="llm")
+app.add_typer(prompts_app, name="prompts")
+app.command("evaluate")(evaluate_cmd)
 
 console = Console()
 
@@ -203,18 +210,69 @@ def data_summary_cmd(
         print_summary(summary, f"Workspace {ws.root}")
 
 
+#: One point per model: the main job fits without a grid search (`pmlm recsys fit` tunes).
+QUICK_GRIDS: dict[str, dict[str, list[Any]]] = {
+    "lightfm": {"epochs": [20], "max_sampled": [30]},
+    "als": {"factors": [32], "regularization": [0.1], "alpha": [20.0]},
+    "bpr": {"iterations": [200], "learning_rate": [0.2]},
+    "item_knn": {"similarity": ["tfidf"], "K": [1000]},
+}
+
+
 @app.command("run")
-def run_cmd(workspace: WorkspaceOpt = None) -> None:
-    """The main job on the built-in default cohort: prepare the data, print its summary."""
+def run_cmd(
+    workspace: WorkspaceOpt = None,
+    backend: Annotated[
+        str, typer.Option(help="LLM backend spec (local = SmolLM2-135M on this machine).")
+    ] = "local",
+    n_eval: Annotated[
+        int, typer.Option(help="Test encounters per subset (obstetric, adult) to evaluate.")
+    ] = 4,
+) -> None:
+    """The main job on the built-in default cohort: data, recommenders, prompts, evaluation with the LLM."""
+    from flows.cli_prompts import signal_source, write_evaluation
     from pipelines.cohort import prepare_default_cohort
+    from pipelines.ingest import load_tables
+    from promptenv.evaluate import EvalSettings, evaluate_methods, markdown_table
+    from promptenv.llm import LLMClient
+    from promptenv.prompt_table import build_prompt_table, write_prompt_table
+    from recsys.steps import fit_models
 
     ws = _ws(workspace)
     started = time.perf_counter()
-    console.print("[bold]PMLM main job[/] on the built-in default cohort")
-    console.print("Step 1/1: canonical tables, reference plans, index encounters and split")
+
+    def step(n: int, what: str) -> None:
+        console.print(f"[bold]Step {n}/4[/] ({time.perf_counter() - started:.0f} s): {what}")
+
+    console.print(
+        f"[bold]PMLM main job[/] on the built-in default cohort, workspace {ws.root.resolve()}"
+    )
+    step(1, "canonical tables, reference plans, index encounters and split")
     summary = prepare_default_cohort(ws)
-    print_summary(summary, f"Default cohort ({time.perf_counter() - started:.1f} s)")
-    console.print(f"Workspace: {ws.root.resolve()}  (tables in {ws.tables_dir})")
+    print_summary(summary, "Default cohort")
+    step(
+        2,
+        "recommenders (baselines, LightFM, ALS, BPR, item-kNN, blend), chosen on validation patients",
+    )
+    fit = fit_models(ws, grids=QUICK_GRIDS, progress=lambda m: console.print(f"  {m}"))
+    console.print(f"  selected: {fit.best}")
+    step(3, "personalized prompts (PMLM initial) for every patient's latest index encounter")
+    tables = load_tables(ws)
+    signals = signal_source(ws)
+    prompts = build_prompt_table(tables, ["pmlm_initial"], signals, "latest")
+    write_prompt_table(ws, prompts)
+    console.print(f"  {len(prompts)} prompts, mean {prompts['tokens'].mean():.0f} tokens")
+    step(4, f"methods compared with the {backend} LLM on {n_eval} + {n_eval} test encounters")
+    client = LLMClient(backend, workspace=ws)
+    settings = EvalSettings(n_obstetric=n_eval, n_adult=n_eval, n_calibration=2 * n_eval)
+    result = evaluate_methods(
+        ws, client, tables, signals, settings=settings, progress=lambda m: console.print(f"  {m}")
+    )
+    report = write_evaluation(ws, result, client)
+    console.print(markdown_table(result.table), markup=False)
+    console.print(f"\nDone in {time.perf_counter() - started:.0f} s.")
+    console.print(f"Prompt table: {ws.table_path('prompts')}")
+    console.print(f"Report:       {report}")
 
 
 def main() -> None:

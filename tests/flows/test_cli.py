@@ -70,3 +70,49 @@ def test_cohort_generate_is_reproducible_and_reused(tmp_path: Path) -> None:
     assert other.exit_code != 0
     assert "choose another --out folder" in str(other.exception)
     assert json.loads((a / MARKER).read_text())["spec"]["n"] == 2
+
+
+@pytest.mark.slow
+def test_main_job_end_to_end_with_the_local_llm(tmp_path: Path) -> None:
+    """`pmlm run` (the README's first command) on a tiny evaluation sample: every artifact is written."""
+    import pandas as pd
+
+    result = runner.invoke(app, ["run", "-w", str(tmp_path), "--n-eval", "1"])
+    assert result.exit_code == 0, result.output
+    prompts = pd.read_parquet(tmp_path / "tables" / "prompts.parquet")
+    index = pd.read_parquet(tmp_path / "tables" / "index_encounters.parquet")
+    assert len(prompts) == index["patient_id"].nunique()
+    assert (prompts["method"] == "pmlm_initial").all()
+    assert prompts["system"].str.contains("likely to need next").mean() > 0.9
+    report = json.loads((tmp_path / "reports" / "evaluation.json").read_text())
+    methods = {row["method"] for row in report["table"]}
+    assert methods == {
+        "general",
+        "full_record",
+        "retrieval",
+        "self",
+        "peer",
+        "pmlm_initial",
+        "oracle",
+    }
+    assert 0 < report["calibration"]["threshold"] < 1
+    rows = pd.read_parquet(tmp_path / "reports" / "evaluation_results.parquet")
+    assert rows["answer"].str.len().gt(0).all()
+    assert "Report:" in result.output and "Prompt table:" in result.output
+    # a second run answers every LLM question from the cache
+    again = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "-w",
+            str(tmp_path),
+            "--n-obstetric",
+            "1",
+            "--n-adult",
+            "1",
+            "--n-calibration",
+            "2",
+        ],
+    )
+    assert again.exit_code == 0, again.output
+    assert " 0 misses." in (tmp_path / "reports" / "evaluation.md").read_text()

@@ -1,0 +1,192 @@
+"""``pmlm prompts ...`` and ``pmlm evaluate``: thin wrappers over `promptenv`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from pipelines.ingest import load_tables
+from pipelines.workspace import Workspace, atomic_write_bytes, default_workspace
+from promptenv.evaluate import Evaluation
+from promptenv.fragments import PatientSignals
+from promptenv.llm import LLMClient
+from promptenv.prompts import METHODS
+
+prompts_app = typer.Typer(
+    help="Personalized prompts: build the prompt table, show one patient's.", no_args_is_help=True
+)
+console = Console()
+
+WorkspaceOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--workspace",
+        "-w",
+        help="Workspace folder [default: $PMLM_WORKSPACE or ./pmlm-workspace]",
+        show_default=False,
+    ),
+]
+TABLE_METHODS = tuple(m for m in METHODS if m != "oracle")
+
+
+def _ws(path: Path | None) -> Workspace:
+    return Workspace.at(path if path is not None else default_workspace())
+
+
+def _methods(value: str, allowed: Sequence[str]) -> list[str]:
+    methods = [m.strip() for m in value.split(",") if m.strip()]
+    bad = [m for m in methods if m not in allowed]
+    if bad or not methods:
+        raise typer.BadParameter(f"unknown method(s) {bad}; choose from {', '.join(allowed)}")
+    return methods
+
+
+def signal_source(ws: Workspace) -> SignalSource:
+    return SignalSource(ws)
+
+
+class SignalSource:
+    """Signals of the workspace's selected recommender, computed on demand."""
+
+    def __init__(self, workspace: Workspace) -> None:
+        self.workspace = workspace
+
+    def __call__(self, encounter_ids: Sequence[str]) -> Mapping[str, PatientSignals]:
+        from promptenv.signals import signals_for
+
+        return signals_for(self.workspace, encounter_ids)
+
+
+@prompts_app.command("build")
+def build_cmd(
+    workspace: WorkspaceOpt = None,
+    method: Annotated[
+        str, typer.Option("--method", help=f"Comma-separated methods: {', '.join(TABLE_METHODS)}.")
+    ] = "pmlm_initial",
+    which: Annotated[
+        str,
+        typer.Option(help="latest (each patient's current prompt), test, or all index encounters."),
+    ] = "latest",
+) -> None:
+    """Write the prompt table (tables/prompts.parquet) for the chosen encounters and methods."""
+    from promptenv.prompt_table import build_prompt_table, write_prompt_table
+
+    ws = _ws(workspace)
+    methods = _methods(method, TABLE_METHODS)
+    if which not in ("latest", "test", "all"):
+        raise typer.BadParameter("--which must be latest, test or all")
+    table = build_prompt_table(load_tables(ws), methods, signal_source(ws), which)  # type: ignore[arg-type]
+    write_prompt_table(ws, table)
+    console.print(
+        f"{len(table)} prompts ({', '.join(methods)}) for {table['patient_id'].nunique()} patients "
+        f"→ {ws.table_path('prompts')}; mean {table['tokens'].mean():.0f} tokens"
+    )
+
+
+@prompts_app.command("show")
+def show_cmd(
+    patient: Annotated[str, typer.Argument(help="Patient pseudonym (patients.patient_id).")],
+    workspace: WorkspaceOpt = None,
+    method: Annotated[str, typer.Option(help="Method whose prompt to show.")] = "pmlm_initial",
+    encounter: Annotated[
+        str | None, typer.Option(help="Index encounter (default: her latest).")
+    ] = None,
+) -> None:
+    """Print one patient's prompt with its provenance."""
+    from promptenv.prompt_table import build_prompt_table
+
+    ws = _ws(workspace)
+    tables = load_tables(ws)
+    idx = tables["index_encounters"]
+    mine = idx[idx["patient_id"] == patient]
+    if mine.empty:
+        raise typer.BadParameter(f"patient {patient!r} has no index encounter in {ws.root}")
+    if encounter is not None:
+        mine = mine[mine["encounter_id"] == encounter]
+        if mine.empty:
+            raise typer.BadParameter(f"{encounter!r} is not an index encounter of {patient!r}")
+    row = mine.sort_values("index_time").tail(1)
+    one = {**tables, "index_encounters": row}
+    table = build_prompt_table(one, _methods(method, TABLE_METHODS), signal_source(ws), "all")
+    for r in table.itertuples(index=False):
+        console.rule(
+            f"{r.method} · patient {r.patient_id} · index encounter {r.encounter_id} · {r.tokens} tokens"
+        )
+        console.print(r.system or "(no patient text: the question alone)", markup=False)
+        console.print(f"\n[bold]Question:[/] {r.question}")
+        console.print("[bold]Provenance:[/]")
+        console.print_json(r.provenance)
+
+
+def evaluate_cmd(
+    workspace: WorkspaceOpt = None,
+    methods: Annotated[
+        str, typer.Option("--methods", help=f"Comma-separated: {', '.join(METHODS)}.")
+    ] = ",".join(METHODS),
+    backend: Annotated[
+        str,
+        typer.Option(help="LLM backend spec: local, openai:MODEL[@URL], anthropic:MODEL[@URL]."),
+    ] = "local",
+    n_obstetric: Annotated[int, typer.Option(help="Obstetric test encounters.")] = 40,
+    n_adult: Annotated[int, typer.Option(help="Adult test encounters.")] = 40,
+    n_calibration: Annotated[
+        int, typer.Option(help="Validation encounters that choose the matching threshold.")
+    ] = 20,
+    seed: Annotated[int, typer.Option(help="Seed of the encounter sample and the bootstrap.")] = 0,
+    max_calls: Annotated[
+        int | None, typer.Option(help="Hard budget on LLM calls for this run.")
+    ] = None,
+) -> None:
+    """Compare methods on the same test encounters with the same LLM; write the table to reports/."""
+    from promptenv.evaluate import EvalSettings, evaluate_methods, markdown_table
+    from promptenv.llm import Budget
+
+    ws = _ws(workspace)
+    chosen = _methods(methods, METHODS)
+    client = LLMClient(
+        backend, workspace=ws, budget=Budget(max_calls=max_calls) if max_calls else None
+    )
+    settings = EvalSettings(
+        n_obstetric=n_obstetric, n_adult=n_adult, n_calibration=n_calibration, seed=seed
+    )
+    result = evaluate_methods(
+        ws, client, load_tables(ws), signal_source(ws), chosen, settings, progress=console.print
+    )
+    report = write_evaluation(ws, result, client)
+    console.print(markdown_table(result.table), markup=False)
+    console.print(f"Written: {report}")
+
+
+def write_evaluation(ws: Workspace, result: Evaluation, client: LLMClient) -> Path:
+    """Write the evaluation's rows (parquet), table (Markdown, JSON) to reports/; returns the Markdown path."""
+    from promptenv.evaluate import markdown_table
+
+    ws.reports_dir.mkdir(parents=True, exist_ok=True)
+    result.results.to_parquet(ws.reports_dir / "evaluation_results.parquet", index=False)
+    stats = client.cache_stats
+    header = (
+        f"# Methods compared\n\nLLM: {result.llm}. Matching threshold {result.calibration['threshold']} "
+        f"({result.calibration['chosen_on']}). LLM cache: {stats.hits} hits, {stats.misses} misses.\n\n"
+        "Means with bootstrap 95% confidence intervals; gap closed = (method − general) / (oracle − general) "
+        "on plan-item recall.\n\n"
+    )
+    path = ws.reports_dir / "evaluation.md"
+    atomic_write_bytes(path, (header + markdown_table(result.table) + "\n").encode())
+    atomic_write_bytes(
+        ws.reports_dir / "evaluation.json",
+        json.dumps(
+            {
+                "llm": result.llm,
+                "calibration": result.calibration,
+                "table": result.table.to_dict(orient="records"),
+            },
+            indent=2,
+            default=float,
+        ).encode(),
+    )
+    return path

@@ -1,0 +1,352 @@
+"""The comparison harness: every method, the same test encounters, the same LLM.
+
+``evaluate_methods`` picks test index encounters (the obstetric subset and a
+sample of adult encounters, seeded), builds each method's prompt, asks the LLM
+through the cached client, scores each answer against the next encounter's plan
+and aggregates: means with bootstrap 95% confidence intervals, the gap closed
+((method − general) / (oracle − general)), LLM calls and tokens.
+
+The matching threshold is chosen on VALIDATION patients (`calibrate_threshold`):
+the LLM answers oracle prompts; each answer is then scored against the items of
+another patient's plan that its own plan lacks (negatives), and the cut is the
+lowest at which at most 5% of those count as covered. It is recorded with the
+results, with the share of told items the answers cover at that cut.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipelines.index import ContextStore
+from pipelines.workspace import Workspace
+from promptenv.fragments import PatientSignals
+from promptenv.llm import GenerationParams, GenerationRequest, LLMClient
+from promptenv.prompts import INITIAL_CONFIG, METHODS, Prompt, PromptConfig, method_prompt
+from promptenv.reward import DEFAULT_THRESHOLD, PlanScorer, choose_threshold
+
+#: Generation settings of every evaluation call (cached by the client).
+EVAL_PARAMS = GenerationParams(max_tokens=128, temperature=0.0, seed=0)
+SUBSETS = ("obstetric", "adult")
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Which encounters, how many, and how the answers are generated and scored."""
+
+    n_obstetric: int = 40
+    n_adult: int = 40
+    split: str = "test"
+    seed: int = 0
+    max_per_patient: int = 3
+    params: GenerationParams = field(default_factory=lambda: EVAL_PARAMS)
+    concurrency: int = 2
+    bootstrap: int = 1000
+    n_calibration: int = 20
+    max_false_match: float = 0.05
+
+
+def pick_encounters(index: pd.DataFrame, settings: EvalSettings) -> pd.DataFrame:
+    """Test index encounters of both subsets: at most ``max_per_patient`` per patient, seeded.
+
+    Returns the chosen rows of ``index_encounters`` with boolean columns
+    ``in_obstetric`` and ``in_adult`` (an encounter may be in both).
+    """
+    pool = index[index["split"] == settings.split]
+    rng = np.random.default_rng(settings.seed)
+
+    def sample(frame: pd.DataFrame, n: int) -> pd.DataFrame:
+        shuffled = frame.iloc[rng.permutation(len(frame))]
+        capped = shuffled[shuffled.groupby("patient_id").cumcount() < settings.max_per_patient]
+        return capped.head(n)
+
+    ob = sample(pool[pool["is_obstetric"]], settings.n_obstetric)
+    ad = sample(pool[pool["is_adult"]], settings.n_adult)
+    chosen = pd.concat([ob, ad]).drop_duplicates("encounter_id")
+    chosen = chosen.assign(
+        in_obstetric=chosen["encounter_id"].isin(ob["encounter_id"]),
+        in_adult=chosen["encounter_id"].isin(ad["encounter_id"]),
+    )
+    return chosen.sort_values(["patient_id", "index_time"]).reset_index(drop=True)
+
+
+def references(
+    tables: Mapping[str, pd.DataFrame], chosen: pd.DataFrame
+) -> dict[str, tuple[list[str], str]]:
+    """For each chosen index encounter: (reference item displays, plan text) of its next encounter."""
+    items = tables["plan_items"]
+    plans = tables["reference_plans"].set_index("encounter_id")["plan_text"]
+    wanted = set(chosen["next_encounter_id"])
+    by_enc = items[items["encounter_id"].isin(wanted)].sort_values(["encounter_id", "position"])
+    grouped = by_enc.groupby("encounter_id")["display"].apply(list).to_dict()
+    return {
+        row.encounter_id: (
+            grouped.get(row.next_encounter_id, []),
+            str(plans.get(row.next_encounter_id, "")),
+        )
+        for row in chosen.itertuples(index=False)
+    }
+
+
+def build_prompts(
+    store: ContextStore,
+    chosen: pd.DataFrame,
+    signals: Mapping[str, PatientSignals],
+    refs: Mapping[str, tuple[list[str], str]],
+    methods: Sequence[str],
+    config: PromptConfig = INITIAL_CONFIG,
+) -> list[tuple[str, Prompt]]:
+    """(encounter_id, prompt) for every chosen encounter and method."""
+    out = []
+    for eid in chosen["encounter_id"]:
+        ctx = store.context(eid)
+        sig = signals.get(eid, PatientSignals())
+        for method in methods:
+            out.append((eid, method_prompt(method, ctx, sig, refs[eid][0], config)))
+    return out
+
+
+def calibrate_threshold(
+    client: LLMClient,
+    store: ContextStore,
+    validation: pd.DataFrame,
+    refs: Mapping[str, tuple[list[str], str]],
+    scorer: PlanScorer,
+    settings: EvalSettings,
+) -> dict[str, Any]:
+    """Choose the matching threshold on validation encounters (see the module docstring)."""
+    rows = validation.reset_index(drop=True)
+    if len(rows) < 2:
+        return {
+            "threshold": DEFAULT_THRESHOLD,
+            "chosen_on": "default (fewer than 2 validation encounters)",
+        }
+    prompts = [
+        method_prompt("oracle", store.context(e), PatientSignals(), refs[e][0])
+        for e in rows["encounter_id"]
+    ]
+    answers = [
+        c.text
+        for c in client.generate_many(
+            [GenerationRequest(p.system, p.user, settings.params) for p in prompts],
+            concurrency=settings.concurrency,
+        )
+    ]
+    positive: list[float] = []
+    negative: list[float] = []
+    for i, eid in enumerate(rows["encounter_id"]):
+        items = refs[eid][0]
+        # another patient's answer: the next row whose patient differs
+        j = next(
+            (
+                j
+                for j in range(1, len(rows))
+                if rows["patient_id"][(i + j) % len(rows)] != rows["patient_id"][i]
+            ),
+            None,
+        )
+        if not items or j is None:
+            continue
+        own = scorer.similarity(answers[i], items)
+        other = scorer.similarity(answers[(i + j) % len(rows)], items)
+        positive.extend(own.max(axis=1) if own.size else np.zeros(len(items)))
+        negative.extend(other.max(axis=1) if other.size else np.zeros(len(items)))
+    if not positive or not negative:
+        return {
+            "threshold": DEFAULT_THRESHOLD,
+            "chosen_on": "default (no usable validation answers)",
+        }
+    threshold = choose_threshold(positive, negative, settings.max_false_match)
+    return {
+        "threshold": round(threshold, 4),
+        "chosen_on": f"{len(rows)} validation encounters: at most {settings.max_false_match:.0%} of items "
+        "absent from an answer's plan match it",
+        "covered_when_told": round(float((np.asarray(positive) >= threshold).mean()), 4),
+        "positive_mean": round(float(np.mean(positive)), 4),
+        "negative_mean": round(float(np.mean(negative)), 4),
+        "llm_calls": len(prompts),
+    }
+
+
+def bootstrap_ci(values: np.ndarray, reps: int, seed: int) -> tuple[float, float]:
+    """95% percentile interval of the mean over ``reps`` resamples."""
+    if len(values) == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(reps, len(values)))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def aggregate(results: pd.DataFrame, settings: EvalSettings) -> pd.DataFrame:
+    """Per subset and method: means with 95% CIs, gap closed, calls and tokens."""
+    rows = []
+    for subset in SUBSETS:
+        sub = results[results[f"in_{subset}"]]
+        if sub.empty:
+            continue
+        means = sub.groupby("method")["recall"].mean()
+        general, oracle = means.get("general", np.nan), means.get("oracle", np.nan)
+        for method, g in sub.groupby("method", sort=False):
+            row: dict[str, Any] = {"subset": subset, "method": method, "n": len(g)}
+            for metric in ("recall", "precision", "rouge_l", "reward"):
+                vals = g[metric].to_numpy(dtype=float)
+                lo, hi = bootstrap_ci(vals, settings.bootstrap, settings.seed)
+                row[metric] = vals.mean()
+                row[f"{metric}_lo"], row[f"{metric}_hi"] = lo, hi
+            row["words"] = g["words"].mean()
+            denom = oracle - general
+            row["gap_closed"] = (
+                (row["recall"] - general) / denom if denom and not np.isnan(denom) else np.nan
+            )
+            row["prompt_tokens"] = g["prompt_tokens"].mean()
+            row["llm_calls_per_patient"] = g["llm_calls"].mean()
+            row["input_tokens"] = int(g["input_tokens"].sum())
+            row["output_tokens"] = int(g["output_tokens"].sum())
+            rows.append(row)
+    table = pd.DataFrame(rows)
+    order = {m: i for i, m in enumerate(METHODS)}
+    return table.sort_values(
+        ["subset", "method"], key=lambda s: s.map(order) if s.name == "method" else s
+    ).reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What `evaluate_methods` measured."""
+
+    results: pd.DataFrame  # one row per (encounter, method)
+    table: pd.DataFrame  # aggregated, see `aggregate`
+    calibration: dict[str, Any]
+    llm: str
+
+
+def evaluate_methods(
+    workspace: Workspace,
+    client: LLMClient,
+    tables: Mapping[str, pd.DataFrame],
+    signals_for: Callable[[Sequence[str]], Mapping[str, PatientSignals]],
+    methods: Sequence[str] = METHODS,
+    settings: EvalSettings | None = None,
+    config: PromptConfig = INITIAL_CONFIG,
+    extra_prompts: Callable[
+        [ContextStore, pd.DataFrame, Mapping[str, PatientSignals]], list[tuple[str, Prompt, int]]
+    ]
+    | None = None,
+    progress: Progress | None = None,
+) -> Evaluation:
+    """Run every method on the same chosen test encounters with the same LLM; score and aggregate.
+
+    ``signals_for(encounter_ids)`` returns the recommender's signals (see
+    `promptenv.signals.signals_for`). ``extra_prompts`` may add methods whose
+    prompts cost LLM calls of their own (per-patient search): it returns
+    (encounter_id, prompt, llm_calls_spent) triples.
+    """
+    settings = settings or EvalSettings()
+    say = progress or (lambda _m: None)
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
+    index = tables["index_encounters"]
+    chosen = pick_encounters(index, settings)
+    if chosen.empty:
+        raise ValueError(
+            f"no {settings.split} index encounters to evaluate: ingest a cohort with `pmlm run` or `pmlm ingest`"
+        )
+    validation = pick_encounters(
+        index,
+        EvalSettings(
+            split="validation",
+            n_obstetric=settings.n_calibration // 2,
+            n_adult=settings.n_calibration // 2,
+            seed=settings.seed,
+        ),
+    )
+    store = ContextStore(
+        dict(tables), only_encounters=[*chosen["encounter_id"], *validation["encounter_id"]]
+    )
+    refs = references(tables, pd.concat([chosen, validation]))
+    scorer = PlanScorer()
+    say(f"calibrating the matching threshold on {len(validation)} validation encounters")
+    calibration = calibrate_threshold(client, store, validation, refs, scorer, settings)
+    scorer.threshold = float(calibration["threshold"])
+    say(f"threshold {scorer.threshold}; computing signals for {len(chosen)} test encounters")
+    signals = signals_for(list(chosen["encounter_id"]))
+    prompts = [(e, p, 0) for e, p in build_prompts(store, chosen, signals, refs, methods, config)]
+    if extra_prompts is not None:
+        prompts.extend(extra_prompts(store, chosen, signals))
+    say(f"asking {client.label} for {len(prompts)} answers ({len(chosen)} encounters × methods)")
+    completions = client.generate_many(
+        [GenerationRequest(p.system, p.user, settings.params) for _, p, _ in prompts],
+        concurrency=settings.concurrency,
+    )
+    say("scoring")
+    answers = [c.text for c in completions]
+    scores = scorer.score_many(
+        answers, [refs[e][0] for e, _, _ in prompts], [refs[e][1] for e, _, _ in prompts]
+    )
+    flags = chosen.set_index("encounter_id")[["patient_id", "in_obstetric", "in_adult"]]
+    rows = []
+    for (eid, prompt, calls), completion, score in zip(prompts, completions, scores, strict=True):
+        rows.append(
+            {
+                "encounter_id": eid,
+                "patient_id": flags.at[eid, "patient_id"],
+                "in_obstetric": bool(flags.at[eid, "in_obstetric"]),
+                "in_adult": bool(flags.at[eid, "in_adult"]),
+                "method": prompt.method,
+                "recall": score.recall,
+                "precision": score.precision,
+                "rouge_l": score.rouge_l,
+                "reward": score.reward,
+                "words": score.words,
+                "prompt_tokens": prompt.tokens,
+                "llm_calls": calls,
+                "input_tokens": completion.usage.input_tokens,
+                "output_tokens": completion.usage.output_tokens,
+                "cached": completion.cached,
+                "answer": completion.text,
+                "reference_items": len(refs[eid][0]),
+            }
+        )
+    results = pd.DataFrame(rows)
+    return Evaluation(results, aggregate(results, settings), calibration, client.label)
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """The aggregated table as Markdown: mean [95% CI] per metric."""
+    lines = [
+        "| subset | method | n | plan-item recall | precision | ROUGE-L F1 | reward | words | gap closed | prompt tokens | LLM calls/patient |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def ci(r: Any, m: str) -> str:
+        return f"{getattr(r, m):.3f} [{getattr(r, m + '_lo'):.3f}, {getattr(r, m + '_hi'):.3f}]"
+
+    for r in table.itertuples(index=False):
+        gap = "" if pd.isna(r.gap_closed) else f"{r.gap_closed:.2f}"
+        lines.append(
+            f"| {r.subset} | {r.method} | {r.n} | {ci(r, 'recall')} | {ci(r, 'precision')} | {ci(r, 'rouge_l')} | "
+            f"{ci(r, 'reward')} | {r.words:.0f} | {gap} | {r.prompt_tokens:.0f} | {r.llm_calls_per_patient:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+__all__ = [
+    "EVAL_PARAMS",
+    "EvalSettings",
+    "Evaluation",
+    "aggregate",
+    "bootstrap_ci",
+    "calibrate_threshold",
+    "evaluate_methods",
+    "markdown_table",
+    "pick_encounters",
+    "references",
+]
