@@ -114,7 +114,12 @@ class _FhirReader:
         self.events: list[dict[str, Any]] = []
         self.notes: list[dict[str, Any]] = []
         # rows are turned into frames after each file: dicts cost ~10× the memory
-        self.parts: dict[str, list[pd.DataFrame]] = {"patients": [], "encounters": [], "events": [], "notes": []}
+        self.parts: dict[str, list[pd.DataFrame]] = {
+            "patients": [],
+            "encounters": [],
+            "events": [],
+            "notes": [],
+        }
         self.quarantine: list[dict[str, Any]] = []
         self.seen_ids: set[tuple[str, str]] = set()
         # source patient id → pseudonym, source encounter id → (pseudonym patient id)
@@ -424,7 +429,12 @@ class _FhirReader:
 
     def flush(self) -> None:
         """Move the rows read so far into typed frames."""
-        for name, schema in (("patients", PATIENTS), ("encounters", ENCOUNTERS), ("events", EVENTS), ("notes", NOTES)):
+        for name, schema in (
+            ("patients", PATIENTS),
+            ("encounters", ENCOUNTERS),
+            ("events", EVENTS),
+            ("notes", NOTES),
+        ):
             rows: list[dict[str, Any]] = getattr(self, name)
             if rows:
                 self.parts[name].append(typed(frame(rows, schema.names), schema.names))

@@ -169,7 +169,9 @@ def _as_of(
     notes = notes[notes["time"] <= t].reset_index(drop=True)
     plans = own["reference_plans"]
     plans = plans[plans["time"] <= t].reset_index(drop=True)
-    items = plan_items[plan_items["encounter_id"].isin(set(plans["encounter_id"]))].reset_index(drop=True)
+    items = plan_items[plan_items["encounter_id"].isin(set(plans["encounter_id"]))].reset_index(
+        drop=True
+    )
     return PatientContext(patient, index, encounters, events, notes, plans, items)
 
 
@@ -193,7 +195,9 @@ def context_as_of(tables: dict[str, pd.DataFrame], encounter_id: str) -> Patient
 class ContextStore:
     """Contexts of many index encounters: the tables are grouped by patient once."""
 
-    def __init__(self, tables: dict[str, pd.DataFrame], only_encounters: list[str] | None = None) -> None:
+    def __init__(
+        self, tables: dict[str, pd.DataFrame], only_encounters: list[str] | None = None
+    ) -> None:
         idx = tables["index_encounters"]
         if only_encounters is not None:
             idx = idx[idx["encounter_id"].isin(only_encounters)]
@@ -209,12 +213,21 @@ class ContextStore:
             for pid in wanted:
                 self._by_patient[pid][name] = groups.get(pid, empty)
         items = tables["plan_items"]
-        self._items = dict(tuple(items[items["patient_id"].isin(wanted)].groupby("patient_id", sort=False)))
+        self._items = dict(
+            tuple(items[items["patient_id"].isin(wanted)].groupby("patient_id", sort=False))
+        )
         self._no_items = items.iloc[0:0]
 
     def context(self, encounter_id: str) -> PatientContext:
         if encounter_id not in self.index.index:
-            raise KeyError(f"{encounter_id!r} is not an index encounter (see table index_encounters)")
+            raise KeyError(
+                f"{encounter_id!r} is not an index encounter (see table index_encounters)"
+            )
         index = self.index.loc[encounter_id]
         pid = index["patient_id"]
-        return _as_of(self.patients.loc[pid], index, self._by_patient[pid], self._items.get(pid, self._no_items))
+        return _as_of(
+            self.patients.loc[pid],
+            index,
+            self._by_patient[pid],
+            self._items.get(pid, self._no_items),
+        )
