@@ -14,10 +14,11 @@ from pipelines.cohort import MARKER
 runner = CliRunner()
 
 
-def test_run_prepares_the_default_cohort(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["run", "--workspace", str(tmp_path)])
-    assert result.exit_code == 0, result.output
-    assert "index encounters" in result.output
+def test_default_cohort_and_its_summary(tmp_path: Path) -> None:
+    from pipelines.cohort import prepare_default_cohort
+    from pipelines.workspace import Workspace
+
+    prepare_default_cohort(Workspace.at(tmp_path))
     assert (tmp_path / "tables" / "index_encounters.parquet").exists()
     summary = runner.invoke(app, ["data", "summary", "-w", str(tmp_path), "--json"])
     assert summary.exit_code == 0, summary.output
