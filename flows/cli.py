@@ -18,7 +18,8 @@ from rich.table import Table
 from flows.cli_llm import llm_app
 from flows.cli_prompts import evaluate_cmd, prompts_app
 from flows.cli_recsys import recsys_app
-from pipelines.workspace import Workspace, default_workspace
+from flows.options import WorkspaceOpt
+from pipelines.workspace import Workspace
 
 app = typer.Typer(
     help="PMLM: personalized hard prompts for LLMs from patient records.",
@@ -42,22 +43,9 @@ app.command("evaluate")(evaluate_cmd)
 
 console = Console()
 
-WorkspaceOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--workspace",
-        "-w",
-        help="Workspace folder [default: $PMLM_WORKSPACE or ./pmlm-workspace]",
-        show_default=False,
-    ),
-]
 SplitSeedOpt = Annotated[
     int, typer.Option(help="Seed of the per-patient train/validation/test split.")
 ]
-
-
-def _ws(path: Path | None) -> Workspace:
-    return Workspace.at(path if path is not None else default_workspace())
 
 
 def print_summary(summary: dict[str, Any], title: str = "Cohort summary") -> None:
@@ -113,7 +101,7 @@ def ingest_fhir_cmd(
     """Ingest a folder of FHIR R4 bundles."""
     from pipelines.ingest import ingest_fhir
 
-    ws = _ws(workspace)
+    ws = Workspace.at(workspace)
     started = time.perf_counter()
     summary = ingest_fhir(ws, folder, split_seed=split_seed)
     print_summary(summary, f"FHIR ingest of {folder} ({time.perf_counter() - started:.1f} s)")
@@ -132,7 +120,7 @@ def ingest_omop_cmd(
     """Ingest an OMOP CDM 5.3 database (the Eunomia database when no path is given)."""
     from pipelines.ingest import ingest_omop
 
-    ws = _ws(workspace)
+    ws = Workspace.at(workspace)
     started = time.perf_counter()
     summary = ingest_omop(ws, path, split_seed=split_seed)
     print_summary(
@@ -197,7 +185,7 @@ def data_summary_cmd(
     """Patients, encounters, events by kind, index encounters by split, obstetric share, quarantine."""
     from pipelines.ingest import load_tables, summarize
 
-    ws = _ws(workspace)
+    ws = Workspace.at(workspace)
     summary = summarize(load_tables(ws))
     ingest = ws.read_manifest().get("steps", {}).get("ingest", {})
     if "summary" in ingest:
@@ -238,7 +226,7 @@ def run_cmd(
     from promptenv.prompt_table import build_prompt_table, write_prompt_table
     from recsys.steps import fit_models
 
-    ws = _ws(workspace)
+    ws = Workspace.at(workspace)
     started = time.perf_counter()
 
     def step(n: int, what: str) -> None:

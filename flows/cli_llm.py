@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from pipelines.workspace import Workspace, default_workspace
+from flows.options import WorkspaceOpt
+from pipelines.workspace import Workspace
 
 llm_app = typer.Typer(
     help="The LLM client: ask a backend (local, openai:MODEL, anthropic:MODEL, optionally "
@@ -21,20 +21,6 @@ llm_app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
-
-WorkspaceOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--workspace",
-        "-w",
-        help="Workspace folder (default: $PMLM_WORKSPACE or ./pmlm-workspace).",
-        show_default=False,
-    ),
-]
-
-
-def _ws(path: Path | None) -> Workspace:
-    return Workspace.at(path if path is not None else default_workspace())
 
 
 def _fail(exc: Exception) -> typer.Exit:
@@ -68,7 +54,9 @@ def ask(
     from promptenv.llm import GenerationParams, LLMClient, LLMError
 
     try:
-        client = LLMClient(backend, workspace=_ws(workspace), run_id=run_id, use_cache=not no_cache)
+        client = LLMClient(
+            backend, workspace=Workspace.at(workspace), run_id=run_id, use_cache=not no_cache
+        )
         params = GenerationParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
         completion = client.generate(system, question, params)
     except (LLMError, ValueError) as exc:
@@ -92,7 +80,7 @@ def ledger(
     """Spend per run and model: calls, attempts, retries, cache hit rate, tokens, cost."""
     from promptenv.llm import Ledger, workspace_paths
 
-    ws = _ws(workspace)
+    ws = Workspace.at(workspace)
     _, path = workspace_paths(ws)
     if not path.exists():
         typer.echo(f"no LLM calls recorded in {ws.root} yet ({path} does not exist)")

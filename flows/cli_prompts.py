@@ -10,8 +10,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from flows.options import WorkspaceOpt
 from pipelines.ingest import load_tables
-from pipelines.workspace import Workspace, atomic_write_bytes, default_workspace
+from pipelines.workspace import Workspace, atomic_write_bytes
 from promptenv.evaluate import Evaluation
 from promptenv.fragments import PatientSignals
 from promptenv.llm import LLMClient
@@ -22,20 +23,7 @@ prompts_app = typer.Typer(
 )
 console = Console()
 
-WorkspaceOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--workspace",
-        "-w",
-        help="Workspace folder [default: $PMLM_WORKSPACE or ./pmlm-workspace]",
-        show_default=False,
-    ),
-]
 TABLE_METHODS = tuple(m for m in METHODS if m != "oracle")
-
-
-def _ws(path: Path | None) -> Workspace:
-    return Workspace.at(path if path is not None else default_workspace())
 
 
 def _methods(value: str, allowed: Sequence[str]) -> list[str]:
@@ -76,7 +64,7 @@ def build_cmd(
     """Write the prompt table (tables/prompts.parquet) for the chosen encounters and methods."""
     from promptenv.prompt_table import build_prompt_table, write_prompt_table
 
-    ws = _ws(workspace)
+    ws = Workspace.at(workspace)
     methods = _methods(method, TABLE_METHODS)
     if which not in ("latest", "test", "all"):
         raise typer.BadParameter("--which must be latest, test or all")
@@ -100,7 +88,7 @@ def show_cmd(
     """Print one patient's prompt with its provenance."""
     from promptenv.prompt_table import build_prompt_table
 
-    ws = _ws(workspace)
+    ws = Workspace.at(workspace)
     tables = load_tables(ws)
     idx = tables["index_encounters"]
     mine = idx[idx["patient_id"] == patient]
@@ -146,7 +134,7 @@ def evaluate_cmd(
     from promptenv.evaluate import EvalSettings, evaluate_methods, markdown_table
     from promptenv.llm import Budget
 
-    ws = _ws(workspace)
+    ws = Workspace.at(workspace)
     chosen = _methods(methods, METHODS)
     client = LLMClient(
         backend, workspace=ws, budget=Budget(max_calls=max_calls) if max_calls else None

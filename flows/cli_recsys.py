@@ -6,12 +6,12 @@ Thin wrappers over :mod:`recsys.steps`; mounted by ``flows.cli`` as
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from pipelines.workspace import MissingTableError, Workspace, default_workspace
+from flows.options import WorkspaceOpt
+from pipelines.workspace import MissingTableError, Workspace
 
 recsys_app = typer.Typer(
     help="Recommenders: fit (tuned on validation patients), evaluate on test patients, "
@@ -20,20 +20,7 @@ recsys_app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
-WorkspaceOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--workspace",
-        "-w",
-        help="Workspace folder [default: $PMLM_WORKSPACE or ./pmlm-workspace]",
-        show_default=False,
-    ),
-]
 KOpt = Annotated[int, typer.Option("--k", help="Cut-off of the ranking metrics.", min=1)]
-
-
-def _ws(path: Path | None) -> Workspace:
-    return Workspace.at(path if path is not None else default_workspace())
 
 
 def _fail(exc: Exception) -> typer.Exit:
@@ -63,7 +50,9 @@ def fit(
     from recsys.steps import fit_models
 
     try:
-        summary = fit_models(_ws(workspace), model, k=k, select_on=select_on, progress=typer.echo)
+        summary = fit_models(
+            Workspace.at(workspace), model, k=k, select_on=select_on, progress=typer.echo
+        )
     except (MissingTableError, ValueError) as exc:
         raise _fail(exc) from exc
     typer.echo(to_markdown(summary.validation))
@@ -76,7 +65,7 @@ def evaluate(workspace: WorkspaceOpt = None, k: KOpt = 10) -> None:
     from recsys.evaluate import to_markdown
     from recsys.steps import evaluate_models
 
-    ws = _ws(workspace)
+    ws = Workspace.at(workspace)
     try:
         table = evaluate_models(ws, k=k, progress=typer.echo)
     except (MissingTableError, ValueError) as exc:
@@ -107,7 +96,7 @@ def explain(
     try:
         explanation = explain_patient(
             patient,
-            _ws(workspace),
+            Workspace.at(workspace),
             model_name=model,
             encounter_id=encounter,
             k=k,
