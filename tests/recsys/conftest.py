@@ -25,6 +25,12 @@ FAST_PARAMS: dict[str, dict[str, object]] = {
 
 
 @pytest.fixture(scope="session")
+def fast_params() -> dict[str, dict[str, object]]:
+    """FAST_PARAMS as a fixture (test modules do not import conftest)."""
+    return FAST_PARAMS
+
+
+@pytest.fixture(scope="session")
 def cohort_frames() -> dict[str, pd.DataFrame]:
     """A 40-patient synthetic cohort in the canonical tables (read-only: copy to modify)."""
     return synthetic_cohort(n_patients=40, seed=11)

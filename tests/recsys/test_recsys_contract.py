@@ -1,7 +1,7 @@
 """The contract every recommender fulfils, run against each implementation.
 
 One parametrized suite over every name the factory knows: a new model is
-covered by adding it to ``recsys.base.RECOMMENDERS`` (and FAST_PARAMS).
+covered by adding it to ``recsys.base.RECOMMENDERS`` (and to FAST_PARAMS in conftest).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST_PARAMS
 
 from recsys.base import (
     RECOMMENDERS,
@@ -25,17 +24,20 @@ from recsys.interactions import PatientStates, StateSettings, Vocabulary
 NAMES = sorted(RECOMMENDERS)
 
 
-def _fit(name: str, train: PatientStates) -> Recommender:
-    return make_recommender(name, **FAST_PARAMS[name]).fit(train)
+Params = dict[str, dict[str, object]]
+
+
+def _fit(name: str, train: PatientStates, params: Params) -> Recommender:
+    return make_recommender(name, **params[name]).fit(train)
 
 
 @pytest.fixture(scope="module")
-def fitted(train: PatientStates) -> dict[str, Recommender]:
-    return {name: _fit(name, train) for name in NAMES}
+def fitted(train: PatientStates, fast_params: Params) -> dict[str, Recommender]:
+    return {name: _fit(name, train, fast_params) for name in NAMES}
 
 
-def test_every_registered_model_has_fast_test_params() -> None:
-    assert set(NAMES) == set(FAST_PARAMS)
+def test_every_registered_model_has_fast_test_params(fast_params: Params) -> None:
+    assert set(NAMES) == set(fast_params)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -56,9 +58,14 @@ class TestRecommenderContract:
         assert a.ndim == 2 and a.shape[0] == len(unseen) and a.shape[1] == b.shape[1] >= 1
 
     def test_fit_is_deterministic_for_a_seed(
-        self, name: str, fitted: dict[str, Recommender], train: PatientStates, unseen: PatientStates
+        self,
+        name: str,
+        fitted: dict[str, Recommender],
+        train: PatientStates,
+        unseen: PatientStates,
+        fast_params: Params,
     ) -> None:
-        again = _fit(name, train)
+        again = _fit(name, train, fast_params)
         np.testing.assert_allclose(
             again.score(unseen), fitted[name].score(unseen), rtol=1e-5, atol=1e-6
         )
@@ -105,9 +112,11 @@ class TestRecommenderContract:
         alone = np.vstack([model.score(unseen.subset([r])) for r in rows])
         np.testing.assert_allclose(alone, together, rtol=1e-5, atol=1e-5)
 
-    def test_an_unfitted_model_refuses_to_score(self, name: str, unseen: PatientStates) -> None:
+    def test_an_unfitted_model_refuses_to_score(
+        self, name: str, unseen: PatientStates, fast_params: Params
+    ) -> None:
         with pytest.raises(NotFittedError):
-            make_recommender(name, **FAST_PARAMS[name]).score(unseen)
+            make_recommender(name, **fast_params[name]).score(unseen)
 
     def test_states_from_another_vocabulary_are_refused(
         self, name: str, fitted: dict[str, Recommender], unseen: PatientStates

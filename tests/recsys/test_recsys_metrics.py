@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from conftest import FAST_PARAMS
 
 from recsys.base import make_recommender
 from recsys.evaluate import (
@@ -100,10 +99,12 @@ def test_tuning_keeps_the_best_validation_point(states: PatientStates) -> None:
     assert model.params["K"] == result.params["K"]
 
 
-def test_blend_weights_are_chosen_on_validation(states: PatientStates) -> None:
+def test_blend_weights_are_chosen_on_validation(
+    states: PatientStates, fast_params: dict[str, dict[str, object]]
+) -> None:
     train, validation = states.split("train"), states.split("validation")
     models = [
-        make_recommender(n, **FAST_PARAMS[n]).fit(train)
+        make_recommender(n, **fast_params[n]).fit(train)
         for n in ("als", "repeat_previous", "popularity")
     ]
     blend, trials = tune_blend(models, validation, step=0.25)
@@ -115,10 +116,12 @@ def test_blend_weights_are_chosen_on_validation(states: PatientStates) -> None:
     assert best >= singles["ndcg@10"].max()
 
 
-def test_comparison_table_and_reports(states: PatientStates, tmp_path: Path) -> None:
+def test_comparison_table_and_reports(
+    states: PatientStates, tmp_path: Path, fast_params: dict[str, dict[str, object]]
+) -> None:
     train, test = states.split("train"), states.split("test")
     models = {
-        n: make_recommender(n, **FAST_PARAMS[n]).fit(train)
+        n: make_recommender(n, **fast_params[n]).fit(train)
         for n in ("popularity", "repeat_previous", "item_knn")
     }
     table = comparison_table(models, test, k=5)

@@ -5,14 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from conftest import FAST_PARAMS
 
 from recsys.base import Recommender, make_recommender
 from recsys.interactions import PatientStates
 
+Params = dict[str, dict[str, object]]
 
-def _fit(name: str, train: PatientStates) -> Recommender:
-    return make_recommender(name, **FAST_PARAMS[name]).fit(train)
+
+def _fit(name: str, train: PatientStates, params: Params) -> Recommender:
+    return make_recommender(name, **params[name]).fit(train)
 
 
 def _all_contributions(model: Recommender, states: PatientStates, items: np.ndarray) -> np.ndarray:
@@ -23,14 +24,14 @@ def _all_contributions(model: Recommender, states: PatientStates, items: np.ndar
 
 @pytest.mark.filterwarnings("ignore:Method expects CSR input")
 def test_item_knn_scores_equal_implicits_recommend(
-    train: PatientStates, unseen: PatientStates
+    train: PatientStates, unseen: PatientStates, fast_params: Params
 ) -> None:
     """Scoring a new state = implicit's recommend() on a [features | no items] user row."""
     from implicit.nearest_neighbours import CosineRecommender
 
-    model = _fit("item_knn", train)
+    model = _fit("item_knn", train, fast_params)
     targets, _ = train.require_targets()
-    reference = CosineRecommender(K=FAST_PARAMS["item_knn"]["K"])
+    reference = CosineRecommender(K=fast_params["item_knn"]["K"])
     reference.fit(sp.hstack([train.features, targets], format="csr"), show_progress=False)
     n_f = train.n_features
     rows = sp.hstack(
@@ -47,13 +48,13 @@ def test_item_knn_scores_equal_implicits_recommend(
 
 
 def test_als_fold_in_equals_implicits_recalculate_user(
-    train: PatientStates, unseen: PatientStates
+    train: PatientStates, unseen: PatientStates, fast_params: Params
 ) -> None:
     from implicit.cpu.als import AlternatingLeastSquares
 
     from recsys.als import ALSRecommender
 
-    model = _fit("als", train)
+    model = _fit("als", train, fast_params)
     assert isinstance(model, ALSRecommender)
     p = model.params
     solver = AlternatingLeastSquares(
@@ -66,9 +67,9 @@ def test_als_fold_in_equals_implicits_recalculate_user(
 
 @pytest.mark.parametrize("name", ["als", "item_knn"])
 def test_contributions_sum_to_the_score(
-    name: str, train: PatientStates, unseen: PatientStates
+    name: str, train: PatientStates, unseen: PatientStates, fast_params: Params
 ) -> None:
-    model = _fit(name, train)
+    model = _fit(name, train, fast_params)
     scores = model.score(unseen)
     items = np.argsort(-scores, axis=1)[:, :5]
     total = _all_contributions(model, unseen, items)
@@ -77,10 +78,10 @@ def test_contributions_sum_to_the_score(
 
 @pytest.mark.parametrize(("name", "bias"), [("lightfm", "item_biases"), ("bpr", "item_biases")])
 def test_centered_contributions_explain_the_state_specific_part(
-    name: str, bias: str, train: PatientStates, unseen: PatientStates
+    name: str, bias: str, train: PatientStates, unseen: PatientStates, fast_params: Params
 ) -> None:
     """Contributions sum to score - item bias - the row's mean of (score - item bias)."""
-    model = _fit(name, train)
+    model = _fit(name, train, fast_params)
     scores = model.score(unseen)
     personal = scores - getattr(model, bias)[None, :]
     centered = personal - personal.mean(axis=1, keepdims=True)
@@ -90,9 +91,9 @@ def test_centered_contributions_explain_the_state_specific_part(
 
 
 def test_repeat_previous_ranks_the_latest_plan_first(
-    train: PatientStates, unseen: PatientStates
+    train: PatientStates, unseen: PatientStates, fast_params: Params
 ) -> None:
-    model = _fit("repeat_previous", train)
+    model = _fit("repeat_previous", train, fast_params)
     scores = model.score(unseen)
     for row in range(0, len(unseen), 11):
         repeated = set(unseen.last_plan[row].indices)
@@ -109,20 +110,22 @@ def test_repeat_previous_ranks_the_latest_plan_first(
             assert (contrib.features[row, j, 0] == feature) == bool(in_plan and feature >= 0)
 
 
-def test_popularity_is_the_train_share(train: PatientStates, unseen: PatientStates) -> None:
-    model = _fit("popularity", train)
+def test_popularity_is_the_train_share(
+    train: PatientStates, unseen: PatientStates, fast_params: Params
+) -> None:
+    model = _fit("popularity", train, fast_params)
     targets, _ = train.require_targets()
     share = np.asarray(targets.sum(axis=0)).ravel() / len(train)
     np.testing.assert_allclose(model.score(unseen)[0], share, rtol=1e-6)
 
 
 def test_blend_of_one_model_ranks_like_that_model(
-    train: PatientStates, unseen: PatientStates
+    train: PatientStates, unseen: PatientStates, fast_params: Params
 ) -> None:
     from recsys.blend import BlendRecommender
 
-    als = _fit("als", train)
-    pop = _fit("popularity", train)
+    als = _fit("als", train, fast_params)
+    pop = _fit("popularity", train, fast_params)
     blend = BlendRecommender.from_fitted([als, pop], [1.0, 0.0])
     a, b = np.argsort(-als.score(unseen), axis=1), np.argsort(-blend.score(unseen), axis=1)
     assert (a[:, :5] == b[:, :5]).mean() > 0.99

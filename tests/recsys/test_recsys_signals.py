@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import FAST_PARAMS
 
 from recsys.base import Recommender, make_recommender
 from recsys.interactions import PatientStates
@@ -14,8 +13,8 @@ from recsys.signals import peer_signals, self_signals, top_k, unit_rows
 
 
 @pytest.fixture(scope="module")
-def model(train: PatientStates) -> Recommender:
-    return make_recommender("lightfm", **FAST_PARAMS["lightfm"]).fit(train)
+def model(train: PatientStates, fast_params: dict[str, dict[str, object]]) -> Recommender:
+    return make_recommender("lightfm", **fast_params["lightfm"]).fit(train)
 
 
 def test_top_k_orders_by_score_then_lower_index() -> None:
