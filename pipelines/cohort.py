@@ -26,7 +26,6 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import pyarrow.parquet as pq
 
 from pipelines.schemas import ENCOUNTERS, EVENTS, NOTES, PATIENTS, QUARANTINE
@@ -213,10 +212,3 @@ def prepare_default_cohort(workspace: Workspace, split_seed: int = 0) -> dict[st
         input_description=f"default cohort ({prov.get('command', 'snapshot')})",
         split_seed=split_seed,
     )
-
-
-def frames_equal(a: pd.DataFrame, b: pd.DataFrame) -> bool:
-    """True when two tables hold the same rows in the same order (dtype-tolerant)."""
-    if list(a.columns) != list(b.columns) or len(a) != len(b):
-        return False
-    return bool((a.astype(str).to_numpy() == b.astype(str).to_numpy()).all())

@@ -16,8 +16,6 @@ from typing import Any
 
 import pandas as pd
 
-from pipelines.schemas import ENCOUNTERS, EVENTS, NOTES, PATIENTS, QUARANTINE
-
 #: Salt of the patient pseudonyms. Set PMLM_PSEUDONYM_SALT to a secret of the
 #: hospital's own so that pseudonyms cannot be recomputed from source ids.
 DEFAULT_SALT = "pmlm"
@@ -86,14 +84,3 @@ class SourceTables:
 def frame(rows: list[dict[str, Any]], schema_names: list[str]) -> pd.DataFrame:
     """A frame with exactly ``schema_names`` as columns, even when ``rows`` is empty."""
     return pd.DataFrame(rows, columns=schema_names)
-
-
-def empty_tables(source: str) -> SourceTables:
-    return SourceTables(
-        patients=frame([], PATIENTS.names),
-        encounters=frame([], ENCOUNTERS.names),
-        events=frame([], EVENTS.names),
-        notes=frame([], NOTES.names),
-        quarantine=frame([], QUARANTINE.names),
-        summary=IngestSummary(source=source),
-    )
