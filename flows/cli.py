@@ -254,7 +254,7 @@ def run_cmd(
     client = LLMClient(backend, workspace=ws)
     settings = EvalSettings(n_obstetric=n_eval, n_adult=n_eval, n_calibration=2 * n_eval)
     result = evaluate_methods(
-        ws, client, tables, signals, settings=settings, progress=lambda m: console.print(f"  {m}")
+        client, tables, signals, settings=settings, progress=lambda m: console.print(f"  {m}")
     )
     report = write_evaluation(ws, result, client)
     console.print(markdown_table(result.table), markup=False)

@@ -143,7 +143,7 @@ def evaluate_cmd(
         n_obstetric=n_obstetric, n_adult=n_adult, n_calibration=n_calibration, seed=seed
     )
     result = evaluate_methods(
-        ws, client, load_tables(ws), signal_source(ws), chosen, settings, progress=console.print
+        client, load_tables(ws), signal_source(ws), chosen, settings, progress=console.print
     )
     report = write_evaluation(ws, result, client)
     console.print(markdown_table(result.table), markup=False)

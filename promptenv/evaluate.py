@@ -23,7 +23,6 @@ import numpy as np
 import pandas as pd
 
 from pipelines.index import ContextStore
-from pipelines.workspace import Workspace
 from promptenv.fragments import PatientSignals
 from promptenv.llm import GenerationParams, GenerationRequest, LLMClient
 from promptenv.prompts import INITIAL_CONFIG, METHODS, Prompt, PromptConfig, method_prompt
@@ -228,25 +227,19 @@ class Evaluation:
 
 
 def evaluate_methods(
-    workspace: Workspace,
     client: LLMClient,
     tables: Mapping[str, pd.DataFrame],
     signals_for: Callable[[Sequence[str]], Mapping[str, PatientSignals]],
     methods: Sequence[str] = METHODS,
     settings: EvalSettings | None = None,
     config: PromptConfig = INITIAL_CONFIG,
-    extra_prompts: Callable[
-        [ContextStore, pd.DataFrame, Mapping[str, PatientSignals]], list[tuple[str, Prompt, int]]
-    ]
-    | None = None,
     progress: Progress | None = None,
 ) -> Evaluation:
     """Run every method on the same chosen test encounters with the same LLM; score and aggregate.
 
     ``signals_for(encounter_ids)`` returns the recommender's signals (see
-    `promptenv.signals.signals_for`). ``extra_prompts`` may add methods whose
-    prompts cost LLM calls of their own (per-patient search): it returns
-    (encounter_id, prompt, llm_calls_spent) triples.
+    `promptenv.signals.signals_for`). ``llm_calls`` counts the calls a method
+    spends to build one prompt (none for these methods: one call answers it).
     """
     settings = settings or EvalSettings()
     say = progress or (lambda _m: None)
@@ -279,8 +272,6 @@ def evaluate_methods(
     say(f"threshold {scorer.threshold}; computing signals for {len(chosen)} test encounters")
     signals = signals_for(list(chosen["encounter_id"]))
     prompts = [(e, p, 0) for e, p in build_prompts(store, chosen, signals, refs, methods, config)]
-    if extra_prompts is not None:
-        prompts.extend(extra_prompts(store, chosen, signals))
     say(f"asking {client.label} for {len(prompts)} answers ({len(chosen)} encounters × methods)")
     completions = client.generate_many(
         [GenerationRequest(p.system, p.user, settings.params) for _, p, _ in prompts],
