@@ -521,7 +521,11 @@ SORT_KEYS: dict[str, list[str]] = {
 
 def sorted_tables(t: SourceTables) -> SourceTables:
     """Events' ``recorded_time``, and the canonical row order (by patient and time),
-    so that reruns give identical files. Every source reader ends with this."""
+    so that reruns give identical files. Every source reader ends with this.
+
+    ``t`` is updated in place and returned: each table is replaced by its sorted
+    copy one at a time, so at most one extra copy is alive (memory).
+    """
     events = t.events
     recorded = events["time"].astype("datetime64[us, UTC]")
     if len(events):
@@ -530,22 +534,14 @@ def sorted_tables(t: SourceTables) -> SourceTables:
             "datetime64[us, UTC]"
         )
         recorded = recorded.where(starts.isna() | (recorded >= starts), starts)
-    t.events = events.assign(recorded_time=recorded)
-
-    def srt(name: str) -> pd.DataFrame:
+    events["recorded_time"] = recorded
+    del events, recorded
+    for name in SORT_KEYS:
         df: pd.DataFrame = getattr(t, name)
-        return df.sort_values(SORT_KEYS[name], kind="stable", na_position="first").reset_index(
-            drop=True
-        )
-
-    return SourceTables(
-        patients=srt("patients"),
-        encounters=srt("encounters"),
-        events=srt("events"),
-        notes=srt("notes"),
-        quarantine=srt("quarantine"),
-        summary=t.summary,
-    )
+        setattr(t, name, None)
+        df = df.sort_values(SORT_KEYS[name], kind="stable", na_position="first")
+        setattr(t, name, df.reset_index(drop=True))
+    return t
 
 
 def read_fhir_folder(
@@ -562,12 +558,16 @@ def read_fhir_folder(
     workers = min(workers or os.cpu_count() or 1, len(files))
     if workers <= 1 or len(files) < 8:
         return sorted_tables(_read_chunk(files, salt))
-    # Contiguous chunks keep the first occurrence of a duplicate id in the first file.
-    bounds = [round(i * len(files) / workers) for i in range(workers + 1)]
-    chunks = [files[bounds[i] : bounds[i + 1]] for i in range(workers)]
+    # Small contiguous chunks, merged in file order: a worker holds one chunk's
+    # tables at a time (memory), and the first occurrence of a duplicate id wins.
+    chunks = [files[i : i + CHUNK_FILES] for i in range(0, len(files), CHUNK_FILES)]
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        parts = list(pool.map(_read_chunk, chunks, [salt] * workers))
+        parts = list(pool.map(_read_chunk, chunks, [salt] * len(chunks)))
     return _merge(parts)
+
+
+#: Bundles per task of a reader process (~3 MB each as Synthea writes them).
+CHUNK_FILES = 16
 
 
 def _merge(parts: list[SourceTables]) -> SourceTables:
@@ -581,10 +581,11 @@ def _merge(parts: list[SourceTables]) -> SourceTables:
         summary.quarantined += ps.quarantined
         summary.skipped_by_type.update(ps.skipped_by_type)
         summary.kept_by_type.update(ps.kept_by_type)
-    merged = {
-        name: pd.concat([getattr(p, name) for p in parts], ignore_index=True)
-        for name in ("patients", "encounters", "events", "notes", "quarantine")
-    }
+    merged = {}
+    for name in ("patients", "encounters", "events", "notes", "quarantine"):
+        merged[name] = pd.concat([getattr(p, name) for p in parts], ignore_index=True)
+        for p in parts:  # free each chunk's copy as soon as it is merged
+            setattr(p, name, None)
     # Ids repeated across chunks: keep the first, quarantine the rest.
     extra_quarantine: list[dict[str, Any]] = []
     for name, key, rtype in (
@@ -634,13 +635,6 @@ def _merge(parts: list[SourceTables]) -> SourceTables:
             [merged["quarantine"], pd.DataFrame(extra_quarantine, columns=QUARANTINE.names)],
             ignore_index=True,
         )
-    return sorted_tables(
-        SourceTables(
-            patients=merged["patients"],
-            encounters=merged["encounters"],
-            events=merged["events"],
-            notes=merged["notes"],
-            quarantine=merged["quarantine"],
-            summary=summary,
-        )
-    )
+    tables = SourceTables(summary=summary, **merged)
+    del merged, parts, df
+    return sorted_tables(tables)

@@ -130,7 +130,9 @@ def _obstetric_flags(idx: pd.DataFrame, enc: pd.DataFrame, events: pd.DataFrame)
         flags |= idx["encounter_id"].isin(during["encounter_id"]).to_numpy()
     text = enc["type_display"].fillna("") + " " + enc["reason_display"].fillna("")
     ob_enc = set(enc.loc[text.str.contains(OBSTETRIC_PATTERN), "encounter_id"])
-    ev = events[events["encounter_id"].notna() & events["display"].notna()]
+    ev = events.loc[
+        events["encounter_id"].notna() & events["display"].notna(), ["encounter_id", "display"]
+    ]
     ob_enc |= set(ev.loc[ev["display"].str.contains(OBSTETRIC_PATTERN), "encounter_id"])
     flags |= idx["encounter_id"].isin(ob_enc).to_numpy()
     return flags

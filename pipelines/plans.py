@@ -145,6 +145,10 @@ def normalize_display(display: str) -> str:
     return " ".join(display.lower().split())
 
 
+#: Event kinds whose displays split inline lists ("given the following immunizations: a, b.").
+INLINE_KINDS = ("immunization", "medication")
+
+
 def plans_from_notes(
     notes: pd.DataFrame, events: pd.DataFrame
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -152,62 +156,38 @@ def plans_from_notes(
 
     Returns (reference_plans, plan_items) frames with the canonical columns. A
     note whose plan lists no order ("No orders placed at this visit.") gives a
-    plan with ``n_items == 0``.
+    plan with ``n_items == 0``; an encounter with several notes keeps its first.
+    Items are resolved to codes with one merge against the encounter's events
+    (memory stays proportional to the events, not to Python objects per event).
     """
-    coded = events.dropna(subset=["encounter_id", "display"])
-    coded = coded[coded["kind"].isin(list(RESOLVES_TO["other"]))]
-    # encounter → (kind, normalized display) → (system, code); encounter → kind → displays
-    lookups: dict[str, dict[tuple[str, str], tuple[str | None, str | None]]] = {}
+    coded = events.loc[
+        events["encounter_id"].notna()
+        & events["display"].notna()
+        & events["kind"].isin(list(RESOLVES_TO["other"])),
+        ["encounter_id", "kind", "display", "code_system", "code"],
+    ]
     knowns: dict[str, dict[str, list[str]]] = {}
-    for eid, kind, display, system, code in zip(
-        coded["encounter_id"].tolist(),
-        coded["kind"].tolist(),
-        coded["display"].tolist(),
-        coded["code_system"].tolist(),
-        coded["code"].tolist(),
+    inline = coded[coded["kind"].isin(list(INLINE_KINDS))]
+    for eid, kind, display in zip(
+        inline["encounter_id"].tolist(),
+        inline["kind"].tolist(),
+        inline["display"].tolist(),
         strict=True,
     ):
-        lookups.setdefault(eid, {}).setdefault((kind, normalize_display(display)), (system, code))
         knowns.setdefault(eid, {}).setdefault(kind, []).append(display)
+
     plan_rows: list[dict[str, object]] = []
-    item_rows: list[dict[str, object]] = []
+    raw: list[tuple[int, str, str, int, str, str]] = []
+    seen_encounters: set[str] = set()
     with_encounter = notes.dropna(subset=["encounter_id"]).sort_values(["time", "note_id"])
     for note in with_encounter.itertuples(index=False):
-        lookup = lookups.get(note.encounter_id, {})
-        known = knowns.get(note.encounter_id, {})
-        plan = parse_plan(note.text, known)
+        if note.encounter_id in seen_encounters:
+            continue
+        plan = parse_plan(note.text, knowns.get(note.encounter_id, {}))
         if not plan.text:
             continue
-        position = 0
-        seen_keys: set[str] = set()
-        for kind, display in plan.items:
-            norm = normalize_display(display)
-            resolved = next(
-                (lookup[(k, norm)] for k in RESOLVES_TO.get(kind, (kind,)) if (k, norm) in lookup),
-                None,
-            )
-            if resolved is not None and resolved[0] and resolved[1]:
-                system, code = resolved
-                key = f"{system}|{code}"
-            else:
-                system = code = None
-                key = f"text|{norm}"
-            if key in seen_keys:
-                continue
-            seen_keys.add(key)
-            item_rows.append(
-                {
-                    "encounter_id": note.encounter_id,
-                    "patient_id": note.patient_id,
-                    "position": position,
-                    "kind": kind,
-                    "item_key": key,
-                    "code_system": system,
-                    "code": code,
-                    "display": display,
-                }
-            )
-            position += 1
+        seen_encounters.add(note.encounter_id)
+        n = len(plan_rows)
         plan_rows.append(
             {
                 "encounter_id": note.encounter_id,
@@ -215,15 +195,46 @@ def plans_from_notes(
                 "time": note.time,
                 "plan_source": "note",
                 "plan_text": plan.text,
-                "n_items": position,
             }
         )
-    plans = pd.DataFrame(plan_rows, columns=REFERENCE_PLANS.names)
-    # One plan per encounter: an encounter with several notes keeps its first.
-    plans = plans.drop_duplicates("encounter_id", keep="first")
-    items = pd.DataFrame(item_rows, columns=PLAN_ITEMS.names)
-    items = items[items["encounter_id"].isin(plans["encounter_id"])]
-    return plans.reset_index(drop=True), items.reset_index(drop=True)
+        raw.extend(
+            (n, note.encounter_id, note.patient_id, j, kind, d)
+            for j, (kind, d) in enumerate(plan.items)
+        )
+    plans = pd.DataFrame(plan_rows, columns=[c for c in REFERENCE_PLANS.names if c != "n_items"])
+    items = pd.DataFrame(
+        raw, columns=["plan", "encounter_id", "patient_id", "order", "kind", "display"]
+    )
+    items["norm"] = items["display"].map(normalize_display)
+
+    # Resolve: the first event kind (in RESOLVES_TO order) with the same display wins.
+    ranks = pd.DataFrame(
+        [(k, ek, r) for k, eks in RESOLVES_TO.items() for r, ek in enumerate(eks)],
+        columns=["kind", "event_kind", "rank"],
+    )
+    wanted = coded[coded["encounter_id"].isin(seen_encounters)]
+    wanted = wanted.assign(norm=wanted["display"].map(normalize_display))
+    wanted = wanted.drop_duplicates(["encounter_id", "kind", "norm"], keep="first")
+    wanted = wanted.rename(columns={"kind": "event_kind"})[
+        ["encounter_id", "event_kind", "norm", "code_system", "code"]
+    ]
+    candidates = (
+        items.reset_index()
+        .merge(ranks, on="kind")
+        .merge(wanted, on=["encounter_id", "event_kind", "norm"], how="inner")
+    )
+    best = candidates.sort_values(["index", "rank"]).drop_duplicates("index").set_index("index")
+    system = best["code_system"].reindex(items.index)
+    code = best["code"].reindex(items.index)
+    resolved = system.notna() & code.notna() & (system != "") & (code != "")
+    items["code_system"] = system.where(resolved)
+    items["code"] = code.where(resolved)
+    items["item_key"] = (system + "|" + code).where(resolved, "text|" + items["norm"])
+    items = items.sort_values(["plan", "order"]).drop_duplicates(["plan", "item_key"], keep="first")
+    items["position"] = items.groupby("plan").cumcount().astype("int32")
+    counts = items.groupby("plan").size()
+    plans["n_items"] = counts.reindex(range(len(plans)), fill_value=0).astype("int32").to_numpy()
+    return plans[REFERENCE_PLANS.names], items[PLAN_ITEMS.names].reset_index(drop=True)
 
 
 def plans_from_orders(
