@@ -23,11 +23,22 @@ import numpy as np
 import pandas as pd
 
 from pipelines.index import ContextStore
+from promptenv.editing import build_cases
+from promptenv.env import AnswerReward, EditMethod
 from promptenv.fragments import PatientSignals
 from promptenv.llm import GenerationParams, GenerationRequest, LLMClient
-from promptenv.prompts import INITIAL_CONFIG, METHODS, Prompt, PromptConfig, method_prompt
+from promptenv.prompts import (
+    INITIAL_CONFIG,
+    METHODS,
+    Prompt,
+    PromptConfig,
+    assemble,
+    method_prompt,
+)
 from promptenv.reward import DEFAULT_THRESHOLD, PlanScorer, choose_threshold
 
+#: Table order: the prompt methods, then the edit methods of `promptenv.search`.
+METHOD_ORDER = (*METHODS, "random_edits", "pmlm", "search_4", "search_16")
 #: Generation settings of every evaluation call (cached by the client).
 EVAL_PARAMS = GenerationParams(max_tokens=128, temperature=0.0, seed=0)
 SUBSETS = ("obstetric", "adult")
@@ -210,9 +221,11 @@ def aggregate(results: pd.DataFrame, settings: EvalSettings) -> pd.DataFrame:
             row["output_tokens"] = int(g["output_tokens"].sum())
             rows.append(row)
     table = pd.DataFrame(rows)
-    order = {m: i for i, m in enumerate(METHODS)}
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
     return table.sort_values(
-        ["subset", "method"], key=lambda s: s.map(order) if s.name == "method" else s
+        ["subset", "method"],
+        key=lambda s: s.map(lambda m: order.get(m, len(order))) if s.name == "method" else s,
+        kind="stable",
     ).reset_index(drop=True)
 
 
@@ -234,18 +247,26 @@ def evaluate_methods(
     settings: EvalSettings | None = None,
     config: PromptConfig = INITIAL_CONFIG,
     progress: Progress | None = None,
+    edit_methods: Mapping[str, EditMethod] | None = None,
 ) -> Evaluation:
     """Run every method on the same chosen test encounters with the same LLM; score and aggregate.
 
     ``signals_for(encounter_ids)`` returns the recommender's signals (see
-    `promptenv.signals.signals_for`). ``llm_calls`` counts the calls a method
-    spends to build one prompt (none for these methods: one call answers it).
+    `promptenv.signals.signals_for`). ``edit_methods`` adds methods that choose
+    a config per encounter by edits (`promptenv.search`: the policy, random
+    edits, per-patient search), each under its own name. ``llm_calls`` counts
+    the calls a method spends to build one prompt (0 for all but per-patient
+    search); one more call answers it (free for search: its best answer is cached).
     """
     settings = settings or EvalSettings()
     say = progress or (lambda _m: None)
+    edit_methods = dict(edit_methods or {})
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
+    clash = sorted(set(edit_methods) & set(METHODS))
+    if clash:
+        raise ValueError(f"edit method names {clash} clash with the prompt methods")
     index = tables["index_encounters"]
     chosen = pick_encounters(index, settings)
     if chosen.empty:
@@ -272,6 +293,21 @@ def evaluate_methods(
     say(f"threshold {scorer.threshold}; computing signals for {len(chosen)} test encounters")
     signals = signals_for(list(chosen["encounter_id"]))
     prompts = [(e, p, 0) for e, p in build_prompts(store, chosen, signals, refs, methods, config)]
+    if edit_methods:
+        cases = build_cases(tables, chosen, lambda _ids: signals, refs, store)
+        reward = AnswerReward(client, scorer, settings.params)
+        for name, choose in edit_methods.items():
+            say(f"{name}: choosing a prompt for each of {len(cases)} encounters")
+            for case, choice in zip(cases, choose(cases, reward), strict=True):
+                p = assemble(case.context, case.signals, choice.config, name)
+                provenance = {**p.provenance, "edits": list(choice.trace), **choice.extra}
+                prompts.append(
+                    (
+                        case.encounter_id,
+                        Prompt(name, p.system, p.user, p.tokens, p.config, provenance),
+                        choice.llm_calls,
+                    )
+                )
     say(f"asking {client.label} for {len(prompts)} answers ({len(chosen)} encounters × methods)")
     completions = client.generate_many(
         [GenerationRequest(p.system, p.user, settings.params) for _, p, _ in prompts],

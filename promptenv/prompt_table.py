@@ -11,6 +11,9 @@ Which encounters (``which``):
 - ``latest``: each patient's most recent index encounter — her current prompt;
 - ``test``: every test-split index encounter;
 - ``all``: every index encounter.
+
+Methods: those of `promptenv.prompts.METHODS` except ``oracle``, and ``pmlm``
+(the initial prompt refined by the trained policy, `promptenv.policy`).
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ import pyarrow as pa
 
 from pipelines.index import ContextStore
 from pipelines.workspace import Workspace
+from promptenv.editing import build_cases
 from promptenv.fragments import PatientSignals
-from promptenv.prompts import INITIAL_CONFIG, PromptConfig, method_prompt
+from promptenv.policy import Policy
+from promptenv.prompts import INITIAL_CONFIG, Prompt, PromptConfig, method_prompt
 
 PROMPT_TABLE = "prompts"
 PROMPTS_SCHEMA = pa.schema(
@@ -63,24 +68,37 @@ def build_prompt_table(
     signals_for: Callable[[Sequence[str]], Mapping[str, PatientSignals]],
     which: Which = "latest",
     config: PromptConfig = INITIAL_CONFIG,
+    policy: Policy | None = None,
 ) -> pd.DataFrame:
-    """Prompts of ``methods`` for the chosen encounters (oracle prompts are not built: they need the answer)."""
+    """Prompts of ``methods`` for the chosen encounters (oracle prompts are not built: they need the answer).
+
+    The method ``pmlm`` is the initial prompt refined by ``policy`` (no LLM
+    call); its provenance carries the policy version and the edit trace.
+    """
     if "oracle" in methods:
         raise ValueError(
             "the oracle prompt lists the true next plan: it is for evaluation only, not for the prompt table"
         )
+    if "pmlm" in methods and policy is None:
+        raise ValueError(
+            "the pmlm method needs a trained policy: run `pmlm policy train` and pass it"
+        )
     chosen = choose_encounters(tables["index_encounters"], which)
     ids = list(chosen["encounter_id"])
     store = ContextStore(dict(tables), only_encounters=ids)
-    needs_signals = any(m in ("self", "peer", "pmlm_initial") for m in methods)
+    needs_signals = any(m in ("self", "peer", "pmlm_initial", "pmlm") for m in methods)
     signals = signals_for(ids) if needs_signals else {}
+    refined: dict[str, Prompt] = {}
+    if "pmlm" in methods and policy is not None:
+        cases = build_cases(tables, chosen, lambda _ids: signals, None, store)
+        refined = {c.encounter_id: p for c, p in zip(cases, policy.prompts(cases), strict=True)}
     now = datetime.now(UTC)
     rows = []
     for eid in ids:
         ctx = store.context(eid)
         sig = signals.get(eid, PatientSignals())
         for method in methods:
-            p = method_prompt(method, ctx, sig, (), config)
+            p = refined[eid] if method == "pmlm" else method_prompt(method, ctx, sig, (), config)
             rows.append(
                 {
                     "encounter_id": eid,

@@ -1,0 +1,161 @@
+"""Methods that choose a prompt config per patient by edits, compared in `pmlm evaluate`.
+
+Each is an `EditMethod`: given the evaluation's cases and its `AnswerReward`
+(the evaluation's LLM and calibrated scorer), it returns one `EditChoice` per
+case: the final config, the edit trace, and the LLM calls it spent to choose.
+
+- `PolicyEdits` ("pmlm"): the trained policy; no LLM call.
+- `RandomEdits` ("random_edits"): the same number of uniformly drawn valid
+  edits as the policy made for that case (or a fixed number); no LLM call.
+- `PerPatientSearch` ("search_N"): black-box random search with N LLM calls per
+  patient: the initial config and N − 1 random edit sequences (1 to
+  ``max_edits`` edits, seeded per encounter) are each answered and scored
+  against THIS patient's physician plan; the best is kept. It therefore sees
+  the reference it is scored on: an optimistic, expensive comparison point (the
+  cost a per-patient optimiser pays), not a deployable method. Search with 4
+  calls tries the first 4 of the 16 candidates of search with 16 calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from promptenv.editing import EditCase, random_edits
+from promptenv.env import AnswerReward, EditChoice, EditMethod
+from promptenv.policy import Policy
+from promptenv.prompts import INITIAL_CONFIG, PromptConfig
+
+
+def case_seed(encounter_id: str, seed: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{encounter_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+@dataclass(frozen=True)
+class PolicyEdits:
+    policy: Policy
+
+    def __call__(self, cases: Sequence[EditCase], reward: AnswerReward) -> list[EditChoice]:
+        return [
+            EditChoice(cfg, tuple(trace), 0, {"policy": self.policy.version})
+            for cfg, trace in self.policy.edit_many(cases)
+        ]
+
+
+@dataclass(frozen=True)
+class RandomEdits:
+    """Random valid edits: as many as ``like`` (a policy) made for the case, else ``n_edits``."""
+
+    n_edits: int = 3
+    like: Policy | None = None
+    seed: int = 0
+
+    def __call__(self, cases: Sequence[EditCase], reward: AnswerReward) -> list[EditChoice]:
+        counts = (
+            [len(t) for _, t in self.like.edit_many(cases)]
+            if self.like is not None
+            else [self.n_edits] * len(cases)
+        )
+        out = []
+        for case, n in zip(cases, counts, strict=True):
+            rng = np.random.default_rng(case_seed(case.encounter_id, self.seed))
+            cfg, trace = random_edits(INITIAL_CONFIG, n, rng)
+            out.append(EditChoice(cfg, tuple(trace), 0))
+        return out
+
+
+@dataclass(frozen=True)
+class PerPatientSearch:
+    """Random search over edit sequences with ``n_calls`` LLM answers per patient (see module doc)."""
+
+    n_calls: int
+    max_edits: int = 6
+    seed: int = 0
+    concurrency: int = 1
+
+    def candidates(self, case: EditCase) -> list[tuple[PromptConfig, tuple[str, ...]]]:
+        rng = np.random.default_rng(case_seed(case.encounter_id, self.seed + 1))
+        out: list[tuple[PromptConfig, tuple[str, ...]]] = [(INITIAL_CONFIG, ())]
+        seen = {INITIAL_CONFIG}
+        attempts = 0
+        while len(out) < self.n_calls and attempts < 50 * self.n_calls:
+            attempts += 1
+            n = int(rng.integers(1, self.max_edits + 1))
+            cfg, trace = random_edits(INITIAL_CONFIG, n, rng)
+            if cfg not in seen:
+                seen.add(cfg)
+                out.append((cfg, tuple(trace)))
+        return out
+
+    def __call__(self, cases: Sequence[EditCase], reward: AnswerReward) -> list[EditChoice]:
+        plans = [self.candidates(c) for c in cases]
+        pairs = [(c, cfg) for c, cands in zip(cases, plans, strict=True) for cfg, _ in cands]
+        answered = iter(reward.answer_many(pairs, concurrency=self.concurrency))
+        out = []
+        for cands in plans:
+            rewards = [next(answered).score.reward for _ in cands]
+            best = int(np.argmax(rewards))
+            cfg, trace = cands[best]
+            out.append(
+                EditChoice(
+                    cfg,
+                    trace,
+                    len(cands),
+                    {"search_best_reward": rewards[best], "search_candidates": len(cands)},
+                )
+            )
+        return out
+
+
+EDIT_METHODS = ("pmlm", "random_edits", "search_4", "search_16")
+
+
+def is_edit_method(name: str) -> bool:
+    """``pmlm``, ``random_edits`` or ``search_N`` (N ≥ 1 LLM calls per patient)."""
+    if name in ("pmlm", "random_edits"):
+        return True
+    prefix, _, n = name.partition("_")
+    return prefix == "search" and n.isdigit() and int(n) >= 1
+
+
+def edit_methods(
+    names: Sequence[str], policy: Policy | None, max_edits: int = 6, seed: int = 0
+) -> dict[str, EditMethod]:
+    """The edit methods ``names`` (see `is_edit_method`); ``pmlm`` needs a policy.
+
+    ``random_edits`` makes as many edits per case as the policy does when there
+    is one, else 3; search draws up to ``max_edits`` edits per candidate.
+    """
+    out: dict[str, EditMethod] = {}
+    for name in names:
+        if not is_edit_method(name):
+            raise ValueError(f"{name!r} is not an edit method (pmlm, random_edits, search_N)")
+        if name == "pmlm":
+            if policy is None:
+                raise ValueError("method pmlm needs a trained policy: run `pmlm policy train`")
+            out[name] = PolicyEdits(policy)
+        elif name == "random_edits":
+            out[name] = RandomEdits(like=policy, seed=seed)
+        else:
+            n = int(name.partition("_")[2])
+            out[name] = PerPatientSearch(
+                n, policy.max_edits if policy else max_edits, seed=seed
+            )
+    return out
+
+
+__all__ = [
+    "EDIT_METHODS",
+    "EditChoice",
+    "EditMethod",
+    "PerPatientSearch",
+    "PolicyEdits",
+    "RandomEdits",
+    "case_seed",
+    "edit_methods",
+    "is_edit_method",
+]

@@ -1,0 +1,160 @@
+"""The prompt-editing environment: gymnasium/SB3 checks, seeding, masks, the edit space."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+from echo_llm import history_signals
+from stable_baselines3.common.env_checker import check_env
+
+from promptenv.editing import (
+    EDITS,
+    K_LADDER,
+    N_EDITS,
+    STOP,
+    EditCase,
+    apply_edit,
+    build_cases,
+    edit_mask,
+    random_edits,
+)
+from promptenv.env import PromptEditEnv
+from promptenv.prompts import INITIAL_CONFIG, PromptConfig, assemble
+
+
+def action(label: str) -> int:
+    return next(i for i, e in enumerate(EDITS) if e.label == label)
+
+
+@pytest.fixture(scope="module")
+def cases(default_tables: dict[str, pd.DataFrame]) -> list[EditCase]:
+    idx = default_tables["index_encounters"]
+    train = idx[idx["split"] == "train"]
+    rows = pd.concat(
+        [train[train["is_obstetric"]].sample(4, random_state=1), train.sample(4, random_state=2)]
+    )
+    return build_cases(default_tables, rows, history_signals(default_tables))  # type: ignore[arg-type]
+
+
+def words_reward(case: EditCase, config: PromptConfig) -> float:
+    """A cheap reward that depends on the prompt text (no LLM): fewer words, more reward."""
+    return -len(assemble(case.context, case.signals, config).system.split()) / 400
+
+
+def test_environment_passes_the_sb3_checker(cases: list[EditCase]) -> None:
+    check_env(PromptEditEnv(cases, words_reward), warn=True)
+
+
+def test_features_are_bounded_and_differ_between_patients(cases: list[EditCase]) -> None:
+    feats = np.stack([c.features for c in cases])
+    assert feats.min() >= 0.0 and feats.max() <= 1.0
+    assert len({f.tobytes() for f in feats}) == len(cases)
+
+
+def rollout(env: PromptEditEnv, seed: int, pick: Callable[[np.ndarray], int]) -> list[tuple]:
+    obs, info = env.reset(seed=seed)
+    out: list[tuple] = [(obs.tobytes(), info["encounter_id"])]
+    done = False
+    while not done:
+        a = pick(env.action_masks())
+        obs, reward, done, truncated, info = env.step(a)
+        out.append((a, obs.tobytes(), reward, done, truncated))
+    return out
+
+
+def test_same_seed_same_episodes(cases: list[EditCase]) -> None:
+    def runs(seed: int) -> list[list[tuple]]:
+        env = PromptEditEnv(cases, words_reward, max_edits=4)
+        rng = np.random.default_rng(seed)
+        pick = lambda m: int(rng.choice(np.flatnonzero(m)))  # noqa: E731
+        return [rollout(env, seed + i, pick) for i in range(6)]
+
+    assert runs(3) == runs(3)
+    assert runs(3) != runs(4)
+
+
+def test_masks_rule_out_invalid_edits() -> None:
+    mask = edit_mask(INITIAL_CONFIG)
+    assert mask[STOP]
+    assert not mask[action("add profile")] and mask[action("remove profile")]
+    assert mask[action("add encounters")] and not mask[action("remove encounters")]
+    assert not mask[action("more encounters")] and not mask[action("fewer encounters")]
+    one = replace(INITIAL_CONFIG, fragments=("peer",))
+    assert not edit_mask(one)[action("remove peer")]
+    top = INITIAL_CONFIG.with_k("self", K_LADDER[-1])
+    assert not edit_mask(top)[action("more self")] and edit_mask(top)[action("fewer self")]
+    for i in np.flatnonzero(~mask):
+        with pytest.raises(ValueError, match="not valid"):
+            apply_edit(INITIAL_CONFIG, int(i))
+
+
+def test_edits_keep_the_canonical_order_and_the_k_ladder() -> None:
+    cfg = apply_edit(INITIAL_CONFIG, action("remove problems"))
+    assert "problems" not in cfg.fragments
+    back = apply_edit(cfg, action("add problems"))
+    assert back.fragments == INITIAL_CONFIG.fragments
+    assert apply_edit(INITIAL_CONFIG, action("more peer")).k_peer == 8  # 6 is off the ladder
+    assert apply_edit(INITIAL_CONFIG, action("fewer peer")).k_peer == 5
+    switched = apply_edit(INITIAL_CONFIG, action("style"))
+    assert (
+        switched.style == "explanation" and apply_edit(switched, action("style")) == INITIAL_CONFIG
+    )
+    cfg, trace = random_edits(INITIAL_CONFIG, 5, np.random.default_rng(0))
+    assert len(trace) == 5 and "stop" not in trace
+
+
+def test_episode_ends_at_the_edit_limit_and_only_stop_is_left(cases: list[EditCase]) -> None:
+    env = PromptEditEnv(cases, words_reward, max_edits=2)
+    env.reset(seed=0)
+    _, r1, done1, _, _ = env.step(action("remove problems"))
+    assert (r1, done1) == (0.0, False)
+    _, r2, done2, _, info = env.step(action("remove medications"))
+    assert done2 and info["edits"] == ["remove problems", "remove medications"]
+    # the relative reward is the final reward minus the initial prompt's
+    assert r2 == pytest.approx(info["final_reward"] - info["initial_reward"])
+    assert r2 > 0  # a shorter prompt under words_reward
+    env.reset(seed=0)
+    env.step(action("remove problems"))
+    env.edits = env.max_edits
+    assert env.action_masks().tolist() == [i == STOP for i in range(N_EDITS)]
+
+
+def test_a_masked_action_changes_nothing(cases: list[EditCase]) -> None:
+    env = PromptEditEnv(cases, words_reward, max_edits=3)
+    env.reset(seed=1)
+    before = env.config
+    env.step(action("add profile"))  # already in: masked
+    assert env.config == before and env.edits == 1
+
+
+def test_maskable_ppo_never_picks_a_masked_edit(cases: list[EditCase]) -> None:
+    from sb3_contrib import MaskablePPO
+
+    env = PromptEditEnv(cases, words_reward, max_edits=4)
+    model = MaskablePPO("MlpPolicy", env, n_steps=32, batch_size=16, seed=0, device="cpu")
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        cfg, _ = random_edits(INITIAL_CONFIG, int(rng.integers(0, 6)), rng)
+        mask = edit_mask(cfg)
+        obs = rng.random(env.observation_space.shape).astype(np.float32)
+        a, _ = model.predict(obs, action_masks=mask, deterministic=False)
+        assert mask[int(a)]
+
+
+def test_sequential_mode_visits_every_case_in_order(cases: list[EditCase]) -> None:
+    env = PromptEditEnv(cases, words_reward, sequential=True)
+    seen = [env.reset()[1]["encounter_id"] for _ in range(len(cases) * 2)]
+    ids = [c.encounter_id for c in cases]
+    assert seen == ids + ids
+
+
+def test_environment_rejects_bad_cases(cases: list[EditCase]) -> None:
+    with pytest.raises(ValueError, match="at least one case"):
+        PromptEditEnv([], words_reward)
+    bad = replace(cases[0], features=cases[0].features[:5])
+    with pytest.raises(ValueError, match="wrong size"):
+        PromptEditEnv([bad], words_reward)

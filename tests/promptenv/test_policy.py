@@ -1,0 +1,247 @@
+"""Policy training (short, in CI), saving, applying with no LLM call, and the edit-method comparisons.
+
+The LLM is `EchoBackend` (answers with the prompt's bullet lines), so a few
+hundred PPO steps take seconds and every reward is reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from echo_llm import EchoBackend, history_signals
+
+from promptenv.editing import build_cases
+from promptenv.env import AnswerReward
+from promptenv.evaluate import EvalSettings, evaluate_methods
+from promptenv.llm import LLMClient
+from promptenv.policy import (
+    PolicySettings,
+    TrainedPolicy,
+    calls_to_final,
+    load_policy,
+    pick_training_encounters,
+    train_policy,
+)
+from promptenv.prompt_table import build_prompt_table
+from promptenv.prompts import INITIAL_CONFIG
+from promptenv.reward import PlanScorer
+from promptenv.search import PerPatientSearch, RandomEdits, edit_methods, is_edit_method
+
+SHORT = PolicySettings(
+    n_train=16,
+    n_validation=6,
+    timesteps=384,
+    n_steps=64,
+    batch_size=32,
+    n_epochs=5,
+    eval_freq=128,
+    n_calibration=6,
+    max_llm_calls=10_000,
+)
+
+
+@pytest.fixture(scope="module")
+def trained(
+    default_tables: dict[str, pd.DataFrame], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[TrainedPolicy, LLMClient, EchoBackend]:
+    backend = EchoBackend()
+    client = LLMClient(backend, workspace=tmp_path_factory.mktemp("ws"))
+    folder = tmp_path_factory.mktemp("policy")
+    result = train_policy(
+        client,
+        default_tables,
+        history_signals(default_tables),  # type: ignore[arg-type]
+        folder,
+        SHORT,
+        versions={"data_hash": "d1", "recommender": "history"},
+        show_bar=False,
+    )
+    return result, client, backend
+
+
+def test_short_training_saves_a_policy_with_its_provenance(
+    trained: tuple[TrainedPolicy, LLMClient, EchoBackend],
+) -> None:
+    result, client, backend = trained
+    info = json.loads((result.path / "policy.json").read_text())
+    assert info["version"] == result.policy.version and len(info["version"]) == 12
+    assert info["trained_with"]["data_hash"] == "d1"
+    assert info["trained_with"]["recommender"] == "history"
+    assert info["trained_with"]["llm"] == client.label
+    assert info["settings"]["timesteps"] == SHORT.timesteps
+    training = info["training"]
+    assert training["timesteps"] == SHORT.timesteps
+    assert training["episodes"] > 20
+    # every answer not served from the cache reached the backend, and only those
+    assert training["llm_calls"] <= backend.calls
+    assert 0 < training["cache_hit_rate"] < 1
+    assert len(training["validation_curve"]) >= SHORT.timesteps // SHORT.eval_freq
+    assert training["llm_calls_to_final_validation_reward"] <= training["llm_calls"] + 2 * 22
+
+
+def test_a_loaded_policy_edits_like_the_trained_one_without_any_llm_call(
+    trained: tuple[TrainedPolicy, LLMClient, EchoBackend], default_tables: dict[str, pd.DataFrame]
+) -> None:
+    result, _, backend = trained
+    loaded = load_policy(result.path)
+    idx = default_tables["index_encounters"]
+    rows = idx[idx["split"] == "test"].head(12)
+    cases = build_cases(default_tables, rows, history_signals(default_tables))  # type: ignore[arg-type]
+    calls = backend.calls
+    assert loaded.edit_many(cases) == result.policy.edit_many(cases)
+    table = build_prompt_table(
+        {**default_tables, "index_encounters": rows},
+        ["pmlm_initial", "pmlm"],
+        history_signals(default_tables),  # type: ignore[arg-type]
+        "all",
+        policy=loaded,
+    )
+    assert backend.calls == calls  # applying the policy asks no LLM
+    refined = table[table["method"] == "pmlm"]
+    assert len(refined) == len(rows)
+    for prov, cfg in zip(refined["provenance"], refined["config"], strict=True):
+        p = json.loads(prov)
+        assert p["policy"] == loaded.version and isinstance(p["edits"], list)
+        assert len(p["edits"]) <= SHORT.max_edits
+        assert json.loads(cfg)["fragments"]
+
+
+def test_the_policy_learns_to_beat_the_initial_prompt_on_its_training_patients(
+    trained: tuple[TrainedPolicy, LLMClient, EchoBackend], default_tables: dict[str, pd.DataFrame]
+) -> None:
+    """With the echo LLM, problem and medication lines are echoed as orders: dropping them pays.
+
+    Random edits (as many as the policy makes) are the control: the policy must
+    beat them too, so the gain comes from learning which edits help.
+    """
+    result, client, _ = trained
+    idx = default_tables["index_encounters"]
+    rows = pick_training_encounters(idx, "train", SHORT.n_train, 0.5, 2, SHORT.seed)
+    from promptenv.evaluate import references
+
+    cases = build_cases(
+        default_tables,
+        rows,
+        history_signals(default_tables),  # type: ignore[arg-type]
+        references(default_tables, rows),
+    )
+    scorer = PlanScorer(threshold=float(result.policy.info["trained_with"]["threshold"]))
+    reward = AnswerReward(client, scorer, SHORT.params)
+    initial = np.mean([reward(c, INITIAL_CONFIG) for c in cases])
+    learned = np.mean(
+        [reward(c, cfg) for c, (cfg, _) in zip(cases, result.policy.edit_many(cases), strict=True)]
+    )
+    shuffled = RandomEdits(like=result.policy, seed=1)(cases, reward)
+    random = np.mean([reward(c, ch.config) for c, ch in zip(cases, shuffled, strict=True)])
+    assert learned > initial + 0.02
+    assert learned > random
+
+
+def test_training_stops_at_the_llm_budget(
+    default_tables: dict[str, pd.DataFrame], tmp_path: Path
+) -> None:
+    backend = EchoBackend()
+    client = LLMClient(backend, workspace=tmp_path / "ws")
+    settings = PolicySettings(
+        n_train=16,
+        n_validation=4,
+        timesteps=2000,
+        n_steps=32,
+        batch_size=32,
+        n_epochs=1,
+        eval_freq=10_000,
+        n_calibration=4,
+        max_llm_calls=30,
+    )
+    result = train_policy(
+        client,
+        default_tables,
+        history_signals(default_tables),
+        tmp_path / "p",
+        settings,  # type: ignore[arg-type]
+        show_bar=False,
+    )
+    training = result.policy.info["training"]
+    assert training["stopped_by_budget"]
+    assert 30 <= training["llm_calls"] <= 32
+    assert training["timesteps"] < 2000
+
+
+def test_calls_to_final_reward() -> None:
+    curve = [
+        {"llm_calls": 10.0, "validation_reward": 0.0},
+        {"llm_calls": 20.0, "validation_reward": 0.1},
+        {"llm_calls": 30.0, "validation_reward": 0.098},
+    ]
+    assert calls_to_final(curve) == 20.0
+    assert np.isnan(calls_to_final([]))
+
+
+def test_per_patient_search_keeps_its_best_candidate_and_counts_its_calls(
+    default_tables: dict[str, pd.DataFrame], tmp_path: Path
+) -> None:
+    idx = default_tables["index_encounters"]
+    rows = idx[(idx["split"] == "test") & idx["is_obstetric"]].head(5)
+    from promptenv.evaluate import references
+
+    cases = build_cases(
+        default_tables,
+        rows,
+        history_signals(default_tables),
+        references(default_tables, rows),  # type: ignore[arg-type]
+    )
+    backend = EchoBackend()
+    reward = AnswerReward(
+        LLMClient(backend, workspace=tmp_path), PlanScorer(threshold=0.5), SHORT.params
+    )
+    s4, s16 = PerPatientSearch(4), PerPatientSearch(16)
+    for case in cases:
+        c4, c16 = s4.candidates(case), s16.candidates(case)
+        assert c4 == c16[:4] and c4[0][0] == INITIAL_CONFIG
+        assert len({cfg for cfg, _ in c16}) == 16
+    chosen = s16(cases, reward)
+    assert backend.calls <= 16 * len(cases)
+    for case, choice in zip(cases, chosen, strict=True):
+        assert choice.llm_calls == 16
+        best = max(reward(case, cfg) for cfg, _ in s16.candidates(case))
+        assert reward(case, choice.config) == best >= reward(case, INITIAL_CONFIG)
+    assert is_edit_method("search_16") and not is_edit_method("search_x")
+    with pytest.raises(ValueError, match="trained policy"):
+        edit_methods(["pmlm"], None)
+
+
+def test_evaluation_compares_edit_methods_with_their_llm_calls(
+    trained: tuple[TrainedPolicy, LLMClient, EchoBackend],
+    default_tables: dict[str, pd.DataFrame],
+    tmp_path: Path,
+) -> None:
+    result, _, _ = trained
+    client = LLMClient(EchoBackend(), workspace=tmp_path)
+    evaluation = evaluate_methods(
+        client,
+        default_tables,
+        history_signals(default_tables),  # type: ignore[arg-type]
+        ["general", "pmlm_initial", "oracle"],
+        EvalSettings(n_obstetric=4, n_adult=3, n_calibration=4, bootstrap=50),
+        edit_methods=edit_methods(["pmlm", "random_edits", "search_4"], result.policy),
+    )
+    table = evaluation.table
+    assert set(table["method"]) == {
+        "general",
+        "pmlm_initial",
+        "oracle",
+        "random_edits",
+        "pmlm",
+        "search_4",
+    }
+    calls = table.set_index(["subset", "method"])["llm_calls_per_patient"]
+    assert calls[("obstetric", "search_4")] == 4 and calls[("obstetric", "pmlm")] == 0
+    res = evaluation.results.pivot_table(index="encounter_id", columns="method", values="reward")
+    # search tries the initial config first, so it never does worse on the patient it searched for
+    assert (res["search_4"] >= res["pmlm_initial"] - 1e-9).all()
+    prov = evaluation.results
+    assert len(prov[prov["method"] == "pmlm"]) == len(res)
