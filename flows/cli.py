@@ -15,7 +15,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows.cli_export import export_cmd
 from flows.cli_llm import llm_app
+from flows.cli_policy import policy_app
 from flows.cli_prompts import evaluate_cmd, prompts_app
 from flows.cli_recsys import recsys_app
 from flows.options import WorkspaceOpt
@@ -39,7 +41,9 @@ app.add_typer(data_app, name="data")
 app.add_typer(recsys_app, name="recsys")
 app.add_typer(llm_app, name="llm")
 app.add_typer(prompts_app, name="prompts")
+app.add_typer(policy_app, name="policy")
 app.command("evaluate")(evaluate_cmd)
+app.command("export")(export_cmd)
 
 console = Console()
 

@@ -16,6 +16,7 @@ from pipelines.workspace import Workspace, atomic_write_bytes
 from promptenv.evaluate import Evaluation
 from promptenv.fragments import PatientSignals
 from promptenv.llm import LLMClient
+from promptenv.policy import Policy
 from promptenv.prompts import METHODS
 
 prompts_app = typer.Typer(
@@ -114,7 +115,12 @@ def show_cmd(
 def evaluate_cmd(
     workspace: WorkspaceOpt = None,
     methods: Annotated[
-        str, typer.Option("--methods", help=f"Comma-separated: {', '.join(METHODS)}.")
+        str,
+        typer.Option(
+            "--methods",
+            help=f"Comma-separated: {', '.join(METHODS)}; with a trained policy also pmlm, "
+            "random_edits, and search_N (per-patient search with N LLM calls, e.g. search_4,search_16).",
+        ),
     ] = ",".join(METHODS),
     backend: Annotated[
         str,
@@ -133,9 +139,17 @@ def evaluate_cmd(
     """Compare methods on the same test encounters with the same LLM; write the table to reports/."""
     from promptenv.evaluate import EvalSettings, evaluate_methods, markdown_table
     from promptenv.llm import Budget
+    from promptenv.search import edit_methods, is_edit_method
 
     ws = Workspace.at(workspace)
-    chosen = _methods(methods, METHODS)
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    chosen = [m for m in names if not is_edit_method(m)]
+    if not names or any(m not in METHODS for m in chosen):
+        raise typer.BadParameter(
+            f"unknown method(s) {[m for m in chosen if m not in METHODS]}; choose from "
+            f"{', '.join(METHODS)}, pmlm, random_edits, search_N"
+        )
+    editing = edit_methods([m for m in names if is_edit_method(m)], _policy_if_needed(ws, names))
     client = LLMClient(
         backend, workspace=ws, budget=Budget(max_calls=max_calls) if max_calls else None
     )
@@ -143,16 +157,40 @@ def evaluate_cmd(
         n_obstetric=n_obstetric, n_adult=n_adult, n_calibration=n_calibration, seed=seed
     )
     result = evaluate_methods(
-        client, load_tables(ws), signal_source(ws), chosen, settings, progress=console.print
+        client,
+        load_tables(ws),
+        signal_source(ws),
+        chosen,
+        settings,
+        progress=console.print,
+        edit_methods=editing,
     )
     report = write_evaluation(ws, result, client)
     console.print(markdown_table(result.table), markup=False)
     console.print(f"Written: {report}")
 
 
+def _policy_if_needed(ws: Workspace, names: Sequence[str]) -> Policy | None:
+    """The workspace's policy when pmlm or random_edits is asked for (random edits mimic its counts)."""
+    from promptenv.policy import load_policy, policy_dir
+
+    if "pmlm" in names:
+        return load_policy(policy_dir(ws))
+    if "random_edits" in names and (policy_dir(ws) / "policy.json").exists():
+        return load_policy(policy_dir(ws))
+    return None
+
+
 def write_evaluation(ws: Workspace, result: Evaluation, client: LLMClient) -> Path:
-    """Write the evaluation's rows (parquet), table (Markdown, JSON) to reports/; returns the Markdown path."""
+    """Write the evaluation's rows (parquet), table (Markdown, JSON) to reports/; returns the Markdown path.
+
+    Also writes reports/report.md with plots (`promptenv.report`), with the
+    recommender comparison of `pmlm recsys evaluate` when there is one, and prints its path.
+    """
+    import pandas as pd
+
     from promptenv.evaluate import markdown_table
+    from promptenv.report import write_report
 
     ws.reports_dir.mkdir(parents=True, exist_ok=True)
     result.results.to_parquet(ws.reports_dir / "evaluation_results.parquet", index=False)
@@ -177,4 +215,8 @@ def write_evaluation(ws: Workspace, result: Evaluation, client: LLMClient) -> Pa
             default=float,
         ).encode(),
     )
+    recsys_csv = ws.reports_dir / "recsys_comparison.csv"
+    recsys = pd.read_csv(recsys_csv) if recsys_csv.exists() else None
+    report = write_report(ws.reports_dir, result, recsys, (stats.hits, stats.misses))
+    console.print(f"Report with plots: {report}")
     return path

@@ -31,6 +31,9 @@ from promptenv.prompts import INITIAL_CONFIG
 from promptenv.reward import PlanScorer
 from promptenv.search import PerPatientSearch, RandomEdits, edit_methods, is_edit_method
 
+# a few hundred PPO steps with answers from the echo LLM: about a minute on 2 cores
+pytestmark = pytest.mark.slow
+
 SHORT = PolicySettings(
     n_train=16,
     n_validation=6,

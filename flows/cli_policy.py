@@ -1,0 +1,120 @@
+"""``pmlm policy train|apply|show``: thin wrappers over `promptenv.policy`."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from flows.cli_prompts import signal_source
+from flows.options import WorkspaceOpt
+from pipelines.ingest import load_tables
+from pipelines.workspace import Workspace
+
+policy_app = typer.Typer(
+    help="The prompt-editing policy: train it with MaskablePPO, apply it with no LLM call.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+console = Console()
+
+
+def workspace_versions(ws: Workspace) -> dict[str, Any]:
+    """The data and recommender versions a policy is trained with (from the workspace manifest)."""
+    from recsys.steps import read_selection
+
+    ingest = ws.read_manifest().get("steps", {}).get("ingest", {})
+    selection = read_selection(ws)
+    return {
+        "data_hash": ingest.get("data_hash"),
+        "data_input": ingest.get("input"),
+        "recommender": selection.get("best"),
+        "recommender_vocabulary": selection.get("vocabulary_fingerprint"),
+    }
+
+
+@policy_app.command("train")
+def train_cmd(
+    workspace: WorkspaceOpt = None,
+    backend: Annotated[str, typer.Option(help="LLM backend spec that answers prompts.")] = "local",
+    timesteps: Annotated[int, typer.Option(help="PPO environment steps (edits).")] = 2048,
+    max_llm_calls: Annotated[
+        int, typer.Option(help="Stop training once this many answers were not in the cache.")
+    ] = 800,
+    n_train: Annotated[int, typer.Option(help="Training index encounters (episodes).")] = 96,
+    n_validation: Annotated[
+        int, typer.Option(help="Validation index encounters scored during training.")
+    ] = 16,
+    eval_freq: Annotated[int, typer.Option(help="Validate every this many steps.")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed of the sample, PPO and the environment.")] = 0,
+) -> None:
+    """Train the editing policy on training patients (answers through the cached LLM client)."""
+    from promptenv.llm import LLMClient
+    from promptenv.policy import PolicySettings, policy_dir, train_policy
+
+    ws = Workspace.at(workspace)
+    settings = PolicySettings(
+        n_train=n_train,
+        n_validation=n_validation,
+        timesteps=timesteps,
+        max_llm_calls=max_llm_calls,
+        eval_freq=eval_freq,
+        seed=seed,
+    )
+    client = LLMClient(backend, workspace=ws)
+    result = train_policy(
+        client,
+        load_tables(ws),
+        signal_source(ws),
+        policy_dir(ws),
+        settings,
+        versions=workspace_versions(ws),
+        progress=console.print,
+    )
+    training = result.policy.info["training"]
+    console.print(
+        f"policy {result.policy.version}: {training['episodes']} episodes, {training['llm_calls']} LLM calls, "
+        f"cache hit rate {training['cache_hit_rate']:.0%}, final validation reward over initial "
+        f"{training['final_validation_reward']:+.4f}, {training['seconds']:.0f} s → {result.path}"
+    )
+
+
+@policy_app.command("apply")
+def apply_cmd(
+    workspace: WorkspaceOpt = None,
+    which: Annotated[
+        str,
+        typer.Option(help="latest (each patient's current prompt), test, or all index encounters."),
+    ] = "latest",
+    keep_initial: Annotated[
+        bool, typer.Option(help="Also keep the PMLM initial prompts in the table.")
+    ] = True,
+) -> None:
+    """Refine prompts with the trained policy (no LLM call) and write them to the prompt table."""
+    from promptenv.policy import load_policy, policy_dir
+    from promptenv.prompt_table import build_prompt_table, write_prompt_table
+
+    ws = Workspace.at(workspace)
+    if which not in ("latest", "test", "all"):
+        raise typer.BadParameter("--which must be latest, test or all")
+    policy = load_policy(policy_dir(ws))
+    methods = ["pmlm_initial", "pmlm"] if keep_initial else ["pmlm"]
+    table = build_prompt_table(load_tables(ws), methods, signal_source(ws), which, policy=policy)  # type: ignore[arg-type]
+    write_prompt_table(ws, table)
+    refined = table[table["method"] == "pmlm"]
+    edits = refined["provenance"].map(lambda p: len(json.loads(p)["edits"]))
+    console.print(
+        f"{len(refined)} refined prompts (policy {policy.version}, mean {edits.mean():.1f} edits, "
+        f"mean {refined['tokens'].mean():.0f} tokens) → {ws.table_path('prompts')}"
+    )
+
+
+@policy_app.command("show")
+def show_cmd(workspace: WorkspaceOpt = None) -> None:
+    """What the workspace's policy was trained with and what training cost."""
+    from promptenv.policy import load_policy, policy_dir
+
+    policy = load_policy(policy_dir(Workspace.at(workspace)))
+    console.print_json(json.dumps(policy.info, default=str))
