@@ -135,10 +135,28 @@ def evaluate_cmd(
     max_calls: Annotated[
         int | None, typer.Option(help="Hard budget on LLM calls for this run.")
     ] = None,
+    judge: Annotated[
+        str | None,
+        typer.Option(
+            "--judge",
+            metavar="SPEC",
+            help="Also grade every answer with this LLM as a judge (openai:MODEL[@URL] or "
+            "anthropic:MODEL[@URL]; its calls have their own --max-calls budget): adds a "
+            "judge (0-1) column.",
+        ),
+    ] = None,
+    allow_local_judge: Annotated[
+        bool,
+        typer.Option(
+            "--allow-local-judge",
+            help="Accept a local --judge model (the default 135M one is not a credible judge).",
+        ),
+    ] = False,
 ) -> None:
     """Compare methods on the same test encounters with the same LLM; write the table to reports/."""
     from promptenv.evaluate import EvalSettings, evaluate_methods, markdown_table
-    from promptenv.llm import Budget
+    from promptenv.judge import PlanJudge
+    from promptenv.llm import BackendConfigError, BackendSpecError, Budget
     from promptenv.search import edit_methods, is_edit_method
 
     ws = Workspace.at(workspace)
@@ -153,6 +171,15 @@ def evaluate_cmd(
     client = LLMClient(
         backend, workspace=ws, budget=Budget(max_calls=max_calls) if max_calls else None
     )
+    grader = None
+    if judge is not None:
+        try:
+            judge_client = LLMClient(
+                judge, workspace=ws, budget=Budget(max_calls=max_calls) if max_calls else None
+            )
+            grader = PlanJudge(judge_client, allow_local=allow_local_judge)
+        except (BackendConfigError, BackendSpecError) as exc:
+            raise typer.BadParameter(str(exc), param_hint="--judge") from exc
     settings = EvalSettings(
         n_obstetric=n_obstetric, n_adult=n_adult, n_calibration=n_calibration, seed=seed
     )
@@ -164,9 +191,12 @@ def evaluate_cmd(
         settings,
         progress=console.print,
         edit_methods=editing,
+        judge=grader,
     )
     report = write_evaluation(ws, result, client)
     console.print(markdown_table(result.table), markup=False)
+    if grader is not None:
+        console.print(f"Judge {grader.label}: {grader.stats.summary()}")
     console.print(f"Written: {report}")
 
 

@@ -26,6 +26,7 @@ from pipelines.index import ContextStore
 from promptenv.editing import build_cases
 from promptenv.env import AnswerReward, EditMethod
 from promptenv.fragments import PatientSignals
+from promptenv.judge import PlanJudge
 from promptenv.llm import GenerationParams, GenerationRequest, LLMClient
 from promptenv.prompts import (
     INITIAL_CONFIG,
@@ -197,6 +198,8 @@ def bootstrap_ci(values: np.ndarray, reps: int, seed: int) -> tuple[float, float
 def aggregate(results: pd.DataFrame, settings: EvalSettings) -> pd.DataFrame:
     """Per subset and method: means with 95% CIs, gap closed, calls and tokens."""
     rows = []
+    # the LLM-as-judge score, when a judge graded anything (NaN: unparsed or not judged)
+    judged = "judge" in results and bool(results["judge"].notna().any())
     for subset in SUBSETS:
         sub = results[results[f"in_{subset}"]]
         if sub.empty:
@@ -210,6 +213,13 @@ def aggregate(results: pd.DataFrame, settings: EvalSettings) -> pd.DataFrame:
                 lo, hi = bootstrap_ci(vals, settings.bootstrap, settings.seed)
                 row[metric] = vals.mean()
                 row[f"{metric}_lo"], row[f"{metric}_hi"] = lo, hi
+            if judged:
+                vals = g["judge"].dropna().to_numpy(dtype=float)
+                row["judge"] = vals.mean() if len(vals) else np.nan
+                row["judge_lo"], row["judge_hi"] = bootstrap_ci(
+                    vals, settings.bootstrap, settings.seed
+                )
+                row["judge_n"] = len(vals)
             row["words"] = g["words"].mean()
             denom = oracle - general
             row["gap_closed"] = (
@@ -248,6 +258,7 @@ def evaluate_methods(
     config: PromptConfig = INITIAL_CONFIG,
     progress: Progress | None = None,
     edit_methods: Mapping[str, EditMethod] | None = None,
+    judge: PlanJudge | None = None,
 ) -> Evaluation:
     """Run every method on the same chosen test encounters with the same LLM; score and aggregate.
 
@@ -257,6 +268,8 @@ def evaluate_methods(
     edits, per-patient search), each under its own name. ``llm_calls`` counts
     the calls a method spends to build one prompt (0 for all but per-patient
     search); one more call answers it (free for search: its best answer is cached).
+    ``judge`` (`promptenv.judge`) also grades every answer: a ``judge`` column in
+    [0, 1], NaN when there is no judge or its reply broke the rubric.
     """
     settings = settings or EvalSettings()
     say = progress or (lambda _m: None)
@@ -318,9 +331,18 @@ def evaluate_methods(
     scores = scorer.score_many(
         answers, [refs[e][0] for e, _, _ in prompts], [refs[e][1] for e, _, _ in prompts]
     )
+    grades = [np.nan] * len(answers)
+    if judge is not None:
+        say(f"asking the judge {judge.label} to grade {len(answers)} answers")
+        verdicts = judge.judge_many(
+            [refs[e][0] for e, _, _ in prompts], answers, concurrency=settings.concurrency
+        )
+        grades = [v.score for v in verdicts]
     flags = chosen.set_index("encounter_id")[["patient_id", "in_obstetric", "in_adult"]]
     rows = []
-    for (eid, prompt, calls), completion, score in zip(prompts, completions, scores, strict=True):
+    for (eid, prompt, calls), completion, score, grade in zip(
+        prompts, completions, scores, grades, strict=True
+    ):
         rows.append(
             {
                 "encounter_id": eid,
@@ -332,6 +354,7 @@ def evaluate_methods(
                 "precision": score.precision,
                 "rouge_l": score.rouge_l,
                 "reward": score.reward,
+                "judge": grade,
                 "words": score.words,
                 "prompt_tokens": prompt.tokens,
                 "llm_calls": calls,
@@ -353,6 +376,11 @@ def markdown_table(table: pd.DataFrame) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
+    judged = "judge" in table.columns
+    if judged:  # the LLM-as-judge column, with how many answers it could grade
+        lines[0] += " judge (0-1) |"
+        lines[1] += "---|"
+
     def ci(r: Any, m: str) -> str:
         return f"{getattr(r, m):.3f} [{getattr(r, m + '_lo'):.3f}, {getattr(r, m + '_hi'):.3f}]"
 
@@ -362,6 +390,9 @@ def markdown_table(table: pd.DataFrame) -> str:
             f"| {r.subset} | {r.method} | {r.n} | {ci(r, 'recall')} | {ci(r, 'precision')} | {ci(r, 'rouge_l')} | "
             f"{ci(r, 'reward')} | {r.words:.0f} | {gap} | {r.prompt_tokens:.0f} | {r.llm_calls_per_patient:.0f} |"
         )
+        if judged:
+            grade = ci(r, "judge") if r.judge_n else "none"
+            lines[-1] += f" {grade}{'' if r.judge_n == r.n else f' ({r.judge_n} of {r.n})'} |"
     return "\n".join(lines)
 
 

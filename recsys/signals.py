@@ -6,7 +6,11 @@ features (previous-plan items, active conditions, pregnancy stage, ...) that
 push each item's score most.
 
 **Peer signals**: for each query state, the k most similar TRAIN patients in the
-model's embedding space (cosine), and the items they received next.
+model's embedding space (cosine), and the items they received next. The search is
+exact: every eligible (query, pool state) pair is scored by float32 matrix products
+in cache-sized tiles, and only the states above a per-query floor (a lower bound of
+the k-th best patient's similarity, taken from a sample of the pool) are kept and
+sorted; blocks of queries run on all cores.
 
 Rules, enforced here and tested:
 
@@ -28,7 +32,9 @@ Usage::
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +44,7 @@ import scipy.sparse as sp
 
 from recsys.base import Recommender, single_threaded_blas
 from recsys.interactions import PatientStates
-from recsys.type_aliases import FloatMatrix, IndexMatrix
+from recsys.type_aliases import FloatMatrix, FloatVector, IndexMatrix
 
 
 def top_k(scores: FloatMatrix, k: int) -> tuple[IndexMatrix, FloatMatrix]:
@@ -216,7 +222,7 @@ def peer_signals(
     max_statements: int | None = 10,
     chunk_size: int = 4096,
     max_slab: int = 250_000,
-    oversample: int = 8,
+    sample_states: int = 8192,
     num_threads: int = 0,
     query_embeddings: FloatMatrix | None = None,
     pool_embeddings: FloatMatrix | None = None,
@@ -231,19 +237,25 @@ def peer_signals(
         min_support: least number of distinct peers behind a statement.
         max_statements: keep at most this many statements per query (most supported
             first); None keeps all.
-        chunk_size: most queries per block (memory ~ chunk_size × k × oversample).
+        chunk_size: most queries per block.
         max_slab: bound on the (query, masked pool state) pairs of a block: queries are
             processed in order of their index_time, so a block's queries see nearly the
             same pool prefix and each masks only the few states of that prefix whose
             outcome came after its own index_time.
-        oversample: candidates fetched per peer before collapsing states into patients.
-        num_threads: threads for implicit's top-k (0 = all cores).
+        sample_states: pool states (per block) whose similarities set each query's
+            threshold for candidates; only the speed depends on it, never the result.
+        num_threads: blocks searched at once (0 = one per available core).
         query_embeddings, pool_embeddings: precomputed ``model.embed`` outputs.
+
+    Similarities are float32 cosines; two states whose cosines agree to 6 decimals
+    are tied, and ties go to the state whose outcome was recorded first.
 
     Returns: :class:`PeerSignals`.
     """
     if min_support < 1:
         raise ValueError("min_support must be at least 1")
+    if k < 1:
+        raise ValueError("k must be at least 1")
     targets, _ = pool.require_targets()
     q_emb = unit_rows(model.embed(queries) if query_embeddings is None else query_embeddings)
     p_emb = unit_rows(model.embed(pool) if pool_embeddings is None else pool_embeddings)
@@ -257,35 +269,32 @@ def peer_signals(
     patient_codes, patient_of_pool = np.unique(
         pool.keys["patient_id"].to_numpy()[p_order].astype(str), return_inverse=True
     )
-    patient_of_pool = patient_of_pool.astype(np.int64)
+    search = _PoolSearch(p_emb, patient_of_pool.astype(np.int64), k, sample_states)
     q_patient = queries.keys["patient_id"].to_numpy().astype(str)
-    lookup = pd.Index(patient_codes)
-    q_code = lookup.get_indexer(q_patient).astype(np.int64)  # -1: not in the pool
+    q_code = pd.Index(patient_codes).get_indexer(q_patient).astype(np.int64)  # -1: not in pool
     cut = np.searchsorted(p_next, queries.keys["index_us"].to_numpy(), side="right")
+    q_order = np.argsort(cut, kind="stable")
+    q_order = q_order[cut[q_order] > 0]  # no eligible peer at all: nothing to search
+    blocks = _query_chunks(q_order, cut, chunk_size, max_slab)
+
+    def nearest(rows: npt.NDArray[np.int64]) -> tuple[IndexMatrix, FloatMatrix]:
+        return search.nearest_patients(q_emb[rows], cut[rows], q_code[rows])
+
+    workers = num_threads or _available_cores()
+    with single_threaded_blas():
+        if workers > 1 and len(blocks) > 1:
+            # BLAS and the numpy kernels below release the GIL: blocks run side by side
+            with ThreadPoolExecutor(max_workers=workers) as executor:
+                found = list(executor.map(nearest, blocks))
+        else:
+            found = [nearest(rows) for rows in blocks]
 
     q_rows: list[npt.NDArray[np.int64]] = []
     q_ranks: list[npt.NDArray[np.int64]] = []
     q_peer: list[npt.NDArray[np.int64]] = []
     q_sim: list[npt.NDArray[np.float32]] = []
-    # pool positions grouped by patient, as sorted keys patient * n_pool + position
-    n_pool = len(p_order)
-    own_keys = np.sort(patient_of_pool * n_pool + np.arange(n_pool, dtype=np.int64))
-    q_order = np.argsort(cut, kind="stable")
-    q_order = q_order[cut[q_order] > 0]  # no eligible peer at all: nothing to search
-    for rows in _query_chunks(q_order, cut, chunk_size, max_slab):
-        peers, sims = _nearest_patients(
-            q_emb[rows],
-            cut[rows],
-            q_code[rows],
-            p_emb,
-            patient_of_pool,
-            own_keys,
-            k,
-            oversample,
-            num_threads,
-        )
-        found = peers >= 0
-        r, c = np.nonzero(found)
+    for rows, (peers, sims) in zip(blocks, found, strict=True):
+        r, c = np.nonzero(peers >= 0)
         q_rows.append(rows[r])
         q_ranks.append(c + 1)
         q_peer.append(peers[r, c])
@@ -320,141 +329,186 @@ def peer_signals(
     return PeerSignals(peers_frame, statements, min_support)
 
 
-class _Exclusions:
-    """Per-query pool positions to skip, in the form implicit's ``topk`` reads them.
+def _available_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
-    ``topk(..., filter_query_items=f)`` reads ``f[i].indices`` for query i; a SciPy
-    CSR row lookup costs ~0.3 ms, so precomputed slices are handed over instead.
+
+#: Queries × pool states scored at once (a 2 MB float32 tile stays in cache).
+_ROW_TILE = 1024
+_COL_TILE = 512  # a multiple of 64: candidates are found 64 entries at a time
+#: Similarities are compared at this precision: closer values are ties.
+_DECIMALS = 6
+_SCALE = np.float32(10.0**_DECIMALS)
+
+
+def _rounded(sims: npt.NDArray[np.float32]) -> npt.NDArray[np.int64]:
+    """Similarities rounded to ``_DECIMALS``, as integers (``np.round``'s own steps)."""
+    return np.rint(sims * _SCALE).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class _Sample:
+    """Pool states that every query of a block may see, one row per sampled patient
+    (her states repeated when she has fewer than the row holds); ``slot[code]`` is the
+    row of the patient coded ``code``, -1 when she is not in the sample (or code is -1)."""
+
+    positions: npt.NDArray[np.int64]  # (sampled patients, states per patient)
+    slot: npt.NDArray[np.int64]  # (n_patients + 1,)
+
+
+class _PoolSearch:
+    """Exact search of the k most similar eligible patients, for blocks of queries.
+
+    ``p_emb``: unit rows of the pool, sorted by outcome time; ``patient_of_pool``: each
+    position's patient code (0 .. n_patients - 1).
     """
 
-    class _Row:
-        __slots__ = ("indices",)
-
-        def __init__(self, indices: npt.NDArray[np.int32]) -> None:
-            self.indices = indices
-
-    def __init__(self, indptr: npt.NDArray[np.int64], indices: npt.NDArray[np.int32]) -> None:
-        self.indptr, self.indices = indptr, indices
-
-    def __getitem__(self, row: int) -> _Exclusions._Row:
-        return self._Row(self.indices[self.indptr[row] : self.indptr[row + 1]])
-
-
-def _exclusions(
-    cut: npt.NDArray[np.int64],
-    skip_rows: npt.NDArray[np.int64],
-    skip_codes: npt.NDArray[np.int64],
-    own_keys: npt.NDArray[np.int64],
-    n_pool: int,
-    width: int,
-) -> _Exclusions:
-    """For each of m queries, the pool positions below ``width`` to skip: every state of
-    the patients paired with it in (``skip_rows``, ``skip_codes``), and the positions
-    from its cut (outcome after its index_time) up to ``width``."""
-    m = len(cut)
-    by_row = np.argsort(skip_rows, kind="stable")
-    skip_rows, skip_codes = skip_rows[by_row], skip_codes[by_row]
-    # a patient's positions are the segment of own_keys between code*n and code*n+width
-    first = np.searchsorted(own_keys, skip_codes * n_pool)
-    seg_len = np.searchsorted(own_keys, skip_codes * n_pool + width) - first
-    late_len = width - cut
-    skip_per_row = np.bincount(np.repeat(skip_rows, seg_len), minlength=m)
-    indptr = np.concatenate([[0], np.cumsum(skip_per_row + late_len)]).astype(np.int64)
-    cols = np.empty(int(indptr[-1]), dtype=np.int32)
-    # skipped patients' states first (rows ascending), then each row's late positions
-    seg_start = np.cumsum(seg_len) - seg_len
-    offsets = np.arange(seg_len.sum()) - np.repeat(seg_start, seg_len)
-    seg_cols = (
-        own_keys[np.repeat(first, seg_len) + offsets] - np.repeat(skip_codes, seg_len) * n_pool
-    )
-    seg_rows = np.repeat(skip_rows, seg_len)
-    row_start = np.concatenate([[0], np.cumsum(skip_per_row)])[:-1]
-    within = np.arange(len(seg_rows)) - row_start[seg_rows]
-    cols[indptr[seg_rows] + within] = seg_cols
-    late_rows = np.repeat(np.arange(m), late_len)
-    late_within = np.arange(late_len.sum()) - np.repeat(np.cumsum(late_len) - late_len, late_len)
-    cols[indptr[late_rows] + skip_per_row[late_rows] + late_within] = (
-        np.repeat(cut, late_len) + late_within
-    )
-    return _Exclusions(indptr, cols)
-
-
-def _nearest_patients(
-    q_emb: FloatMatrix,
-    cut: npt.NDArray[np.int64],
-    q_code: npt.NDArray[np.int64],
-    p_emb: FloatMatrix,
-    patient_of_pool: npt.NDArray[np.int64],
-    own_keys: npt.NDArray[np.int64],
-    k: int,
-    oversample: int,
-    num_threads: int,
-) -> tuple[IndexMatrix, FloatMatrix]:
-    """For m queries: (m, k) pool positions of the best state of each of the k most
-    similar eligible patients (-1 when fewer), and the cosine similarities.
-
-    implicit's fused top-k searches the pool prefix the block may see, skipping per
-    query its own patient's states and the states whose outcome came after it; each
-    patient found keeps her most similar state. A query whose ``k * oversample``
-    candidates hold fewer than k patients searches again with the patients found so
-    far skipped too: any patient found later is less similar than every earlier
-    candidate, so the result is exact.
-    """
-    from implicit.cpu.topk import topk
-
-    m = len(q_emb)
-    out_peer = np.full((m, k), -1, dtype=np.int64)
-    out_sim = np.zeros((m, k), dtype=np.float32)
-    out_code = np.full((m, k), -1, dtype=np.int64)
-    n_found = np.zeros(m, dtype=np.int64)
-    todo = np.arange(m)
-    fetch = k * oversample
-    while len(todo):
-        c = cut[todo]
-        width = int(c.max())
-        n_fetch = min(fetch, width)
-        # skip: the query's own patient and the patients already found for it
-        own_rows = np.flatnonzero(q_code[todo] >= 0)
-        found_rows, found_slot = np.nonzero(out_code[todo] >= 0)
-        skip_rows = np.concatenate([own_rows, found_rows])
-        skip_codes = np.concatenate(
-            [q_code[todo][own_rows], out_code[todo[found_rows], found_slot]]
+    def __init__(
+        self,
+        p_emb: FloatMatrix,
+        patient_of_pool: npt.NDArray[np.int64],
+        k: int,
+        sample_states: int,
+    ) -> None:
+        self.p_emb = p_emb
+        self.patient_of_pool = patient_of_pool
+        self.k = k
+        self.sample_states = max(sample_states, k)
+        n_pool = len(patient_of_pool)
+        self.n_patients = int(patient_of_pool.max()) + 1 if n_pool else 0
+        # positions grouped by patient, ascending within each: sorted keys patient * n + position
+        self._by_patient = np.sort(patient_of_pool * n_pool + np.arange(n_pool, dtype=np.int64))
+        self._first = np.searchsorted(
+            self._by_patient, np.arange(self.n_patients, dtype=np.int64) * n_pool
         )
-        excluded = _exclusions(c, skip_rows, skip_codes, own_keys, len(patient_of_pool), width)
-        with single_threaded_blas():
-            ids, sims = topk(
-                p_emb[:width], q_emb[todo], n_fetch, filter_query_items=excluded,
-                num_threads=num_threads,
-            )  # fmt: skip
-        ids = np.asarray(ids, dtype=np.int64)
-        sims = np.asarray(sims, dtype=np.float32)
-        valid = sims > np.float32(-1e30)
-        # order by similarity (near-ties, float noise, to the earlier pool state), then
-        # keep each patient's first state
-        with np.errstate(over="ignore"):  # rounding the -inf fillers of skipped states
-            key = np.where(valid, np.round(sims, 6), -np.inf)
-        order = np.lexsort((ids, -key), axis=-1)
-        ids, sims, valid = (np.take_along_axis(a, order, axis=1) for a in (ids, sims, valid))
-        patients = np.where(valid, patient_of_pool[ids], -1)
-        by_patient = np.argsort(patients, axis=1, kind="stable")
-        sorted_patients = np.take_along_axis(patients, by_patient, axis=1)
-        repeat = np.zeros_like(valid)
-        repeat[:, 1:] = sorted_patients[:, 1:] == sorted_patients[:, :-1]
-        duplicate = np.empty_like(valid)
-        np.put_along_axis(duplicate, by_patient, repeat, axis=1)
-        keep = valid & ~duplicate
-        slot = n_found[todo][:, None] + np.cumsum(keep, axis=1) - 1
-        take = keep & (slot < k)
-        r, col = np.nonzero(take)
-        rows, slots = todo[r], slot[r, col]
-        out_peer[rows, slots] = ids[r, col]
-        out_sim[rows, slots] = sims[r, col]
-        out_code[rows, slots] = patients[r, col]
-        n_found[todo] += take.sum(axis=1)
-        # more to find only where every fetched candidate was eligible
-        need_more = (n_found[todo] < k) & (valid.sum(axis=1) == n_fetch)
-        todo = todo[need_more]
-    return out_peer, out_sim
+
+    def nearest_patients(
+        self, q_emb: FloatMatrix, cut: npt.NDArray[np.int64], q_code: npt.NDArray[np.int64]
+    ) -> tuple[IndexMatrix, FloatMatrix]:
+        """For m queries (unit rows; eligible pool prefix ``[0, cut)``; own patient code or
+        -1): (m, k) pool positions of the best state of each of the k most similar
+        eligible patients (-1 when fewer), and their cosine similarities.
+
+        A patient's similarity is that of her best state. Patients, and a patient's
+        states, are ordered by similarity rounded to ``_DECIMALS``, then by pool
+        position (the earlier outcome first). Every eligible pair is scored, but only
+        the states at or above a per-query floor are kept: the k-th best patient
+        similarity within a sample of states that every query of the block may see
+        (the query's own patient left out) cannot exceed the true k-th best, so no
+        peer is missed.
+        """
+        m = len(q_emb)
+        out_peer = np.full((m, self.k), -1, dtype=np.int64)
+        out_sim = np.zeros((m, self.k), dtype=np.float32)
+        sample = self._sample(int(cut.min()))
+        width = int(cut.max())
+        for r0 in range(0, m, _ROW_TILE):
+            tile = slice(r0, r0 + _ROW_TILE)
+            q, q_cut, code = q_emb[tile], cut[tile], q_code[tile]
+            floor = self._floors(q, code, sample)[:, None]
+            found = [
+                _at_least(q @ self.p_emb[c0 : c0 + _COL_TILE].T, floor, c0)
+                for c0 in range(0, width, _COL_TILE)
+            ]
+            row = np.concatenate([f[0] for f in found])
+            col = np.concatenate([f[1] for f in found])
+            sim = np.concatenate([f[2] for f in found])
+            keep = col < q_cut[row]
+            row, col, sim = row[keep], col[keep], sim[keep]
+            patient = self.patient_of_pool[col]
+            keep = patient != code[row]
+            row, col, sim, patient = row[keep], col[keep], sim[keep], patient[keep]
+            row, col, sim = self._best_patients(row, col, sim, patient)
+            rank = np.arange(len(row)) - np.searchsorted(row, row)
+            top = rank < self.k
+            out_peer[r0 + row[top], rank[top]] = col[top]
+            out_sim[r0 + row[top], rank[top]] = sim[top]
+        return out_peer, out_sim
+
+    def _best_patients(
+        self,
+        row: npt.NDArray[np.int64],
+        col: npt.NDArray[np.int64],
+        sim: npt.NDArray[np.float32],
+        patient: npt.NDArray[np.int64],
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        """Candidates (query row < _ROW_TILE, pool position, similarity, patient) reduced to
+        each patient's best state, sorted by query row then best first."""
+        n_pool = len(self.p_emb)
+        # rank within a query: higher rounded similarity first, then the earlier position;
+        # rounded similarities lie within ±(10^d + 100) for unit vectors
+        span = 4 * 10**_DECIMALS * n_pool
+        order = np.argsort(row * span + (2 * 10**_DECIMALS - _rounded(sim)) * n_pool + col)
+        row, col, sim, patient = row[order], col[order], sim[order], patient[order]
+        # each patient's best state is her first, in that order
+        _, first = np.unique(row * self.n_patients + patient, return_index=True)
+        first.sort()
+        return row[first], col[first], sim[first]
+
+    def _sample(self, prefix: int) -> _Sample:
+        """About ``sample_states`` states below ``prefix``, spread evenly over its patients
+        (at most that many patients) and over each patient's states."""
+        n_pool = len(self.p_emb)
+        counts = (
+            np.searchsorted(
+                self._by_patient, np.arange(self.n_patients, dtype=np.int64) * n_pool + prefix
+            )
+            - self._first
+        )
+        patients = np.flatnonzero(counts > 0)
+        if len(patients) > self.sample_states:
+            spread = np.linspace(0, len(patients) - 1, self.sample_states).astype(np.int64)
+            patients = patients[spread]
+        per_patient = max(1, self.sample_states // max(1, len(patients)))
+        picks = (np.arange(per_patient)[None, :] * counts[patients][:, None]) // per_patient
+        positions = self._by_patient[self._first[patients][:, None] + picks] % n_pool
+        slot = np.full(self.n_patients + 1, -1, dtype=np.int64)  # the last: code -1
+        slot[patients] = np.arange(len(patients))
+        return _Sample(positions, slot)
+
+    def _floors(
+        self, q_emb: FloatMatrix, q_code: npt.NDArray[np.int64], sample: _Sample
+    ) -> FloatVector:
+        """Per query, a similarity below which no state is the best state of one of its k
+        most similar patients (-inf when the sample holds fewer than k other patients)."""
+        n_sampled, per_patient = sample.positions.shape
+        m = len(q_emb)
+        if n_sampled - 1 < self.k:
+            return np.full(m, -np.inf, dtype=np.float32)
+        sims = self.p_emb[sample.positions.ravel()] @ q_emb.T
+        best = sims.reshape(n_sampled, per_patient, m).max(axis=1)  # (patients, queries)
+        own = sample.slot[q_code]
+        has_own = np.flatnonzero(own >= 0)
+        best[own[has_own], has_own] = -np.inf
+        kth = np.partition(best.T, n_sampled - self.k, axis=1)[:, n_sampled - self.k]
+        # the k-th best rounds to K: a state that rounds to K or more is above (K - 2) / 10^d
+        return ((_rounded(kth) - 2) / _SCALE).astype(np.float32)
+
+
+def _at_least(
+    scores: FloatMatrix, floor: FloatMatrix, offset: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """Rows, columns (+ ``offset``) and values of the entries of ``scores`` >= ``floor``.
+
+    Few entries pass, so they are found the way a bitmap index is read: the comparison
+    is packed into bits, 64-bit words that hold a hit are found first, then their bytes
+    that hold one, then the bits. ``np.nonzero`` over the boolean matrix itself would
+    cost more than computing the scores.
+    """
+    n_rows, n_cols = scores.shape
+    padded = -(-n_cols // 64) * 64
+    hit = np.zeros((n_rows, padded), dtype=bool)
+    np.greater_equal(scores, floor, out=hit[:, :n_cols])
+    packed = np.packbits(hit, axis=1).reshape(n_rows, -1, 8)  # first column in the top bit
+    word_row, word = np.nonzero(packed.view(np.uint64)[:, :, 0])
+    at, byte = np.nonzero(packed[word_row, word])
+    bits = np.unpackbits(packed[word_row[at], word[at], byte][:, None], axis=1)
+    at_byte, bit = np.nonzero(bits)
+    row = word_row[at[at_byte]].astype(np.int64)
+    col = (word[at[at_byte]] * 64 + byte[at_byte] * 8 + bit).astype(np.int64)
+    return row, col + offset, scores[row, col]
 
 
 def _query_chunks(

@@ -223,3 +223,123 @@ def test_signal_batches_equal_one_big_batch(
     pd.testing.assert_frame_equal(
         peers.drop(columns="similarity"), whole_peers.drop(columns="similarity")
     )
+
+
+def reference_peer_signals(
+    queries: PatientStates,
+    pool: PatientStates,
+    q_emb: np.ndarray,
+    p_emb: np.ndarray,
+    k: int,
+    min_support: int,
+    max_statements: int | None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The peer rules written out one query at a time, for comparison with the vectorized
+    search: eligible states (outcome at or before the index time, another patient), each
+    patient's best state (similarity to 6 decimals, then the earlier outcome), the k best
+    patients, then each item with its distinct supporters."""
+    q, p = unit_rows(q_emb), unit_rows(p_emb)
+    sims = q @ p.T
+    targets, _ = pool.require_targets()
+    next_us = pool.keys["next_us"].to_numpy()
+    # the earlier outcome first; among equal outcome times, the earlier pool row
+    position = np.empty(len(pool), dtype=np.int64)
+    position[np.argsort(next_us, kind="stable")] = np.arange(len(pool))
+    pool_patients = pool.keys["patient_id"].to_numpy()
+    peer_rows, statement_rows = [], []
+    for state in range(len(queries)):
+        own = queries.keys["patient_id"].iloc[state]
+        index_us = queries.keys["index_us"].iloc[state]
+        best: dict[str, tuple[float, int, int]] = {}  # patient -> (-key, position, row)
+        for row in range(len(pool)):
+            if next_us[row] > index_us or pool_patients[row] == own:
+                continue
+            candidate = (-float(np.round(sims[state, row], 6)), int(position[row]), row)
+            if pool_patients[row] not in best or candidate < best[pool_patients[row]]:
+                best[pool_patients[row]] = candidate
+        chosen = sorted(best.values())[:k]
+        support: dict[int, list[float]] = {}
+        for rank, (_, _, row) in enumerate(chosen, start=1):
+            peer_rows.append((state, rank, row, float(sims[state, row])))
+            for item in targets[row].indices:
+                support.setdefault(int(item), []).append(float(sims[state, row]))
+        kept = [
+            (state, item, len(s), len(chosen), np.mean(s))
+            for item, s in support.items()
+            if len(s) >= min_support
+        ]
+        kept.sort(key=lambda t: (-t[2], -t[4], t[1]))
+        statement_rows.extend(kept if max_statements is None else kept[:max_statements])
+    peers = pd.DataFrame(peer_rows, columns=["state", "peer_rank", "peer_state", "similarity"])
+    statements = pd.DataFrame(
+        statement_rows, columns=["state", "item", "support", "n_peers", "mean_similarity"]
+    )
+    return peers, statements
+
+
+@pytest.mark.parametrize(
+    ("settings", "embeddings", "max_statements"),
+    [
+        ({}, "model", None),
+        ({}, "model", 3),
+        ({"chunk_size": 7, "max_slab": 40, "sample_states": 6, "num_threads": 2}, "model", 3),
+        ({"sample_states": 10_000, "num_threads": 1}, "model", None),
+        # coarse embeddings: many exact ties (and all-zero rows), broken by outcome time;
+        # all statements kept, as exactly tied means may round apart in float32
+        ({}, "coarse", None),
+        ({"chunk_size": 5, "sample_states": 6, "num_threads": 2}, "coarse", None),
+    ],
+)
+def test_peer_search_equals_a_reference_implementation(
+    model: Recommender,
+    train: PatientStates,
+    unseen: PatientStates,
+    settings: dict[str, int],
+    embeddings: str,
+    max_statements: int | None,
+) -> None:
+    """Regression guard of the vectorized peer search (issue 3: 100k states in 30 s): the
+    same peers in the same order and the same statements as the rules written plainly."""
+    q_emb, p_emb = model.embed(unseen), model.embed(train)
+    if embeddings == "coarse":
+        q_emb, p_emb = ((np.round(e * 2) / 2).astype(np.float32) for e in (q_emb, p_emb))
+    k, m = 5, 2
+    found = peer_signals(
+        model,
+        unseen,
+        train,
+        k=k,
+        min_support=m,
+        max_statements=max_statements,
+        query_embeddings=q_emb,
+        pool_embeddings=p_emb,
+        **settings,
+    )
+    peers, statements = reference_peer_signals(unseen, train, q_emb, p_emb, k, m, max_statements)
+    assert len(peers) > 0 and len(statements) > 0
+    got = found.peers[["state", "peer_rank", "peer_state"]]
+    pd.testing.assert_frame_equal(got, peers[["state", "peer_rank", "peer_state"]])
+    np.testing.assert_allclose(found.peers["similarity"], peers["similarity"], atol=1e-6)
+    # the same statements; their order within a query is _statements' (mean similarity)
+    got_statements = found.statements.sort_values(["state", "item"], ignore_index=True)
+    statements = statements.sort_values(["state", "item"], ignore_index=True)
+    columns = ["state", "item", "support", "n_peers"]
+    pd.testing.assert_frame_equal(got_statements[columns], statements[columns])
+    np.testing.assert_allclose(
+        got_statements["mean_similarity"], statements["mean_similarity"], atol=1e-6
+    )
+
+
+def test_entries_at_least_a_floor_are_all_found() -> None:
+    from recsys.signals import _at_least
+
+    rng = np.random.default_rng(3)
+    for n_rows, n_cols in [(1, 1), (3, 63), (5, 64), (7, 130), (64, 512)]:
+        scores = rng.normal(size=(n_rows, n_cols)).astype(np.float32)
+        floor = rng.normal(loc=1.5, size=(n_rows, 1)).astype(np.float32)
+        row, col, value = _at_least(scores, floor, offset=100)
+        expected_row, expected_col = np.nonzero(scores >= floor)
+        order = np.lexsort((col, row))
+        assert np.array_equal(row[order], expected_row)
+        assert np.array_equal(col[order], expected_col + 100)
+        assert np.array_equal(value[order], scores[expected_row, expected_col])
