@@ -11,7 +11,8 @@ more L, fewer L the next larger / smaller k of list L on `K_LADDER` (L's fragmen
 switch style    concise ⇄ explanation (needs the style or self fragment)
 ==============  ==================================================================
 
-Invalid edits are masked (`edit_mask`), never punished. An `EditCase` holds one
+Invalid edits are masked (`edit_mask`), never punished; so is the edit that
+would undo the previous one (remove F right after add F, ...). An `EditCase` holds one
 index encounter's context, signals and (for scoring only) the physician's next
 plan; `case_features` turns the context and signals into the fixed-size
 patient part of the observation, with no LLM call.
@@ -68,6 +69,8 @@ EDITS: tuple[Edit, ...] = (
 )
 STOP = 0
 N_EDITS = len(EDITS)
+#: Bumped when the meaning of the edits or masks changes: a saved policy must match it.
+EDIT_SPACE_VERSION = 2
 
 
 def _k(config: PromptConfig, name: str) -> int:
@@ -80,8 +83,27 @@ def _next_k(k: int, up: bool) -> int | None:
     return next((v for v in reversed(K_LADDER) if v < k), None)
 
 
-def edit_mask(config: PromptConfig) -> NDArray[np.bool_]:
-    """Which edits are valid for ``config`` (stop always is)."""
+def inverse(action: int) -> int | None:
+    """The edit that undoes ``action`` (add F ⇄ remove F, more L ⇄ fewer L, style ⇄ style)."""
+    e = EDITS[action]
+    opposite = {
+        "add": "remove",
+        "remove": "add",
+        "more": "fewer",
+        "fewer": "more",
+        "style": "style",
+    }
+    if e.kind not in opposite:
+        return None
+    return EDITS.index(Edit(opposite[e.kind], e.target))  # type: ignore[arg-type]
+
+
+def edit_mask(config: PromptConfig, last: int | None = None) -> NDArray[np.bool_]:
+    """Which edits are valid for ``config`` (stop always is).
+
+    With ``last`` (the previous edit), the edit that would undo it is masked
+    too: an undo only spends an edit.
+    """
     present = set(config.fragments)
     mask = np.zeros(N_EDITS, dtype=bool)
     for i, e in enumerate(EDITS):
@@ -98,6 +120,9 @@ def edit_mask(config: PromptConfig) -> NDArray[np.bool_]:
             )
         else:
             mask[i] = "style" in present or "self" in present
+    undo = inverse(last) if last is not None else None
+    if undo is not None:
+        mask[undo] = False
     return mask
 
 
@@ -283,20 +308,22 @@ def random_edits(
 ) -> tuple[PromptConfig, list[str]]:
     """``n_edits`` valid edits drawn uniformly (never stop), and their labels."""
     trace = []
+    last: int | None = None
     for _ in range(n_edits):
-        mask = edit_mask(config)
+        mask = edit_mask(config, last)
         mask[STOP] = False
         choices = np.flatnonzero(mask)
         if choices.size == 0:
             break
-        action = int(rng.choice(choices))
-        config = apply_edit(config, action)
-        trace.append(EDITS[action].label)
+        last = int(rng.choice(choices))
+        config = apply_edit(config, last)
+        trace.append(EDITS[last].label)
     return config, trace
 
 
 __all__ = [
     "EDITS",
+    "EDIT_SPACE_VERSION",
     "EMBED_DIMS",
     "INITIAL_CONFIG",
     "K_LADDER",
@@ -312,6 +339,7 @@ __all__ = [
     "case_features",
     "config_features",
     "edit_mask",
+    "inverse",
     "patient_features",
     "random_edits",
 ]

@@ -171,6 +171,7 @@ class PromptEditEnv(gym.Env[NDArray[np.float32], np.int64]):
         self.case = self.cases[0]
         self.config = initial
         self.edits = 0
+        self.last: int | None = None
         self.trace: list[str] = []
 
     def _obs(self) -> NDArray[np.float32]:
@@ -193,12 +194,13 @@ class PromptEditEnv(gym.Env[NDArray[np.float32], np.int64]):
         self.case = self.cases[index]
         self.config = self.initial
         self.edits = 0
+        self.last = None
         self.trace = []
         return self._obs(), {"encounter_id": self.case.encounter_id, "case": index}
 
     def action_masks(self) -> NDArray[np.bool_]:
         """Valid edits now (sb3-contrib's MaskablePPO reads this)."""
-        mask = edit_mask(self.config)
+        mask = edit_mask(self.config, self.last)
         if self.edits >= self.max_edits:
             mask[:] = False
             mask[STOP] = True
@@ -217,6 +219,7 @@ class PromptEditEnv(gym.Env[NDArray[np.float32], np.int64]):
         elif a != STOP:
             self.config = apply_edit(self.config, a)
             self.edits += 1
+            self.last = a
             self.trace.append(EDITS[a].label)
         done = a == STOP or self.edits >= self.max_edits
         reward = 0.0

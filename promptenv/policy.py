@@ -35,6 +35,7 @@ import pandas as pd
 
 from pipelines.workspace import Workspace, atomic_write_bytes
 from promptenv.editing import (
+    EDIT_SPACE_VERSION,
     EDITS,
     K_LADDER,
     STOP,
@@ -122,7 +123,6 @@ class TrainingLog:
 
 def _monitor(
     reward: AnswerReward,
-    client: LLMClient,
     log: TrainingLog,
     settings: PolicySettings,
     progress: Progress | None,
@@ -147,8 +147,7 @@ def _monitor(
                     log.episodes += 1
                     log.episode_rewards.append(float(self.locals["rewards"][0]))
             if log.episodes and self.n_calls % 16 == 0:
-                stats = client.cache_stats
-                hit = stats.hits / max(1, stats.hits + stats.misses)
+                hit = 1 - reward.llm_calls / max(1, reward.answers)
                 recent = np.mean(log.episode_rewards[-32:])
                 self.bar.set_postfix(
                     reward=f"{recent:+.3f}", cache=f"{hit:.0%}", llm_calls=reward.llm_calls
@@ -218,8 +217,9 @@ class Policy:
     def edit(self, case: EditCase) -> tuple[PromptConfig, list[str]]:
         """The policy's edits of the initial config for one case (no LLM call)."""
         config, trace = INITIAL_CONFIG, []
+        last: int | None = None
         for edits in range(self.max_edits + 1):
-            mask = edit_mask(config)
+            mask = edit_mask(config, last)
             if edits >= self.max_edits:
                 mask[:] = False
                 mask[STOP] = True
@@ -231,6 +231,7 @@ class Policy:
             if a == STOP:
                 break
             config = apply_edit(config, a)
+            last = a
             trace.append(EDITS[a].label)
         return config, trace
 
@@ -271,7 +272,11 @@ def load_policy(folder: Path) -> Policy:
             f"no trained policy in {folder}: run `pmlm policy train` (or `pmlm run`) first"
         )
     info = json.loads(info_path.read_text())
-    if info.get("edits") != [e.label for e in EDITS] or info.get("k_ladder") != list(K_LADDER):
+    if (
+        info.get("edit_space_version") != EDIT_SPACE_VERSION
+        or info.get("edits") != [e.label for e in EDITS]
+        or info.get("k_ladder") != list(K_LADDER)
+    ):
         raise ValueError(
             f"the policy in {folder} was trained on another edit space: retrain it with `pmlm policy train`"
         )
@@ -390,13 +395,14 @@ def train_policy(
         callback_after_eval=_after_eval(reward, log, say),
         verbose=0,
     )
-    monitor = _monitor(reward, client, log, settings, say, show_bar)
+    monitor = _monitor(reward, log, settings, say, show_bar)
     model.learn(total_timesteps=settings.timesteps, callback=CallbackList([monitor, evaluation]))
     if not log.validation or log.validation[-1]["timesteps"] < log.timesteps:
         _final_validation(model, eval_env, len(val_cases), reward, log, say)
     stats = client.cache_stats
     info = {
         "settings": settings.as_dict(),
+        "edit_space_version": EDIT_SPACE_VERSION,
         "edits": [e.label for e in EDITS],
         "k_ladder": list(K_LADDER),
         "initial_config": INITIAL_CONFIG.as_dict(),
@@ -413,9 +419,10 @@ def train_policy(
             "episodes": log.episodes,
             "llm_calls": reward.llm_calls,
             "answers": reward.answers,
-            "cache_hits": stats.hits,
-            "cache_misses": stats.misses,
-            "cache_hit_rate": stats.hits / max(1, stats.hits + stats.misses),
+            "client_cache_hits": stats.hits,
+            "client_cache_misses": stats.misses,
+            # answers served without a new LLM call (from memory or the client's cache)
+            "cache_hit_rate": 1 - reward.llm_calls / max(1, reward.answers),
             "stopped_by_budget": log.stopped_by_budget,
             "validation_curve": log.validation,
             "final_validation_reward": log.validation[-1]["validation_reward"]

@@ -52,10 +52,11 @@ class PromptConfig:
 
     The initial PMLM config (`INITIAL_CONFIG`) lists the profile, up to 5 active
     problems, medications and allergies, her 8 most likely next items (self),
-    the 6 items most supported by similar patients (peer) and a concise answer
-    style, within 400 tokens. The safety note is in the library but not in the
-    initial config: placed last, the small local model echoed it instead of
-    answering (seen on the default cohort); the policy may add it.
+    the 6 items most supported by similar patients (peer), a concise answer
+    style and, last, the safety note, within 400 tokens. It is the hand-written
+    starting point that the policy (`promptenv.policy`) edits; on the default
+    cohort with the local 135M model the trained policy removes the safety note
+    and the style line for every test encounter (see BENCHMARKS.md).
     """
 
     fragments: tuple[str, ...] = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -20,6 +21,7 @@ from promptenv.editing import (
     apply_edit,
     build_cases,
     edit_mask,
+    inverse,
     random_edits,
 )
 from promptenv.env import PromptEditEnv
@@ -158,3 +160,16 @@ def test_environment_rejects_bad_cases(cases: list[EditCase]) -> None:
     bad = replace(cases[0], features=cases[0].features[:5])
     with pytest.raises(ValueError, match="wrong size"):
         PromptEditEnv([bad], words_reward)
+
+
+def test_the_edit_that_undoes_the_previous_one_is_masked(cases: list[EditCase]) -> None:
+    env = PromptEditEnv(cases, words_reward, max_edits=4)
+    env.reset(seed=0)
+    env.step(action("remove problems"))
+    assert not env.action_masks()[action("add problems")]
+    env.step(action("more self"))
+    assert not env.action_masks()[action("fewer self")]
+    assert env.action_masks()[action("add problems")]  # only the previous edit is protected
+    _, trace = random_edits(INITIAL_CONFIG, 6, np.random.default_rng(5))
+    for a, b in itertools.pairwise(trace):
+        assert EDITS[inverse(action(a)) or 0].label != b
