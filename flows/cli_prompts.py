@@ -219,7 +219,12 @@ def write_evaluation(ws: Workspace, result: Evaluation, client: LLMClient) -> Pa
     """
     import pandas as pd
 
-    from promptenv.evaluate import markdown_table
+    from promptenv.evaluate import (
+        EvalSettings,
+        markdown_differences,
+        markdown_table,
+        paired_differences,
+    )
     from promptenv.report import write_report
 
     ws.reports_dir.mkdir(parents=True, exist_ok=True)
@@ -232,7 +237,14 @@ def write_evaluation(ws: Workspace, result: Evaluation, client: LLMClient) -> Pa
         "on plan-item recall.\n\n"
     )
     path = ws.reports_dir / "evaluation.md"
-    atomic_write_bytes(path, (header + markdown_table(result.table) + "\n").encode())
+    diffs = paired_differences(result.results, EvalSettings())
+    paired = (
+        "\n\nPaired differences against PMLM initial (same encounters; bootstrap over "
+        "encounters; bold: the interval excludes 0):\n\n" + markdown_differences(diffs)
+        if len(diffs)
+        else ""
+    )
+    atomic_write_bytes(path, (header + markdown_table(result.table) + paired + "\n").encode())
     atomic_write_bytes(
         ws.reports_dir / "evaluation.json",
         json.dumps(

@@ -369,6 +369,66 @@ def evaluate_methods(
     return Evaluation(results, aggregate(results, settings), calibration, client.label)
 
 
+def paired_differences(
+    results: pd.DataFrame,
+    settings: EvalSettings,
+    baseline: str = "pmlm_initial",
+    metrics: Sequence[str] = ("recall", "reward"),
+) -> pd.DataFrame:
+    """Per subset and method: mean of (method − baseline) on the same encounters, with a paired 95% CI.
+
+    Every method answers the same encounters, so the difference is resampled
+    per encounter (paired bootstrap): tighter than comparing two separate
+    intervals, and the right test of "beats the baseline".
+    """
+    rows = []
+    for subset in SUBSETS:
+        sub = results[results[f"in_{subset}"]]
+        if sub.empty or baseline not in set(sub["method"]):
+            continue
+        for metric in metrics:
+            wide = sub.pivot_table(index="encounter_id", columns="method", values=metric)
+            for method in wide.columns:
+                if method == baseline:
+                    continue
+                diff = (wide[method] - wide[baseline]).dropna().to_numpy(dtype=float)
+                lo, hi = bootstrap_ci(diff, settings.bootstrap, settings.seed)
+                rows.append(
+                    {
+                        "subset": subset,
+                        "metric": metric,
+                        "method": method,
+                        "n": len(diff),
+                        "difference": float(diff.mean()) if len(diff) else np.nan,
+                        "lo": lo,
+                        "hi": hi,
+                    }
+                )
+    table = pd.DataFrame(
+        rows, columns=["subset", "metric", "method", "n", "difference", "lo", "hi"]
+    )
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    return table.sort_values(
+        ["subset", "metric", "method"],
+        key=lambda s: s.map(lambda m: order.get(m, len(order))) if s.name == "method" else s,
+        kind="stable",
+    ).reset_index(drop=True)
+
+
+def markdown_differences(table: pd.DataFrame, baseline: str = "pmlm_initial") -> str:
+    """`paired_differences` as Markdown; a difference whose interval excludes 0 is in bold."""
+    lines = [
+        f"| subset | metric | method | n | method − {baseline} [paired 95% CI] |",
+        "|---|---|---|---|---|",
+    ]
+    for r in table.itertuples(index=False):
+        cell = f"{r.difference:+.3f} [{r.lo:+.3f}, {r.hi:+.3f}]"
+        if r.lo > 0 or r.hi < 0:
+            cell = f"**{cell}**"
+        lines.append(f"| {r.subset} | {r.metric} | {r.method} | {r.n} | {cell} |")
+    return "\n".join(lines)
+
+
 def markdown_table(table: pd.DataFrame) -> str:
     """The aggregated table as Markdown: mean [95% CI] per metric."""
     lines = [
@@ -404,7 +464,9 @@ __all__ = [
     "bootstrap_ci",
     "calibrate_threshold",
     "evaluate_methods",
+    "markdown_differences",
     "markdown_table",
+    "paired_differences",
     "pick_encounters",
     "references",
 ]
