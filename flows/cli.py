@@ -20,6 +20,7 @@ from flows.cli_llm import llm_app
 from flows.cli_policy import policy_app
 from flows.cli_prompts import evaluate_cmd, prompts_app
 from flows.cli_recsys import recsys_app
+from flows.cli_serve import serve_cmd
 from flows.options import WorkspaceOpt
 from pipelines.workspace import Workspace
 
@@ -44,6 +45,7 @@ app.add_typer(prompts_app, name="prompts")
 app.add_typer(policy_app, name="policy")
 app.command("evaluate")(evaluate_cmd)
 app.command("export")(export_cmd)
+app.command("serve")(serve_cmd)
 
 console = Console()
 
@@ -202,15 +204,6 @@ def data_summary_cmd(
         print_summary(summary, f"Workspace {ws.root}")
 
 
-#: One point per model: the main job fits without a grid search (`pmlm recsys fit` tunes).
-QUICK_GRIDS: dict[str, dict[str, list[Any]]] = {
-    "lightfm": {"epochs": [20], "max_sampled": [30]},
-    "als": {"factors": [32], "regularization": [0.1], "alpha": [20.0]},
-    "bpr": {"iterations": [200], "learning_rate": [0.2]},
-    "item_knn": {"similarity": ["tfidf"], "K": [1000]},
-}
-
-
 @app.command("run")
 def run_cmd(
     workspace: WorkspaceOpt = None,
@@ -220,51 +213,71 @@ def run_cmd(
     n_eval: Annotated[
         int, typer.Option(help="Test encounters per subset (obstetric, adult) to evaluate.")
     ] = 4,
+    task_runner: Annotated[
+        str,
+        typer.Option(
+            "--task-runner",
+            help="Where the build's batches of signals and prompts run: threads (this process) "
+            "or dask (a local cluster, or the scheduler of --dask-address).",
+        ),
+    ] = "threads",
+    dask_address: Annotated[
+        str | None,
+        typer.Option(help="A running Dask scheduler (tcp://HOST:8786) for --task-runner dask."),
+    ] = None,
+    policy_timesteps: Annotated[
+        int,
+        typer.Option(
+            help="PPO steps of the main job's short policy training (`pmlm policy train` trains longer)."
+        ),
+    ] = 256,
 ) -> None:
-    """The main job on the built-in default cohort: data, recommenders, prompts, evaluation with the LLM."""
-    from flows.cli_prompts import signal_source, write_evaluation
-    from pipelines.cohort import prepare_default_cohort
-    from pipelines.ingest import load_tables
-    from promptenv.evaluate import EvalSettings, evaluate_methods, markdown_table
-    from promptenv.llm import LLMClient
-    from promptenv.prompt_table import build_prompt_table, write_prompt_table
-    from recsys.steps import fit_models
+    """The main job on the built-in default cohort, as Prefect flows: data, recommenders, prompts, evaluation with the LLM, export."""
+    import os
 
+    # before Prefect reads its settings: no usage telemetry unless the user asks for it
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.pipeline import TASK_RUNNERS, pmlm_pipeline, prefect_destination
+
+    if task_runner not in TASK_RUNNERS:
+        raise typer.BadParameter(f"--task-runner must be one of {', '.join(TASK_RUNNERS)}")
+    if dask_address and task_runner != "dask":
+        raise typer.BadParameter("--dask-address needs --task-runner dask")
     ws = Workspace.at(workspace)
     started = time.perf_counter()
-
-    def step(n: int, what: str) -> None:
-        console.print(f"[bold]Step {n}/4[/] ({time.perf_counter() - started:.0f} s): {what}")
-
     console.print(
         f"[bold]PMLM main job[/] on the built-in default cohort, workspace {ws.root.resolve()}"
     )
-    step(1, "canonical tables, reference plans, index encounters and split")
-    summary = prepare_default_cohort(ws)
-    print_summary(summary, "Default cohort")
-    step(
-        2,
-        "recommenders (baselines, LightFM, ALS, BPR, item-kNN, blend), chosen on validation patients",
+    console.print(f"Prefect: {prefect_destination()}", markup=False)
+    result = pmlm_pipeline(
+        workspace=str(ws.root),
+        backend=backend,
+        n_eval=n_eval,
+        task_runner=task_runner,
+        dask_address=dask_address,
+        policy_timesteps=policy_timesteps,
     )
-    fit = fit_models(ws, grids=QUICK_GRIDS, progress=lambda m: console.print(f"  {m}"))
-    console.print(f"  selected: {fit.best}")
-    step(3, "personalized prompts (PMLM initial) for every patient's latest index encounter")
-    tables = load_tables(ws)
-    signals = signal_source(ws)
-    prompts = build_prompt_table(tables, ["pmlm_initial"], signals, "latest")
-    write_prompt_table(ws, prompts)
-    console.print(f"  {len(prompts)} prompts, mean {prompts['tokens'].mean():.0f} tokens")
-    step(4, f"methods compared with the {backend} LLM on {n_eval} + {n_eval} test encounters")
-    client = LLMClient(backend, workspace=ws)
-    settings = EvalSettings(n_obstetric=n_eval, n_adult=n_eval, n_calibration=2 * n_eval)
-    result = evaluate_methods(
-        client, tables, signals, settings=settings, progress=lambda m: console.print(f"  {m}")
+    built = result.build
+    print_summary(built.summary, "Default cohort")
+    prompts = built.prompts
+    console.print(
+        f"Recommender: {built.recommender}. {prompts.rows} prompts; signals and prompts computed "
+        f"for {prompts.recomputed_patients} of {prompts.patients} patients in this run."
     )
-    report = write_evaluation(ws, result, client)
-    console.print(markdown_table(result.table), markup=False)
+    training = result.policy.training
+    console.print(
+        f"Policy {result.policy.version}: {training['episodes']} training episodes, "
+        f"{training['llm_calls']} LLM calls; {result.refined.rows} prompts in the table "
+        "(PMLM initial and PMLM refined by the policy)."
+    )
+    console.print(
+        f"\nMethods compared with {result.evaluation.llm} on {n_eval} + {n_eval} test encounters:"
+    )
+    console.print(result.evaluation.markdown, markup=False)
     console.print(f"\nDone in {time.perf_counter() - started:.0f} s.")
-    console.print(f"Prompt table: {ws.table_path('prompts')}")
-    console.print(f"Report:       {report}")
+    console.print(f"Prompt table: {result.refined.path}", markup=False)
+    console.print(f"Report:       {result.evaluation.report}", markup=False)
+    console.print(f"Export:       {result.export.manifest}", markup=False)
 
 
 def main() -> None:

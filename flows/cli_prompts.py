@@ -167,7 +167,7 @@ def evaluate_cmd(
             f"unknown method(s) {[m for m in chosen if m not in METHODS]}; choose from "
             f"{', '.join(METHODS)}, pmlm, random_edits, search_N"
         )
-    editing = edit_methods([m for m in names if is_edit_method(m)], _policy_if_needed(ws, names))
+    editing = edit_methods([m for m in names if is_edit_method(m)], policy_if_needed(ws, names))
     client = LLMClient(
         backend, workspace=ws, budget=Budget(max_calls=max_calls) if max_calls else None
     )
@@ -200,7 +200,7 @@ def evaluate_cmd(
     console.print(f"Written: {report}")
 
 
-def _policy_if_needed(ws: Workspace, names: Sequence[str]) -> Policy | None:
+def policy_if_needed(ws: Workspace, names: Sequence[str]) -> Policy | None:
     """The workspace's policy when pmlm or random_edits is asked for (random edits mimic its counts)."""
     from promptenv.policy import load_policy, policy_dir
 

@@ -142,9 +142,7 @@ def edit_methods(
             out[name] = RandomEdits(like=policy, seed=seed)
         else:
             n = int(name.partition("_")[2])
-            out[name] = PerPatientSearch(
-                n, policy.max_edits if policy else max_edits, seed=seed
-            )
+            out[name] = PerPatientSearch(n, policy.max_edits if policy else max_edits, seed=seed)
     return out
 
 

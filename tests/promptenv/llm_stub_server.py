@@ -6,9 +6,12 @@ OpenAI Chat Completions, records every request, and fails on command.
 - ``server.inject_faults(rate=0.3, seed=7)``: each request fails with
   probability ``rate`` (429, 500, 503 or 529, drawn from a seeded RNG).
 - ``server.requests``: every request received (path, headers, body).
+- ``server.hold_after(n)``: answer the next ``n`` requests, then hold every later
+  one unanswered until ``server.release()`` (a client stuck mid-run, e.g. to be killed).
 
 A normal answer is ``answer_for(user_text)``, so a test can check that each
-answer belongs to its request.
+answer belongs to its request; ``StubLLMServer(echo=True)`` answers with the
+request's messages instead (an answer that mentions what the prompt told it).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class Action:
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
+    hold: bool = False  # wait for `StubLLMServer.release` before answering
 
 
 @dataclass(frozen=True)
@@ -54,12 +58,16 @@ class RecordedRequest:
 class StubLLMServer:
     """The server; start with ``start()`` (or as a context manager), stop with ``stop()``."""
 
-    def __init__(self) -> None:
+    def __init__(self, echo: bool = False) -> None:
+        self.echo = echo
         self.requests: list[RecordedRequest] = []
         self.responses: list[int] = []
         self._script: deque[Action] = deque()
         self._fault_rate = 0.0
         self._fault_rng = random.Random(0)
+        self._hold_from: int | None = None
+        self._released = threading.Event()
+        self._released.set()
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._httpd.daemon_threads = True
@@ -95,6 +103,18 @@ class StubLLMServer:
             self._fault_rate = rate
             self._fault_rng = random.Random(seed)
 
+    def hold_after(self, n: int) -> None:
+        """Answer the next ``n`` requests normally; hold the later ones until `release`."""
+        with self._lock:
+            self._hold_from = len(self.requests) + n
+            self._released.clear()
+
+    def release(self) -> None:
+        """Answer the held requests and every later one."""
+        with self._lock:
+            self._hold_from = None
+        self._released.set()
+
     @property
     def failures(self) -> int:
         """Requests answered with an error status."""
@@ -106,7 +126,9 @@ class StubLLMServer:
     def _next_action(self, request: RecordedRequest) -> Action:
         with self._lock:
             self.requests.append(request)
-            if self._script:
+            if self._hold_from is not None and len(self.requests) > self._hold_from:
+                action = Action(hold=True)
+            elif self._script:
                 action = self._script.popleft()
             elif self._fault_rate and self._fault_rng.random() < self._fault_rate:
                 action = Action(self._fault_rng.choice(FAULT_STATUSES))
@@ -128,12 +150,17 @@ def _handler_for(server: StubLLMServer) -> type[BaseHTTPRequestHandler]:
                 self.path, {k.lower(): v for k, v in self.headers.items()}, body
             )
             action = server._next_action(request)
+            if action.hold:
+                server._released.wait()
             if action.delay_s:
                 time.sleep(action.delay_s)
             payload = json.loads(body)
             anthropic = self.path.rstrip("/").endswith("/messages")
             if action.status == 200:
-                reply = _anthropic_answer(payload) if anthropic else _openai_answer(payload)
+                text = _echo(payload) if server.echo else None
+                reply = (
+                    _anthropic_answer(payload, text) if anthropic else _openai_answer(payload, text)
+                )
             else:
                 reply = _error_body(action.status, anthropic)
             data = json.dumps(reply).encode()
@@ -164,8 +191,20 @@ def _last_user_text(messages: list[dict[str, Any]]) -> str:
     return content if isinstance(content, str) else "".join(b.get("text", "") for b in content)
 
 
-def _anthropic_answer(payload: dict[str, Any]) -> dict[str, Any]:
-    text = answer_for(_last_user_text(payload["messages"]))
+def _echo(payload: dict[str, Any]) -> str:
+    """The request's system text and messages, one per line."""
+    system = payload.get("system") or ""
+    parts = [system] if isinstance(system, str) else [b.get("text", "") for b in system]
+    for m in payload["messages"]:
+        content = m["content"]
+        parts.append(
+            content if isinstance(content, str) else "".join(b.get("text", "") for b in content)
+        )
+    return "\n".join(p for p in parts if p)
+
+
+def _anthropic_answer(payload: dict[str, Any], text: str | None = None) -> dict[str, Any]:
+    text = text if text is not None else answer_for(_last_user_text(payload["messages"]))
     return {
         "id": "msg_stub",
         "type": "message",
@@ -178,8 +217,8 @@ def _anthropic_answer(payload: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _openai_answer(payload: dict[str, Any]) -> dict[str, Any]:
-    text = answer_for(_last_user_text(payload["messages"]))
+def _openai_answer(payload: dict[str, Any], text: str | None = None) -> dict[str, Any]:
+    text = text if text is not None else answer_for(_last_user_text(payload["messages"]))
     return {
         "id": "chatcmpl-stub",
         "object": "chat.completion",

@@ -1,0 +1,390 @@
+"""Prefect flows: the main job and its parts, built from the tasks of `flows.tasks`.
+
+- `build`: canonical tables (ingest or the built-in cohort; reference plans,
+  index encounters, split) → recommender (fit, cached per data fingerprint) →
+  signals → initial prompts, the last two in batches that a task runner fans out;
+- `refresh`: the nightly job: re-ingest, then signals and prompts of the patients
+  whose records changed (`promptenv.refresh`); the recommender is NOT refit
+  unless ``refit=True`` (or no recommender was fitted yet);
+- `evaluate`: the methods compared with one LLM on the same test encounters;
+- `export`: the prompt table's rows of the chosen methods → parquet, JSONL, SQL;
+- `train_policy`: the prompt-editing policy (MaskablePPO; cached by its inputs);
+- `refine`: the policy's prompts (method ``pmlm``) added to the prompt table;
+- `pmlm_pipeline`: build → train_policy → refine → evaluate → export.
+
+Every flow takes the workspace folder as a path; the task runner is chosen with
+`make_task_runner` (threads, or Dask: a local cluster or a scheduler's address).
+Usage::
+
+    from flows.pipeline import pmlm_pipeline
+    result = pmlm_pipeline(workspace="pmlm-workspace", backend="local", n_eval=4)
+    result.build.prompts.path, result.evaluation.report
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, unmapped
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from flows.tasks import (
+    EvaluationOutcome,
+    ExportOutcome,
+    FitOutcome,
+    PolicyOutcome,
+    build_prompts,
+    compute_signals,
+    evaluate_with_llm,
+    export_prompts,
+    fingerprint_records,
+    fit_recommenders,
+    in_workspace,
+    plan_prompts,
+    prepare_cohort,
+    selected_recommender,
+    train_policy_task,
+    write_prompts,
+)
+from pipelines.workspace import Workspace
+from promptenv.policy import PolicySettings
+from promptenv.prompts import METHODS
+from promptenv.refresh import PromptTableSpec, RefreshResult
+
+#: One point per model: the main job fits without a grid search (`pmlm recsys fit` tunes).
+QUICK_GRIDS: dict[str, dict[str, list[Any]]] = {
+    "lightfm": {"epochs": [20], "max_sampled": [30]},
+    "als": {"factors": [32], "regularization": [0.1], "alpha": [20.0]},
+    "bpr": {"iterations": [200], "learning_rate": [0.2]},
+    "item_knn": {"similarity": ["tfidf"], "K": [1000]},
+}
+TASK_RUNNERS = ("threads", "dask")
+EXPORT_FORMATS = ("parquet", "jsonl", "sql")
+
+
+def make_task_runner(
+    kind: str = "threads", dask_address: str | None = None, n_workers: int = 2
+) -> TaskRunner[Any]:
+    """Where tasks run: ``threads`` (this process) or ``dask``.
+
+    Dask runs on the scheduler at ``dask_address`` (``tcp://host:8786``; its workers
+    must see the workspace folder at the same path), else on a local cluster of
+    ``n_workers`` single-threaded worker processes started for the flow run.
+    """
+    if kind == "threads":
+        if dask_address:
+            raise ValueError("--dask-address needs --task-runner dask")
+        return ThreadPoolTaskRunner()
+    if kind == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if dask_address:
+            return DaskTaskRunner(address=dask_address)
+        return DaskTaskRunner(
+            cluster_kwargs={
+                "n_workers": n_workers,
+                "threads_per_worker": 1,
+                "processes": True,
+                "dashboard_address": None,
+                "silence_logs": logging.WARNING,
+            }
+        )
+    raise ValueError(f"unknown task runner {kind!r}: choose {' or '.join(TASK_RUNNERS)}")
+
+
+def prefect_destination() -> str:
+    """Where flow runs are recorded: the configured Prefect API, else a temporary local server."""
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url:
+        return f"flow runs recorded at {settings.api.url}"
+    return (
+        "no PREFECT_API_URL: a temporary local server records the runs in "
+        f"{Path(settings.home) / 'prefect.db'} (PREFECT_HOME)"
+    )
+
+
+def _workspace(workspace: str | None) -> str:
+    return str(Workspace.at(workspace).root.resolve())
+
+
+@dataclass(frozen=True)
+class BuildOutcome:
+    """What a build or refresh did: the data summary, the fit (None when not refit), the prompts."""
+
+    workspace: Path
+    summary: dict[str, Any]
+    fit: FitOutcome | None
+    recommender: str
+    prompts: RefreshResult
+
+
+def _prompt_table(workspace: str, spec: PromptTableSpec, full: bool) -> RefreshResult:
+    """Plan, then signals and prompts per batch (fanned out by the task runner), then write."""
+    plan = plan_prompts(workspace, spec, full)
+    signals = in_workspace(compute_signals, workspace).map(unmapped(plan), plan.batches)
+    prompts = in_workspace(build_prompts, workspace).map(unmapped(plan), plan.batches, signals)
+    # Prefect hands the tasks' results, not the futures, to the writer
+    written: RefreshResult = write_prompts(plan, prompts, signals)  # type: ignore[arg-type]
+    return written
+
+
+@flow(name="pmlm-build")
+def build(
+    workspace: str | None = None,
+    source: str = "default",
+    split_seed: int = 0,
+    methods: list[str] | None = None,
+    which: str = "latest",
+    batch_size: int = 32,
+    grids: dict[str, dict[str, list[Any]]] | None = None,
+    refit: bool = False,
+    full: bool = False,
+) -> BuildOutcome:
+    """Canonical tables → recommender → signals → initial prompts (``tables/prompts.parquet``).
+
+    The fit is cached per data fingerprint and grid (``refit=True`` fits anyway);
+    signals and prompts are recomputed only for the patients whose inputs changed
+    since the last build (``full=True`` recomputes all). ``grids`` defaults to
+    `QUICK_GRIDS`; ``methods`` to ``["pmlm_initial"]``.
+    """
+    log = get_run_logger()
+    ws = _workspace(workspace)
+    spec = PromptTableSpec(tuple(methods or ["pmlm_initial"]), which, batch_size=batch_size)  # type: ignore[arg-type]
+    log.info(f"Step 1/3: canonical tables, reference plans, index encounters and split ({source})")
+    summary = prepare_cohort(ws, source, split_seed)
+    fingerprint = fingerprint_records(ws)
+    log.info(
+        "Step 2/3: recommenders (baselines, LightFM, ALS, BPR, item-kNN, blend), "
+        "chosen on validation patients"
+    )
+    fit = in_workspace(fit_recommenders, ws, refresh=refit)(
+        ws, fingerprint, grids if grids is not None else QUICK_GRIDS
+    )
+    log.info(f"  selected: {fit.best}")
+    log.info("Step 3/3: signals and personalized prompts, per batch of patients")
+    prompts = _prompt_table(ws, spec, full)
+    return BuildOutcome(Path(ws), summary, fit, prompts.recommender, prompts)
+
+
+@dataclass(frozen=True)
+class RefreshOutcome:
+    """The refreshed prompt table and its export."""
+
+    build: BuildOutcome
+    export: ExportOutcome
+
+
+@flow(name="pmlm-refresh")
+def refresh(
+    workspace: str | None = None,
+    source: str = "default",
+    split_seed: int = 0,
+    methods: list[str] | None = None,
+    which: str = "latest",
+    batch_size: int = 32,
+    refit: bool = False,
+    grids: dict[str, dict[str, list[Any]]] | None = None,
+    export_formats: list[str] | None = None,
+    sql_url: str | None = None,
+) -> RefreshOutcome:
+    """The nightly refresh: re-ingest ``source``, recompute signals and prompts only for the
+    patients whose records (or recommender state, or peers) changed, export the prompt table.
+
+    The recommender is NOT refit unless ``refit=True``, or when the workspace has no
+    fitted recommender yet; a refit changes every signal, so every prompt is then
+    recomputed. Use the same ``methods`` and ``which`` as the build, or every
+    prompt is recomputed.
+    """
+    log = get_run_logger()
+    ws = _workspace(workspace)
+    chosen = list(methods or ["pmlm_initial"])
+    summary = prepare_cohort(ws, source, split_seed)
+    fit: FitOutcome | None = None
+    if refit or selected_recommender(ws) is None:
+        log.info("fitting the recommenders" + (" (asked)" if refit else " (none fitted yet)"))
+        fingerprint = fingerprint_records(ws)
+        fit = in_workspace(fit_recommenders, ws, refresh=refit)(
+            ws, fingerprint, grids if grids is not None else QUICK_GRIDS
+        )
+    version = trained_policy_version(ws)
+    if version is not None and "pmlm" not in chosen:
+        chosen.append("pmlm")  # the policy's prompts are refreshed with the others
+    spec = PromptTableSpec(
+        tuple(chosen),
+        which,  # type: ignore[arg-type]
+        batch_size=batch_size,
+        policy_version=version or "",
+    )
+    prompts = _prompt_table(ws, spec, False)
+    exported = export_prompts(ws, chosen, list(export_formats or EXPORT_FORMATS), sql_url)
+    return RefreshOutcome(
+        BuildOutcome(Path(ws), summary, fit, prompts.recommender, prompts), exported
+    )
+
+
+def trained_policy_version(workspace: str) -> str | None:
+    """The version of the workspace's trained policy, None when there is none."""
+    import json
+
+    info = Path(workspace) / "models" / "policy" / "policy.json"
+    return str(json.loads(info.read_text())["version"]) if info.exists() else None
+
+
+@flow(name="pmlm-evaluate")
+def evaluate(
+    workspace: str | None = None,
+    backend: str = "local",
+    methods: list[str] | None = None,
+    n_obstetric: int = 4,
+    n_adult: int = 4,
+    n_calibration: int = 8,
+    seed: int = 0,
+    max_calls: int | None = None,
+) -> EvaluationOutcome:
+    """Compare ``methods`` (default: every method of `promptenv.prompts.METHODS`) on the same
+    test encounters with the LLM named by ``backend``; writes ``reports/evaluation.md``."""
+    outcome: EvaluationOutcome = evaluate_with_llm(
+        _workspace(workspace),
+        backend,
+        list(methods or METHODS),
+        n_obstetric,
+        n_adult,
+        n_calibration,
+        seed,
+        max_calls,
+    )
+    return outcome
+
+
+@flow(name="pmlm-export")
+def export(
+    workspace: str | None = None,
+    methods: list[str] | None = None,
+    formats: list[str] | None = None,
+    sql_url: str | None = None,
+    out: str | None = None,
+) -> ExportOutcome:
+    """The prompt table's rows of ``methods`` (default ``["pmlm_initial"]``) → ``WORKSPACE/export``."""
+    outcome: ExportOutcome = export_prompts(
+        _workspace(workspace),
+        list(methods or ["pmlm_initial"]),
+        list(formats or EXPORT_FORMATS),
+        sql_url,
+        out,
+    )
+    return outcome
+
+
+@dataclass(frozen=True)
+class PipelineOutcome:
+    build: BuildOutcome
+    policy: PolicyOutcome
+    refined: RefreshResult
+    evaluation: EvaluationOutcome
+    export: ExportOutcome
+
+
+@flow(name="pmlm-pipeline")
+def pmlm_pipeline(
+    workspace: str | None = None,
+    backend: str = "local",
+    n_eval: int = 4,
+    source: str = "default",
+    prompt_methods: list[str] | None = None,
+    eval_methods: list[str] | None = None,
+    task_runner: str = "threads",
+    dask_address: str | None = None,
+    batch_size: int = 32,
+    policy_timesteps: int = 256,
+) -> PipelineOutcome:
+    """The main job: build → train_policy → refine → evaluate → export.
+
+    ``n_eval`` test encounters per subset (obstetric, adult) are evaluated with the
+    LLM ``backend``; ``task_runner`` (threads or dask, with ``dask_address``) runs
+    the build's batches; ``policy_timesteps`` PPO steps train the policy.
+    """
+    ws = _workspace(workspace)
+    prompt_methods = list(prompt_methods or ["pmlm_initial"])
+    runner = make_task_runner(task_runner, dask_address)
+    built = build.with_options(task_runner=runner)(
+        ws, source, methods=prompt_methods, batch_size=batch_size
+    )
+    policy = train_policy(
+        ws,
+        backend,
+        built.recommender,
+        quick_policy_settings(policy_timesteps, 2 * n_eval),
+    )
+    refined = refine(ws, policy.version, prompt_methods, batch_size=batch_size)
+    evaluation = evaluate(
+        ws,
+        backend,
+        eval_methods or [*METHODS, "random_edits", "pmlm"],
+        n_obstetric=n_eval,
+        n_adult=n_eval,
+        n_calibration=2 * n_eval,
+    )
+    exported = export(ws, [*prompt_methods, "pmlm"])
+    return PipelineOutcome(built, policy, refined, evaluation, exported)
+
+
+def quick_policy_settings(timesteps: int, n_calibration: int) -> PolicySettings:
+    """The main job's short training run: a few hundred edits, at most 120 new LLM answers.
+
+    `pmlm policy train` trains longer (see BENCHMARKS.md); the calibration uses
+    the same validation encounters as the main job's evaluation, so their answers
+    are asked once.
+    """
+    return PolicySettings(
+        n_train=24,
+        n_validation=8,
+        timesteps=timesteps,
+        n_steps=64,
+        batch_size=64,
+        eval_freq=max(64, timesteps // 2),
+        max_llm_calls=120,
+        n_calibration=n_calibration,
+    )
+
+
+@flow(name="pmlm-train-policy")
+def train_policy(
+    workspace: str | None, backend: str, recommender: str, settings: PolicySettings
+) -> PolicyOutcome:
+    """Train the prompt-editing policy with MaskablePPO (`promptenv.policy`), answers from ``backend``.
+
+    Cached by the data fingerprint, the recommender, the LLM and the settings: a
+    rerun on the same inputs reuses the saved policy.
+    """
+    ws = _workspace(workspace)
+    get_run_logger().info("training the prompt-editing policy (MaskablePPO)")
+    fingerprint = fingerprint_records(ws)
+    outcome: PolicyOutcome = in_workspace(train_policy_task, ws)(
+        ws, backend, fingerprint, recommender, settings
+    )
+    if not (Path(ws) / "models" / "policy" / "policy.json").exists():
+        # a cache hit whose saved policy was deleted since: train again
+        outcome = in_workspace(train_policy_task, ws, refresh=True)(
+            ws, backend, fingerprint, recommender, settings
+        )
+    return outcome
+
+
+@flow(name="pmlm-refine")
+def refine(
+    workspace: str | None,
+    policy_version: str,
+    methods: list[str] | None = None,
+    which: str = "latest",
+    batch_size: int = 32,
+) -> RefreshResult:
+    """Add the policy's refined prompts (method ``pmlm``, no LLM call) to the prompt table."""
+    ws = _workspace(workspace)
+    chosen = tuple(dict.fromkeys([*(methods or ["pmlm_initial"]), "pmlm"]))
+    spec = PromptTableSpec(chosen, which, batch_size=batch_size, policy_version=policy_version)  # type: ignore[arg-type]
+    return _prompt_table(ws, spec, False)

@@ -1,0 +1,395 @@
+"""Prefect tasks: each a thin wrapper over one plain function of `pipelines`, `recsys` or `promptenv`.
+
+Tasks take the workspace as a path string and return small values (summaries,
+ids, the rows of one batch); the tables, models and reports stay in the
+workspace's files.
+
+Caching. The expensive tasks (recommender fit, each batch's signals and
+prompts) are cached by their inputs and their source code
+(``cache_policy=INPUTS + TASK_SOURCE``), where an input carries a data
+fingerprint: the fit's ``data_fingerprint`` hashes every patient's records, a
+batch's ``key`` hashes its patients' records and states, the recommender and the
+peer pool. The workspace path is not part of a key: the cache records and
+results live in the workspace itself (``WORKSPACE/cache/prefect/``, see
+`in_workspace`), so a new workspace never sees another's, and a copied one
+keeps its own. LLM clients are made inside the task and never enter a key.
+
+Retries. The task that calls an LLM is retried (``retries=2``) when its failure
+may pass by itself (the LLM's transient failures outlasting the client's own
+retries, a lost connection, a timeout), not for bad data or configuration;
+answers already received are in the LLM client's cache, so a retry or a rerun
+after a crash asks only for the missing ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import pandas as pd
+from prefect import get_run_logger, task
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
+from prefect.states import State
+from prefect.tasks import Task
+
+from pipelines.workspace import Workspace
+from promptenv.policy import PolicySettings
+from promptenv.refresh import (
+    BatchSignals,
+    PromptBatch,
+    PromptPlan,
+    PromptTableSpec,
+    RefreshResult,
+)
+
+#: Folder of the cached tasks' results and cache records, under ``WORKSPACE/cache``.
+PREFECT_CACHE = "prefect"
+#: Seconds between the attempts of a task that calls an LLM.
+LLM_RETRY_DELAYS = [10.0, 30.0]
+
+T = TypeVar("T", bound=Task[Any, Any])
+
+
+def cache_storage(workspace: str | Path) -> Path:
+    """Where the cached tasks of ``workspace`` keep their results and cache records."""
+    return (Workspace.at(workspace).cache_dir / PREFECT_CACHE).resolve()
+
+
+def in_workspace(cached_task: T, workspace: str | Path, *, refresh: bool = False) -> T:
+    """``cached_task`` with its results and cache records in ``workspace``.
+
+    ``refresh=True`` runs it even on a cache hit and stores the new result.
+    """
+    configured = cached_task.with_options(
+        result_storage=cache_storage(workspace), refresh_cache=refresh
+    )
+    return cast(T, configured)
+
+
+def _say(message: str) -> None:
+    get_run_logger().info(message)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@task(name="prepare-cohort", cache_policy=NO_CACHE)
+def prepare_cohort(workspace: str, source: str = "default", split_seed: int = 0) -> dict[str, Any]:
+    """Canonical tables, reference plans, index encounters and the patient split.
+
+    ``source``: ``default`` (the built-in cohort), ``fhir:FOLDER``, ``omop`` (Eunomia),
+    ``omop:PATH``, or ``workspace`` (the tables an earlier ingest wrote are kept as they
+    are; ``split_seed`` is then theirs). Returns the data summary (`pipelines.ingest.summarize`).
+    """
+    from pipelines.cohort import prepare_default_cohort
+    from pipelines.ingest import ingest_fhir, ingest_omop, load_tables, summarize
+
+    ws = Workspace.at(workspace)
+    kind, _, where = source.partition(":")
+    if kind == "default" and not where:
+        return prepare_default_cohort(ws, split_seed=split_seed)
+    if kind == "workspace" and not where:
+        return summarize(load_tables(ws))
+    if kind == "fhir" and where:
+        return ingest_fhir(ws, Path(where), split_seed=split_seed)
+    if kind == "omop":
+        return ingest_omop(ws, Path(where) if where else None, split_seed=split_seed)
+    raise ValueError(f"unknown data source {source!r}: use default, fhir:FOLDER, omop or omop:PATH")
+
+
+@task(name="fingerprint-records", cache_policy=NO_CACHE)
+def fingerprint_records(workspace: str) -> str:
+    """A hash of every patient's records (`pipelines.fingerprint`): the fit's data fingerprint."""
+    from pipelines.fingerprint import PATIENT_TABLES, cohort_fingerprint, patient_fingerprints
+    from pipelines.ingest import load_tables
+
+    tables = load_tables(Workspace.at(workspace), PATIENT_TABLES)
+    return cohort_fingerprint(patient_fingerprints(tables))
+
+
+# --------------------------------------------------------------------------- recommender
+
+
+@dataclass(frozen=True)
+class FitOutcome:
+    """The fitted recommenders: the selected one and each model's validation score."""
+
+    best: str
+    validation: list[dict[str, Any]]
+
+
+@task(name="fit-recommenders", cache_policy=(INPUTS - "workspace") + TASK_SOURCE)
+def fit_recommenders(
+    workspace: str,
+    data_fingerprint: str,
+    grids: dict[str, dict[str, list[Any]]] | None = None,
+    k: int = 10,
+    select_on: str = "all",
+) -> FitOutcome:
+    """Fit and select the recommenders (`recsys.steps.fit_models`); cached per data fingerprint.
+
+    ``data_fingerprint`` is not read here: it is the cache key's hold on the data.
+    """
+    from recsys.steps import fit_models
+
+    fit = fit_models(workspace, grids=grids, k=k, select_on=select_on, progress=_say)
+    return FitOutcome(fit.best, fit.validation.to_dict(orient="records"))
+
+
+@task(name="selected-recommender", cache_policy=NO_CACHE)
+def selected_recommender(workspace: str) -> str | None:
+    """The recommender that the last fit selected, or None before any fit."""
+    from recsys.steps import read_selection
+
+    best = read_selection(workspace).get("best")
+    return None if best is None else str(best)
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+@task(name="plan-prompts", cache_policy=NO_CACHE)
+def plan_prompts(workspace: str, spec: PromptTableSpec, full: bool = False) -> PromptPlan:
+    """Which patients' signals and prompts to (re)compute, in batches (`promptenv.refresh`)."""
+    from promptenv.refresh import plan_prompt_table
+
+    plan = plan_prompt_table(Workspace.at(workspace), spec, full=full)
+    _say(plan.describe())
+    return plan
+
+
+@task(
+    name="signals",
+    cache_policy=(INPUTS - "plan") + TASK_SOURCE,
+    task_run_name="signals-{batch.index}",
+)
+def compute_signals(plan: PromptPlan, batch: PromptBatch) -> BatchSignals:
+    """Self and peer signals of one batch; cached by the batch's content key."""
+    from promptenv.refresh import batch_signals
+
+    return batch_signals(plan, batch)
+
+
+@task(
+    name="prompts",
+    cache_policy=(INPUTS - "plan" - "signals") + TASK_SOURCE,
+    task_run_name="prompts-{batch.index}",
+)
+def build_prompts(plan: PromptPlan, batch: PromptBatch, signals: BatchSignals) -> pd.DataFrame:
+    """The prompt rows of one batch; cached by the batch's content key (which fixes its signals)."""
+    from promptenv.refresh import batch_prompts
+
+    return batch_prompts(plan, batch, signals)
+
+
+@task(name="write-prompt-table", cache_policy=NO_CACHE)
+def write_prompts(
+    plan: PromptPlan, prompts: Sequence[pd.DataFrame], signals: Sequence[BatchSignals]
+) -> RefreshResult:
+    """Merge the batches into ``tables/prompts.parquet`` and record what it was built from."""
+    from promptenv.refresh import write_refreshed_table
+
+    result = write_refreshed_table(plan, prompts, signals)
+    _say(
+        f"{result.rows} prompts for {result.patients} patients → {result.path} "
+        f"({result.recomputed_patients} recomputed)"
+    )
+    return result
+
+
+# --------------------------------------------------------------------------- policy
+
+
+@dataclass(frozen=True)
+class PolicyOutcome:
+    """The trained policy's version and what training cost."""
+
+    version: str
+    path: Path
+    training: dict[str, Any]
+
+
+@task(
+    name="train-policy",
+    cache_policy=INPUTS + TASK_SOURCE,
+    retries=2,
+    retry_delay_seconds=[10.0, 30.0],
+    retry_condition_fn=lambda t, r, s: _worth_retrying(t, r, s),
+)
+def train_policy_task(
+    workspace: str, backend: str, data_fingerprint: str, recommender: str, settings: PolicySettings
+) -> PolicyOutcome:
+    """Train the prompt-editing policy (`promptenv.policy`); cached by data, recommender, LLM and settings.
+
+    A rerun after a crash asks the LLM only for answers that are not in its cache.
+    """
+    from flows.cli_policy import workspace_versions
+    from flows.cli_prompts import signal_source
+    from pipelines.ingest import load_tables
+    from promptenv.llm import LLMClient
+    from promptenv.policy import policy_dir, train_policy
+
+    ws = Workspace.at(workspace)
+    client = LLMClient(backend, workspace=ws)
+    result = train_policy(
+        client,
+        load_tables(ws),
+        signal_source(ws),
+        policy_dir(ws),
+        settings,
+        versions={**workspace_versions(ws), "data_fingerprint": data_fingerprint},
+        progress=_say,
+        show_bar=False,
+    )
+    training = result.policy.info["training"]
+    _say(
+        f"policy {result.policy.version}: {training['episodes']} episodes, {training['llm_calls']} "
+        f"LLM calls, validation reward over the initial prompt {training['final_validation_reward']:+.4f}"
+    )
+    return PolicyOutcome(result.policy.version, result.path, training)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass(frozen=True)
+class EvaluationOutcome:
+    """Where the evaluation report is, and its table (one row per subset and method)."""
+
+    report: Path
+    table: list[dict[str, Any]]
+    markdown: str
+    llm: str
+    cache_hits: int
+    cache_misses: int
+
+
+def _worth_retrying(_task: Task[Any, Any], _run: object, state: State[Any]) -> bool:
+    """Retry what may pass by itself: the LLM's transient failures outlasting the client's own
+    retries, lost connections, timeouts, a busy cache file; not bad data or configuration."""
+    import sqlite3
+
+    from promptenv.llm.errors import RetriesExhausted, TransientBackendError
+
+    passing = (
+        RetriesExhausted,
+        TransientBackendError,
+        OSError,
+        TimeoutError,
+        sqlite3.OperationalError,
+    )
+    return isinstance(state.data, passing)
+
+
+@task(
+    name="evaluate-methods",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=LLM_RETRY_DELAYS,
+    retry_condition_fn=_worth_retrying,
+)
+def evaluate_with_llm(
+    workspace: str,
+    backend: str,
+    methods: Sequence[str],
+    n_obstetric: int,
+    n_adult: int,
+    n_calibration: int,
+    seed: int = 0,
+    max_calls: int | None = None,
+) -> EvaluationOutcome:
+    """Every method on the same test encounters with one LLM (`promptenv.evaluate`); writes reports/."""
+    from flows.cli_prompts import policy_if_needed, signal_source, write_evaluation
+    from pipelines.ingest import load_tables
+    from promptenv.evaluate import EvalSettings, evaluate_methods, markdown_table
+    from promptenv.llm import Budget, LLMClient
+    from promptenv.search import edit_methods, is_edit_method
+
+    ws = Workspace.at(workspace)
+    editing = edit_methods(
+        [m for m in methods if is_edit_method(m)], policy_if_needed(ws, list(methods))
+    )
+    client = LLMClient(
+        backend, workspace=ws, budget=Budget(max_calls=max_calls) if max_calls else None
+    )
+    settings = EvalSettings(
+        n_obstetric=n_obstetric, n_adult=n_adult, n_calibration=n_calibration, seed=seed
+    )
+    result = evaluate_methods(
+        client,
+        load_tables(ws),
+        signal_source(ws),
+        [m for m in methods if not is_edit_method(m)],
+        settings,
+        progress=_say,
+        edit_methods=editing,
+    )
+    report = write_evaluation(ws, result, client)
+    stats = client.cache_stats
+    _say(f"{client.label}: {stats.hits} answers from the cache, {stats.misses} asked → {report}")
+    return EvaluationOutcome(
+        report=report,
+        table=result.table.to_dict(orient="records"),
+        markdown=markdown_table(result.table),
+        llm=result.llm,
+        cache_hits=stats.hits,
+        cache_misses=stats.misses,
+    )
+
+
+# --------------------------------------------------------------------------- export
+
+
+@dataclass(frozen=True)
+class ExportOutcome:
+    """The exported files (format → path or SQL target) and the manifest."""
+
+    files: dict[str, str]
+    manifest: Path
+    rows: int
+
+
+@task(name="export-prompts", cache_policy=NO_CACHE)
+def export_prompts(
+    workspace: str,
+    methods: Sequence[str],
+    formats: Sequence[str] = ("parquet", "jsonl", "sql"),
+    sql_url: str | None = None,
+    out: str | None = None,
+) -> ExportOutcome:
+    """The prompt table's rows of ``methods`` → parquet, JSONL, SQL and a manifest (`pipelines.export`)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from flows.cli_export import PROMPT_TABLE, export_manifest_fields, read_prompt_table
+    from pipelines.export import export_table
+
+    ws = Workspace.at(workspace)
+    table = read_prompt_table(ws)
+    present = set(table.column("method").to_pylist())
+    missing = [m for m in methods if m not in present]
+    if missing:
+        raise ValueError(
+            f"the prompt table {ws.table_path(PROMPT_TABLE)} has no rows of {missing} "
+            f"(it holds {sorted(present)}): build them first, e.g. with the build flow's methods"
+        )
+    chosen = table.filter(pc.is_in(table.column("method"), value_set=pa.array(list(methods))))
+    fields = export_manifest_fields(ws, chosen) | {"methods": list(methods)}
+    target = Path(out) if out is not None else ws.root / "export"
+    result = export_table(
+        chosen, target, name=PROMPT_TABLE, formats=list(formats), sql_url=sql_url, manifest=fields
+    )
+    ws.record_step(
+        "export",
+        {
+            "rows": result.rows,
+            "files": result.files,
+            "manifest": str(result.manifest_path),
+            "input_data_hash": fields["input_data_hash"],
+            "methods": list(methods),
+        },
+    )
+    _say(f"{result.rows} prompts exported → {target} (manifest {result.manifest_path.name})")
+    return ExportOutcome(dict(result.files), result.manifest_path, result.rows)

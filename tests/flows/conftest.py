@@ -1,0 +1,32 @@
+"""Fixtures of the flow tests: one Prefect test server per session, one built workspace."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[str]:
+    """A temporary Prefect server and database for the whole session; yields its API URL.
+
+    Started once (~20 s on a loaded 2-core machine): every flow test shares it.
+    """
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield str(PREFECT_API_URL.value())
+
+
+@pytest.fixture(scope="session")
+def built_workspace(prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The build flow run once on the default cohort (quick grids, ~1 min). Read-only: copy it."""
+    from flows.pipeline import build
+
+    root = tmp_path_factory.mktemp("built") / "ws"
+    outcome = build(workspace=str(root))
+    assert outcome.prompts.recomputed_patients == outcome.prompts.patients > 0
+    return root
