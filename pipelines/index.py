@@ -90,7 +90,9 @@ def index_encounters(
         enc[["encounter_id", "patient_id", "end"]].sort_values("end"),
         enc[["encounter_id", "patient_id", "start"]]
         .rename(columns={"encounter_id": "next_encounter_id", "start": "next_time"})
-        .sort_values("next_time"),
+        # ties broken by id: which of two same-time encounters is "next" must not
+        # depend on other patients' rows (an unstable sort made it so)
+        .sort_values(["next_time", "next_encounter_id"], kind="stable"),
         left_on="end",
         right_on="next_time",
         by="patient_id",
