@@ -78,13 +78,20 @@ def test_main_job_end_to_end_with_the_local_llm(tmp_path: Path) -> None:
     """`pmlm run` (the README's first command) on a tiny evaluation sample: every artifact is written."""
     import pandas as pd
 
-    result = runner.invoke(app, ["run", "-w", str(tmp_path), "--n-eval", "1"])
+    result = runner.invoke(
+        app, ["run", "-w", str(tmp_path), "--n-eval", "1", "--policy-timesteps", "64"]
+    )
     assert result.exit_code == 0, result.output
     prompts = pd.read_parquet(tmp_path / "tables" / "prompts.parquet")
     index = pd.read_parquet(tmp_path / "tables" / "index_encounters.parquet")
-    assert len(prompts) == index["patient_id"].nunique()
-    assert (prompts["method"] == "pmlm_initial").all()
-    assert prompts["system"].str.contains("likely to need next").mean() > 0.9
+    patients = index["patient_id"].nunique()
+    assert prompts["method"].value_counts().to_dict() == {"pmlm_initial": patients, "pmlm": patients}
+    initial = prompts[prompts["method"] == "pmlm_initial"]
+    assert initial["system"].str.contains("likely to need next").mean() > 0.9
+    policy = json.loads((tmp_path / "models" / "policy" / "policy.json").read_text())
+    assert policy["training"]["timesteps"] == 64
+    refined = prompts[prompts["method"] == "pmlm"]["provenance"].map(json.loads)
+    assert (refined.map(lambda p: p["policy"]) == policy["version"]).all()
     report = json.loads((tmp_path / "reports" / "evaluation.json").read_text())
     methods = {row["method"] for row in report["table"]}
     assert methods == {
@@ -95,7 +102,11 @@ def test_main_job_end_to_end_with_the_local_llm(tmp_path: Path) -> None:
         "peer",
         "pmlm_initial",
         "oracle",
+        "random_edits",
+        "pmlm",
     }
+    exported = json.loads((tmp_path / "export" / "prompts.manifest.json").read_text())
+    assert exported["rows"] == 2 * patients and exported["policy_version"] == policy["version"]
     assert 0 < report["calibration"]["threshold"] < 1
     rows = pd.read_parquet(tmp_path / "reports" / "evaluation_results.parquet")
     assert rows["answer"].str.len().gt(0).all()
