@@ -76,8 +76,10 @@ def train_cmd(
     training = result.policy.info["training"]
     console.print(
         f"policy {result.policy.version}: {training['episodes']} episodes, {training['llm_calls']} LLM calls, "
-        f"cache hit rate {training['cache_hit_rate']:.0%}, final validation reward over initial "
-        f"{training['final_validation_reward']:+.4f}, {training['seconds']:.0f} s → {result.path}"
+        f"cache hit rate {training['cache_hit_rate']:.0%}; kept the policy of step "
+        f"{training['kept_timesteps']:.0f} (validation reward over initial "
+        f"{training['kept_validation_reward']:+.4f}; last {training['final_validation_reward']:+.4f}); "
+        f"{training['seconds']:.0f} s → {result.path}"
     )
 
 

@@ -8,7 +8,9 @@ encounters, same cut); `MaskableEvalCallback` scores the deterministic policy on
 VALIDATION encounters every ``eval_freq`` steps. Training stops at
 ``timesteps`` or when the LLM-call budget ``max_llm_calls`` is spent (counted
 as answers not already in the cache; the run ends at the first step that
-reaches it, so it may exceed it by the two answers of that step).
+reaches it, so it may exceed it by the two answers of that step). The policy
+kept is the one with the best validation reward (``keep_best``): with few
+training patients PPO can drift past its best; validation patients choose.
 
 The saved policy (``models/policy/policy.zip`` + ``policy.json``) carries its
 settings, the edit space, and what it was trained with: the data and recommender
@@ -86,6 +88,8 @@ class PolicySettings:
     gamma: float = 1.0
     eval_freq: int = 512
     max_llm_calls: int = 800
+    #: keep the weights that scored best on validation (early stopping), not the last ones
+    keep_best: bool = True
     n_calibration: int = 20
     seed: int = 0
     params: GenerationParams = field(default_factory=lambda: EVAL_PARAMS)
@@ -119,6 +123,8 @@ class TrainingLog:
     episode_rewards: list[float] = field(default_factory=list)
     validation: list[dict[str, float]] = field(default_factory=list)
     stopped_by_budget: bool = False
+    best: dict[str, float] = field(default_factory=dict)
+    best_weights: Any = None
 
 
 def _monitor(
@@ -166,6 +172,8 @@ def _monitor(
 
 
 def _after_eval(reward: AnswerReward, log: TrainingLog, progress: Progress | None) -> Any:
+    import copy
+
     from stable_baselines3.common.callbacks import BaseCallback
 
     class AfterEval(BaseCallback):
@@ -177,6 +185,9 @@ def _after_eval(reward: AnswerReward, log: TrainingLog, progress: Progress | Non
                 "llm_calls": float(reward.llm_calls),
                 "validation_reward": float(parent.last_mean_reward),
             }
+            if not log.validation or point["validation_reward"] > log.best["validation_reward"]:
+                log.best = point
+                log.best_weights = copy.deepcopy(self.model.policy.state_dict())
             log.validation.append(point)
             if progress:
                 progress(
@@ -399,6 +410,16 @@ def train_policy(
     model.learn(total_timesteps=settings.timesteps, callback=CallbackList([monitor, evaluation]))
     if not log.validation or log.validation[-1]["timesteps"] < log.timesteps:
         _final_validation(model, eval_env, len(val_cases), reward, log, say)
+        if log.validation[-1]["validation_reward"] > log.best.get("validation_reward", -np.inf):
+            log.best, log.best_weights = log.validation[-1], None
+    if settings.keep_best and log.best_weights is not None:
+        # the policy kept is the one that did best on validation patients (early stopping)
+        model.policy.load_state_dict(log.best_weights)
+        say(
+            f"keeping the policy of step {log.best['timesteps']:.0f} (validation reward over "
+            f"initial {log.best['validation_reward']:+.4f}; last {log.validation[-1]['validation_reward']:+.4f})"
+        )
+    kept = log.best if settings.keep_best and log.best else log.validation[-1]
     stats = client.cache_stats
     info = {
         "settings": settings.as_dict(),
@@ -425,9 +446,10 @@ def train_policy(
             "cache_hit_rate": 1 - reward.llm_calls / max(1, reward.answers),
             "stopped_by_budget": log.stopped_by_budget,
             "validation_curve": log.validation,
-            "final_validation_reward": log.validation[-1]["validation_reward"]
-            if log.validation
-            else None,
+            "final_validation_reward": log.validation[-1]["validation_reward"],
+            "kept_timesteps": kept["timesteps"],
+            "kept_validation_reward": kept["validation_reward"],
+            "llm_calls_to_kept_validation_reward": kept["llm_calls"],
             "llm_calls_to_final_validation_reward": calls_to_final(log.validation),
             "seconds": round(time.perf_counter() - started, 1),
         },
