@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 
 from flows.options import WorkspaceOpt
+from pipelines.schemas import PATIENT_TABLES
 from pipelines.workspace import MissingTableError, Workspace
 
 console = Console()
@@ -28,15 +29,7 @@ PROMPT_TABLE = "prompts"
 DEFAULT_FORMATS = "parquet,jsonl,sql"
 
 #: The canonical tables the prompts are built from: their bytes make ``input_data_hash``.
-INPUT_TABLES = (
-    "patients",
-    "encounters",
-    "events",
-    "notes",
-    "reference_plans",
-    "plan_items",
-    "index_encounters",
-)
+INPUT_TABLES = PATIENT_TABLES
 POLICY_INFO = Path("models") / "policy" / "policy.json"
 
 

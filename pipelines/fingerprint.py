@@ -32,16 +32,8 @@ import numpy.typing as npt
 import pandas as pd
 import scipy.sparse as sp
 
-#: The canonical tables whose rows belong to one patient (the quarantine table does not).
-PATIENT_TABLES = (
-    "patients",
-    "encounters",
-    "events",
-    "notes",
-    "reference_plans",
-    "plan_items",
-    "index_encounters",
-)
+from pipelines.schemas import PATIENT_TABLES
+
 FINGERPRINT_COLUMNS = ("patient_id", "fingerprint")
 
 Hashes = npt.NDArray[np.uint64]

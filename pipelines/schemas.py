@@ -167,3 +167,13 @@ TABLES: Final[dict[str, pa.Schema]] = {
 }
 
 SPLITS: Final = ("train", "validation", "test")
+#: The canonical tables whose rows belong to one patient (the quarantine table does not).
+PATIENT_TABLES: Final = (
+    "patients",
+    "encounters",
+    "events",
+    "notes",
+    "reference_plans",
+    "plan_items",
+    "index_encounters",
+)

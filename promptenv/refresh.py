@@ -74,6 +74,7 @@ from pipelines.fingerprint import (
 )
 from pipelines.index import CONTEXT_TABLES
 from pipelines.ingest import load_tables
+from pipelines.schemas import PATIENT_TABLES
 from pipelines.workspace import Workspace, atomic_write_bytes
 from promptenv.fragments import PatientSignals, patient_signals_by_encounter
 from promptenv.policy import load_policy, policy_dir
@@ -102,15 +103,7 @@ SIMILARITY_MARGIN = 1e-5
 #: Tables a batch reads for the prompts' patient contexts.
 BATCH_TABLES = ("patients", "index_encounters", "plan_items", *CONTEXT_TABLES)
 #: Tables the plan reads: fingerprints, states, encounters.
-PLAN_TABLES = (
-    "patients",
-    "encounters",
-    "events",
-    "notes",
-    "reference_plans",
-    "plan_items",
-    "index_encounters",
-)
+PLAN_TABLES = PATIENT_TABLES
 _MATRICES = ("features", "history", "last_plan", "targets")
 
 
