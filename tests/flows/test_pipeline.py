@@ -143,7 +143,9 @@ def test_refresh_recomputes_only_the_changed_patients_and_equals_a_full_recomput
     after = _prompts(ws)
     assert after.drop(columns="created_at").equals(_prompts(full).drop(columns="created_at"))
     text_changed = set(after.loc[after["system"] != before["system"], "patient_id"])
-    assert {trainee, tested} <= text_changed
+    # her condition at her latest index encounter is her most recent problem; the trainee's,
+    # in the middle of her record, may be crowded out of her current prompt by later ones
+    assert tested in text_changed
     rebuilt = set(after.loc[after["created_at"] != before["created_at"], "patient_id"])
     assert {trainee, tested} <= rebuilt and len(rebuilt) == result.recomputed_patients
     manifest = json.loads((ws / "export" / "prompts.manifest.json").read_text())
