@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from echo_llm import EchoBackend, history_signals
 
-from promptenv.editing import build_cases
+from promptenv.editing import EditCase, build_cases
 from promptenv.env import AnswerReward
 from promptenv.evaluate import EvalSettings, evaluate_methods
 from promptenv.llm import LLMClient
@@ -27,7 +27,7 @@ from promptenv.policy import (
     train_policy,
 )
 from promptenv.prompt_table import build_prompt_table
-from promptenv.prompts import INITIAL_CONFIG
+from promptenv.prompts import INITIAL_CONFIG, PromptConfig
 from promptenv.reward import PlanScorer
 from promptenv.search import PerPatientSearch, RandomEdits, edit_methods, is_edit_method
 
@@ -37,13 +37,14 @@ pytestmark = pytest.mark.slow
 SHORT = PolicySettings(
     n_train=16,
     n_validation=6,
-    timesteps=384,
+    timesteps=512,
     n_steps=64,
     batch_size=32,
-    n_epochs=5,
+    n_epochs=10,
     eval_freq=128,
     n_calibration=6,
     max_llm_calls=10_000,
+    keep_best=False,  # the learning test below looks at what PPO learned by the end
 )
 
 
@@ -113,34 +114,39 @@ def test_a_loaded_policy_edits_like_the_trained_one_without_any_llm_call(
         assert json.loads(cfg)["fragments"]
 
 
-def test_the_policy_learns_to_beat_the_initial_prompt_on_its_training_patients(
-    trained: tuple[TrainedPolicy, LLMClient, EchoBackend], default_tables: dict[str, pd.DataFrame]
+def test_maskable_ppo_learns_the_edits_that_pay(
+    default_tables: dict[str, pd.DataFrame], tmp_path: Path
 ) -> None:
-    """With the echo LLM, problem and medication lines are echoed as orders: dropping them pays.
+    """On the environment with a reward that needs no LLM (shorter prompts pay), PPO must beat
+    both the initial prompt and random edits as many as it makes: the observation, the masks
+    and the edits carry what a policy needs to learn."""
+    from sb3_contrib import MaskablePPO
 
-    Random edits (as many as the policy makes) are the control: the policy must
-    beat them too, so the gain comes from learning which edits help.
-    """
-    result, client, _ = trained
+    from promptenv.env import PromptEditEnv
+    from promptenv.policy import Policy
+    from promptenv.prompts import assemble
+
+    def shorter(case: EditCase, config: PromptConfig) -> float:
+        return -len(assemble(case.context, case.signals, config).system.split()) / 200
+
     idx = default_tables["index_encounters"]
-    rows = pick_training_encounters(idx, "train", SHORT.n_train, 0.5, 2, SHORT.seed)
-    from promptenv.evaluate import references
-
-    cases = build_cases(
-        default_tables,
-        rows,
-        history_signals(default_tables),  # type: ignore[arg-type]
-        references(default_tables, rows),
+    rows = pick_training_encounters(idx, "train", 16, 0.5, 2, 0)
+    cases = build_cases(default_tables, rows, history_signals(default_tables))  # type: ignore[arg-type]
+    env = PromptEditEnv(cases, shorter, max_edits=6)
+    model = MaskablePPO(
+        "MlpPolicy", env, n_steps=128, batch_size=64, learning_rate=1e-3, seed=0, device="cpu"
     )
-    scorer = PlanScorer(threshold=float(result.policy.info["trained_with"]["threshold"]))
-    reward = AnswerReward(client, scorer, SHORT.params)
-    initial = np.mean([reward(c, INITIAL_CONFIG) for c in cases])
+    model.learn(1536)
+    policy = Policy(model, {"settings": {"max_edits": 6}})
+    initial = np.mean([shorter(c, INITIAL_CONFIG) for c in cases])
     learned = np.mean(
-        [reward(c, cfg) for c, (cfg, _) in zip(cases, result.policy.edit_many(cases), strict=True)]
+        [shorter(c, cfg) for c, (cfg, _) in zip(cases, policy.edit_many(cases), strict=True)]
     )
-    shuffled = RandomEdits(like=result.policy, seed=1)(cases, reward)
-    random = np.mean([reward(c, ch.config) for c, ch in zip(cases, shuffled, strict=True)])
-    assert learned > initial + 0.02
+    client = LLMClient(EchoBackend(), workspace=tmp_path, use_cache=False)
+    reward = AnswerReward(client, PlanScorer(threshold=0.5), SHORT.params)  # unused by RandomEdits
+    shuffled = RandomEdits(like=policy, seed=1)(cases, reward)
+    random = np.mean([shorter(c, ch.config) for c, ch in zip(cases, shuffled, strict=True)])
+    assert learned > initial + 0.1
     assert learned > random
 
 
@@ -172,6 +178,36 @@ def test_training_stops_at_the_llm_budget(
     assert training["stopped_by_budget"]
     assert 30 <= training["llm_calls"] <= 32
     assert training["timesteps"] < 2000
+
+
+def test_training_keeps_the_policy_that_did_best_on_validation(
+    default_tables: dict[str, pd.DataFrame], tmp_path: Path
+) -> None:
+    settings = PolicySettings(
+        n_train=12,
+        n_validation=4,
+        timesteps=256,
+        n_steps=32,
+        batch_size=32,
+        n_epochs=2,
+        eval_freq=32,
+        n_calibration=4,
+    )
+    result = train_policy(
+        LLMClient(EchoBackend(), workspace=tmp_path / "ws"),
+        default_tables,
+        history_signals(default_tables),  # type: ignore[arg-type]
+        tmp_path / "p",
+        settings,
+        show_bar=False,
+    )
+    training = result.policy.info["training"]
+    curve = training["validation_curve"]
+    assert len(curve) == 256 // 32
+    best = max(curve, key=lambda p: p["validation_reward"])
+    assert training["kept_validation_reward"] == best["validation_reward"]
+    assert training["kept_timesteps"] == best["timesteps"]
+    assert training["final_validation_reward"] == curve[-1]["validation_reward"]
 
 
 def test_calls_to_final_reward() -> None:
