@@ -85,7 +85,10 @@ def test_main_job_end_to_end_with_the_local_llm(tmp_path: Path) -> None:
     prompts = pd.read_parquet(tmp_path / "tables" / "prompts.parquet")
     index = pd.read_parquet(tmp_path / "tables" / "index_encounters.parquet")
     patients = index["patient_id"].nunique()
-    assert prompts["method"].value_counts().to_dict() == {"pmlm_initial": patients, "pmlm": patients}
+    assert prompts["method"].value_counts().to_dict() == {
+        "pmlm_initial": patients,
+        "pmlm": patients,
+    }
     initial = prompts[prompts["method"] == "pmlm_initial"]
     assert initial["system"].str.contains("likely to need next").mean() > 0.9
     policy = json.loads((tmp_path / "models" / "policy" / "policy.json").read_text())
