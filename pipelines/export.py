@@ -185,7 +185,8 @@ FILE_WRITERS: dict[str, tuple[str, Callable[[pa.Table, IO[bytes]], None]]] = {
 }
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -326,7 +327,7 @@ def export_table(
             _stage_file(table, tmp, FILE_WRITERS[fmt][1])
             entries[fmt] = {
                 "path": finals[fmt].name,
-                "sha256": _sha256(tmp),
+                "sha256": file_sha256(tmp),
                 "bytes": tmp.stat().st_size,
             }
         if engine is not None:

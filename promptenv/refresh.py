@@ -63,6 +63,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
+from pipelines.export import file_sha256
 from pipelines.fingerprint import (
     ChangedPatients,
     combine_by_key,
@@ -355,7 +356,7 @@ def _full_reason(
     path = workspace.table_path(PROMPT_TABLE)
     if not path.exists():
         return f"{path} is missing"
-    if _file_sha256(path) != previous.build.get("table_sha256"):
+    if file_sha256(path) != previous.build.get("table_sha256"):
         return f"{path} was replaced since the last build"
     return None
 
@@ -658,7 +659,7 @@ def write_refreshed_table(
         "spec": plan.spec.identity(),
         "model": plan.model,
         "model_fingerprint": plan.model_fingerprint,
-        "table_sha256": _file_sha256(path),
+        "table_sha256": file_sha256(path),
         "rows": len(table),
         "patients": plan.patients,
         "recomputed_patients": len(recomputed),
@@ -734,14 +735,6 @@ def _write_frame(path: Path, frame: pd.DataFrame) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     frame.to_parquet(tmp, index=False)
     tmp.replace(path)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _digest(payload: Any) -> str:
