@@ -319,6 +319,7 @@ def train_policy(
     from sb3_contrib.common.maskable.callbacks import MaskableEvalCallback
     from stable_baselines3.common.callbacks import CallbackList
     from stable_baselines3.common.monitor import Monitor
+    from stable_baselines3.common.logger import Logger
 
     settings = settings or PolicySettings()
     say = progress or (lambda _m: None)
@@ -398,6 +399,8 @@ def train_policy(
         device="cpu",
         verbose=0,
     )
+    # no SB3 log folder: left to itself, `learn` makes an empty /tmp/SB3-<date> per run
+    model.set_logger(Logger(folder=None, output_formats=[]))
     evaluation = MaskableEvalCallback(
         Monitor(eval_env),
         n_eval_episodes=len(val_cases),

@@ -55,15 +55,20 @@ def trained(
     backend = EchoBackend()
     client = LLMClient(backend, workspace=tmp_path_factory.mktemp("ws"))
     folder = tmp_path_factory.mktemp("policy")
-    result = train_policy(
-        client,
-        default_tables,
-        history_signals(default_tables),  # type: ignore[arg-type]
-        folder,
-        SHORT,
-        versions={"data_hash": "d1", "recommender": "history"},
-        show_bar=False,
-    )
+    sb3_logs = tmp_path_factory.mktemp("sb3") / "logs"
+    with pytest.MonkeyPatch.context() as patch:
+        # where SB3's default logger would make its folder
+        patch.setenv("SB3_LOGDIR", str(sb3_logs))
+        result = train_policy(
+            client,
+            default_tables,
+            history_signals(default_tables),  # type: ignore[arg-type]
+            folder,
+            SHORT,
+            versions={"data_hash": "d1", "recommender": "history"},
+            show_bar=False,
+        )
+    assert not sb3_logs.exists(), "training left an SB3 log folder behind"
     return result, client, backend
 
 
