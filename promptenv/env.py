@@ -93,9 +93,15 @@ class AnswerReward:
         self._lock = threading.Lock()
 
     def answer_many(
-        self, pairs: Sequence[tuple[EditCase, PromptConfig]], concurrency: int = 1
+        self,
+        pairs: Sequence[tuple[EditCase, PromptConfig]],
+        concurrency: int = 1,
+        progress: Callable[[int, int], None] | None = None,
     ) -> list[Answered]:
-        """Answer and score many (case, config) pairs; repeated prompts are asked once."""
+        """Answer and score many (case, config) pairs; repeated prompts are asked once.
+
+        ``progress(done, total)`` follows the prompts not answered before (see
+        `LLMClient.generate_many`)."""
         prompts = [assemble(c.context, c.signals, cfg, "pmlm") for c, cfg in pairs]
         keys = [(c.encounter_id, p.system) for (c, _), p in zip(pairs, prompts, strict=True)]
         todo = {k: i for i, k in enumerate(keys) if k not in self._memo}
@@ -104,6 +110,7 @@ class AnswerReward:
             completions = self.client.generate_many(
                 [GenerationRequest(prompts[i].system, prompts[i].user, self.params) for i in order],
                 concurrency=concurrency,
+                progress=progress,
             )
             scores = self.scorer.score_many(
                 [c.text for c in completions],

@@ -28,6 +28,7 @@ from promptenv.env import AnswerReward, EditMethod
 from promptenv.fragments import PatientSignals
 from promptenv.judge import PlanJudge
 from promptenv.llm import GenerationParams, GenerationRequest, LLMClient
+from promptenv.llm.client import progress_lines
 from promptenv.prompts import (
     INITIAL_CONFIG,
     METHODS,
@@ -325,6 +326,7 @@ def evaluate_methods(
     completions = client.generate_many(
         [GenerationRequest(p.system, p.user, settings.params) for _, p, _ in prompts],
         concurrency=settings.concurrency,
+        progress=progress_lines(say, "answers"),
     )
     say("scoring")
     answers = [c.text for c in completions]

@@ -323,17 +323,31 @@ def render_fragments(
     names: Sequence[str],
     ks: Mapping[str, int],
     style_kind: str,
+    memo: dict[tuple[str, int, str], Fragment | None] | None = None,
 ) -> list[Fragment]:
-    """The fragments ``names`` for one patient, in that order (empty fragments are left out)."""
+    """The fragments ``names`` for one patient, in that order (empty fragments are left out).
+
+    ``memo`` (one dict per patient and signals) keeps fragments already rendered, by
+    everything a fragment depends on: trimming re-renders only the list it shortens.
+    """
     out = []
     for name in names:
         k = ks.get(name, 5)
         if name == "style":
-            frag: Fragment | None = style(ctx, signals, ks.get("answer", 8), style_kind)
-        elif name == "self":
-            frag = self_informed(ctx, signals, k, explain=style_kind == "explanation")
+            key = (name, ks.get("answer", 8), style_kind)
         else:
-            frag = FRAGMENTS[name](ctx, signals, k)
+            key = (name, k, style_kind if name == "self" else "")
+        if memo is not None and key in memo:
+            frag = memo[key]
+        else:
+            if name == "style":
+                frag = style(ctx, signals, key[1], style_kind)
+            elif name == "self":
+                frag = self_informed(ctx, signals, k, explain=style_kind == "explanation")
+            else:
+                frag = FRAGMENTS[name](ctx, signals, k)
+            if memo is not None:
+                memo[key] = frag
         if frag is not None:
             out.append(frag)
     return out

@@ -57,6 +57,7 @@ from promptenv.evaluate import (
 )
 from promptenv.fragments import PatientSignals
 from promptenv.llm import GenerationParams, LLMClient
+from promptenv.llm.client import progress_lines
 from promptenv.prompts import INITIAL_CONFIG, Prompt, PromptConfig, assemble
 from promptenv.reward import PlanScorer
 
@@ -137,6 +138,8 @@ def _monitor(
     from stable_baselines3.common.callbacks import BaseCallback
     from tqdm import tqdm
 
+    lines_every = 16 * max(1, settings.timesteps // 128)  # about 8 lines per run
+
     class Monitor(BaseCallback):
         """Progress bar with running reward and cache hit rate; stops at the LLM budget."""
 
@@ -158,6 +161,13 @@ def _monitor(
                 self.bar.set_postfix(
                     reward=f"{recent:+.3f}", cache=f"{hit:.0%}", llm_calls=reward.llm_calls
                 )
+                if progress and not show_bar and self.n_calls % lines_every == 0:
+                    # the same figures as lines, for logs (the flows show no bar)
+                    progress(
+                        f"step {self.num_timesteps}/{settings.timesteps}: running reward over "
+                        f"initial {recent:+.3f}, cache hit rate {hit:.0%}, "
+                        f"{reward.llm_calls} LLM calls"
+                    )
             if reward.llm_calls >= settings.max_llm_calls:
                 log.stopped_by_budget = True
                 if progress:
@@ -318,8 +328,8 @@ def train_policy(
     from sb3_contrib import MaskablePPO
     from sb3_contrib.common.maskable.callbacks import MaskableEvalCallback
     from stable_baselines3.common.callbacks import CallbackList
-    from stable_baselines3.common.monitor import Monitor
     from stable_baselines3.common.logger import Logger
+    from stable_baselines3.common.monitor import Monitor
 
     settings = settings or PolicySettings()
     say = progress or (lambda _m: None)
@@ -382,7 +392,10 @@ def train_policy(
     val_cases = build_cases(tables, val_rows, signals_for, refs, store)
     reward = AnswerReward(client, scorer, settings.params)
     say(f"answers to the initial prompts of {len(train_cases) + len(val_cases)} encounters")
-    reward.answer_many([(c, INITIAL_CONFIG) for c in [*train_cases, *val_cases]])
+    reward.answer_many(
+        [(c, INITIAL_CONFIG) for c in [*train_cases, *val_cases]],
+        progress=progress_lines(say, "initial answers"),
+    )
     env = PromptEditEnv(train_cases, reward, max_edits=settings.max_edits)
     eval_env = PromptEditEnv(val_cases, reward, max_edits=settings.max_edits, sequential=True)
     log = TrainingLog()

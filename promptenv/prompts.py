@@ -124,8 +124,9 @@ def assemble(
 ) -> Prompt:
     """Render ``config`` for one patient, trimmed to ``config.max_tokens`` (deterministic)."""
     cfg = config
+    memo: dict[tuple[str, int, str], Fragment | None] = {}
     while True:
-        frags = render_fragments(ctx, signals, cfg.fragments, cfg.ks(), cfg.style)
+        frags = render_fragments(ctx, signals, cfg.fragments, cfg.ks(), cfg.style, memo)
         text = _join(frags)
         if count_tokens(text) <= cfg.max_tokens:
             break

@@ -30,7 +30,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -216,9 +216,15 @@ class LLMClient:
         return self._serve_cached(call, stored)
 
     def generate_many(
-        self, requests: Sequence[GenerationRequest], concurrency: int = 4
+        self,
+        requests: Sequence[GenerationRequest],
+        concurrency: int = 4,
+        progress: Callable[[int, int], None] | None = None,
     ) -> list[Completion]:
         """Answer every request with up to ``concurrency`` calls in flight; results in request order.
+
+        ``progress(done, total)`` is called after each answered request (see
+        `progress_lines` for one that says it every tenth).
 
         When one request fails (budget, permanent error, retries exhausted,
         privacy refusal), no new request is started, those in flight finish
@@ -231,6 +237,7 @@ class LLMClient:
         stop = threading.Event()
         failures: list[BaseException] = []
         failures_lock = threading.Lock()
+        answered = [0]
 
         def answer(index: int) -> None:
             if stop.is_set():
@@ -244,6 +251,11 @@ class LLMClient:
                 with failures_lock:
                     failures.append(exc)
                 stop.set()
+                return
+            if progress is not None:
+                with failures_lock:  # in order: done counts 1, 2, ... for the callback
+                    answered[0] += 1
+                    progress(answered[0], len(requests))
 
         workers = max(1, min(concurrency, len(requests)))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pmlm-llm") as pool:
@@ -483,3 +495,13 @@ def generate(
     """One call with a one-off ``LLMClient`` (its own run id); see ``LLMClient.generate``."""
     client = LLMClient(backend, workspace=workspace)
     return client.generate(system, user, params, identifiers=identifiers)
+
+
+def progress_lines(say: Callable[[str], None], what: str) -> Callable[[int, int], None]:
+    """A ``generate_many`` progress callback that says ``what: done/total`` every tenth or so."""
+
+    def tick(done: int, total: int) -> None:
+        if done == total or done % max(1, total // 10) == 0:
+            say(f"{what}: {done}/{total}")
+
+    return tick

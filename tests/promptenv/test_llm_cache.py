@@ -98,6 +98,22 @@ def test_a_restarted_run_reuses_every_answer(
     assert (summary.calls, summary.cache_hits, summary.attempts) == (6, 6, 0)
 
 
+def test_generate_many_reports_its_progress(
+    stub: StubLLMServer, workspace: Path, fast_retry: RetryPolicy
+) -> None:
+    from promptenv.llm.client import progress_lines
+
+    requests = [GenerationRequest("s", f"patient {i}", PARAMS) for i in range(20)]
+    ticks: list[tuple[int, int]] = []
+    lines: list[str] = []
+    say = progress_lines(lines.append, "answers")
+    client_for(stub, workspace, fast_retry).generate_many(
+        requests, concurrency=3, progress=lambda d, t: (ticks.append((d, t)), say(d, t))
+    )
+    assert sorted(ticks) == [(i, 20) for i in range(1, 21)]
+    assert lines == [f"answers: {i}/20" for i in range(2, 21, 2)]
+
+
 def test_disabled_cache_always_calls(
     stub: StubLLMServer, workspace: Path, fast_retry: RetryPolicy
 ) -> None:
