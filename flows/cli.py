@@ -212,7 +212,7 @@ def run_cmd(
     ] = "local",
     n_eval: Annotated[
         int, typer.Option(help="Test encounters per subset (obstetric, adult) to evaluate.")
-    ] = 4,
+    ] = 3,
     task_runner: Annotated[
         str,
         typer.Option(
@@ -231,6 +231,13 @@ def run_cmd(
             help="PPO steps of the main job's short policy training (`pmlm policy train` trains longer)."
         ),
     ] = 256,
+    policy_encounters: Annotated[
+        int,
+        typer.Option(
+            help="Training encounters of that policy training (half as many validation "
+            "encounters; at most 4 LLM calls per training encounter).",
+        ),
+    ] = 12,
 ) -> None:
     """The main job on the built-in default cohort, as Prefect flows: data, recommenders, prompts, evaluation with the LLM, export."""
     import os
@@ -256,19 +263,20 @@ def run_cmd(
         task_runner=task_runner,
         dask_address=dask_address,
         policy_timesteps=policy_timesteps,
+        policy_encounters=policy_encounters,
     )
     built = result.build
     print_summary(built.summary, "Default cohort")
-    prompts = built.prompts
-    console.print(
-        f"Recommender: {built.recommender}. {prompts.rows} prompts; signals and prompts computed "
-        f"for {prompts.recomputed_patients} of {prompts.patients} patients in this run."
-    )
+    prompts = result.refined
     training = result.policy.training
     console.print(
-        f"Policy {result.policy.version}: {training['episodes']} training episodes, "
-        f"{training['llm_calls']} LLM calls; {result.refined.rows} prompts in the table "
-        "(PMLM initial and PMLM refined by the policy)."
+        f"Recommender: {built.recommender}. Policy {result.policy.version}: "
+        f"{training['episodes']} training episodes, {training['llm_calls']} LLM calls."
+    )
+    console.print(
+        f"{prompts.rows} prompts (PMLM initial and PMLM refined by the policy); signals and "
+        f"prompts computed for {prompts.recomputed_patients} of {prompts.patients} patients "
+        "in this run."
     )
     console.print(
         f"\nMethods compared with {result.evaluation.llm} on {n_eval} + {n_eval} test encounters:"

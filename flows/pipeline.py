@@ -10,7 +10,8 @@
 - `export`: the prompt table's rows of the chosen methods → parquet, JSONL, SQL;
 - `train_policy`: the prompt-editing policy (MaskablePPO; cached by its inputs);
 - `refine`: the policy's prompts (method ``pmlm``) added to the prompt table;
-- `pmlm_pipeline`: build → train_policy → refine → evaluate → export.
+- `pmlm_pipeline`: build (no prompts) → train_policy → refine (the prompt table,
+  initial and refined) → evaluate → export.
 
 Every flow takes the workspace folder as a path; the task runner is chosen with
 `make_task_runner` (threads, or Dask: a local cluster or a scheduler's address).
@@ -120,7 +121,7 @@ class BuildOutcome:
     summary: dict[str, Any]
     fit: FitOutcome | None
     recommender: str
-    prompts: RefreshResult
+    prompts: RefreshResult | None  # None when the build was asked for no prompts
 
 
 def _prompt_table(workspace: str, spec: PromptTableSpec, full: bool) -> RefreshResult:
@@ -144,13 +145,15 @@ def build(
     grids: dict[str, dict[str, list[Any]]] | None = None,
     refit: bool = False,
     full: bool = False,
+    with_prompts: bool = True,
 ) -> BuildOutcome:
     """Canonical tables → recommender → signals → initial prompts (``tables/prompts.parquet``).
 
     The fit is cached per data fingerprint and grid (``refit=True`` fits anyway);
     signals and prompts are recomputed only for the patients whose inputs changed
     since the last build (``full=True`` recomputes all). ``grids`` defaults to
-    `QUICK_GRIDS`; ``methods`` to ``["pmlm_initial"]``.
+    `QUICK_GRIDS`; ``methods`` to ``["pmlm_initial"]``. ``with_prompts=False`` stops
+    after the fit (the main job writes the table once, with the policy's prompts).
     """
     log = get_run_logger()
     ws = _workspace(workspace)
@@ -166,6 +169,8 @@ def build(
         ws, fingerprint, grids if grids is not None else QUICK_GRIDS
     )
     log.info(f"  selected: {fit.best}")
+    if not with_prompts:
+        return BuildOutcome(Path(ws), summary, fit, fit.best, None)
     log.info("Step 3/3: signals and personalized prompts, per batch of patients")
     prompts = _prompt_table(ws, spec, full)
     return BuildOutcome(Path(ws), summary, fit, prompts.recommender, prompts)
@@ -293,7 +298,7 @@ class PipelineOutcome:
 def pmlm_pipeline(
     workspace: str | None = None,
     backend: str = "local",
-    n_eval: int = 4,
+    n_eval: int = 3,
     source: str = "default",
     prompt_methods: list[str] | None = None,
     eval_methods: list[str] | None = None,
@@ -301,26 +306,30 @@ def pmlm_pipeline(
     dask_address: str | None = None,
     batch_size: int = 32,
     policy_timesteps: int = 256,
+    policy_encounters: int = 12,
 ) -> PipelineOutcome:
-    """The main job: build → train_policy → refine → evaluate → export.
+    """The main job: build (data, recommender) → train_policy → refine (signals, then the
+    initial and the policy's prompts, one table) → evaluate → export.
 
     ``n_eval`` test encounters per subset (obstetric, adult) are evaluated with the
     LLM ``backend``; ``task_runner`` (threads or dask, with ``dask_address``) runs
-    the build's batches; ``policy_timesteps`` PPO steps train the policy.
+    the build's batches; ``policy_timesteps`` PPO steps on ``policy_encounters``
+    training encounters train the policy (see `quick_policy_settings`).
     """
     ws = _workspace(workspace)
     prompt_methods = list(prompt_methods or ["pmlm_initial"])
     runner = make_task_runner(task_runner, dask_address)
-    built = build.with_options(task_runner=runner)(
-        ws, source, methods=prompt_methods, batch_size=batch_size
-    )
+    # the prompt table is written once, by refine, with the policy's prompts
+    built = build(ws, source, methods=prompt_methods, batch_size=batch_size, with_prompts=False)
     policy = train_policy(
         ws,
         backend,
         built.recommender,
-        quick_policy_settings(policy_timesteps, 2 * n_eval),
+        quick_policy_settings(policy_timesteps, 2 * n_eval, policy_encounters),
     )
-    refined = refine(ws, policy.version, prompt_methods, batch_size=batch_size)
+    refined = refine.with_options(task_runner=runner)(
+        ws, policy.version, prompt_methods, batch_size=batch_size
+    )
     evaluation = evaluate(
         ws,
         backend,
@@ -333,21 +342,25 @@ def pmlm_pipeline(
     return PipelineOutcome(built, policy, refined, evaluation, exported)
 
 
-def quick_policy_settings(timesteps: int, n_calibration: int) -> PolicySettings:
-    """The main job's short training run: a few hundred edits, at most 120 new LLM answers.
+def quick_policy_settings(timesteps: int, n_calibration: int, n_train: int = 16) -> PolicySettings:
+    """The main job's short training run: a few hundred edits on ``n_train`` training and
+    ``n_train // 2`` validation encounters, at most ``4 * n_train`` LLM calls (the
+    initial prompts' answers included), so that the main job stays within minutes.
 
     `pmlm policy train` trains longer (see BENCHMARKS.md); the calibration uses
     the same validation encounters as the main job's evaluation, so their answers
     are asked once.
     """
+    if n_train < 2:
+        raise ValueError(f"the policy needs at least 2 training encounters, got {n_train}")
     return PolicySettings(
-        n_train=24,
-        n_validation=8,
+        n_train=n_train,
+        n_validation=max(2, n_train // 2),
         timesteps=timesteps,
         n_steps=64,
         batch_size=64,
         eval_freq=max(64, timesteps // 2),
-        max_llm_calls=120,
+        max_llm_calls=4 * n_train,
         n_calibration=n_calibration,
     )
 

@@ -23,7 +23,7 @@ after a crash asks only for the missing ones.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -70,6 +70,13 @@ def in_workspace(cached_task: T, workspace: str | Path, *, refresh: bool = False
 
 def _say(message: str) -> None:
     get_run_logger().info(message)
+
+
+def _progress() -> Callable[[str], None]:
+    """A progress callback bound to this task run's logger: also usable from the worker
+    threads a step starts (the LLM client's), where Prefect has no run context."""
+    logger = get_run_logger()
+    return logger.info
 
 
 # --------------------------------------------------------------------------- data
@@ -134,7 +141,7 @@ def fit_recommenders(
     """
     from recsys.steps import fit_models
 
-    fit = fit_models(workspace, grids=grids, k=k, select_on=select_on, progress=_say)
+    fit = fit_models(workspace, grids=grids, k=k, select_on=select_on, progress=_progress())
     return FitOutcome(fit.best, fit.validation.to_dict(orient="records"))
 
 
@@ -240,13 +247,15 @@ def train_policy_task(
         policy_dir(ws),
         settings,
         versions={**workspace_versions(ws), "data_fingerprint": data_fingerprint},
-        progress=_say,
+        progress=_progress(),
         show_bar=False,
     )
     training = result.policy.info["training"]
     _say(
         f"policy {result.policy.version}: {training['episodes']} episodes, {training['llm_calls']} "
-        f"LLM calls, validation reward over the initial prompt {training['final_validation_reward']:+.4f}"
+        f"LLM calls; kept the weights of step {training['kept_timesteps']:.0f}, validation "
+        f"reward over the initial prompt {training['kept_validation_reward']:+.4f} (last "
+        f"{training['final_validation_reward']:+.4f})"
     )
     return PolicyOutcome(result.policy.version, result.path, training)
 
@@ -323,7 +332,7 @@ def evaluate_with_llm(
         signal_source(ws),
         [m for m in methods if not is_edit_method(m)],
         settings,
-        progress=_say,
+        progress=_progress(),
         edit_methods=editing,
     )
     report = write_evaluation(ws, result, client)

@@ -74,13 +74,12 @@ def test_cohort_generate_is_reproducible_and_reused(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_main_job_end_to_end_with_the_local_llm(tmp_path: Path) -> None:
+def test_main_job_end_to_end_with_the_local_llm(tmp_path: Path, prefect_server: str) -> None:
     """`pmlm run` (the README's first command) on a tiny evaluation sample: every artifact is written."""
     import pandas as pd
 
-    result = runner.invoke(
-        app, ["run", "-w", str(tmp_path), "--n-eval", "1", "--policy-timesteps", "64"]
-    )
+    small = ["--n-eval", "1", "--policy-timesteps", "64", "--policy-encounters", "6"]
+    result = runner.invoke(app, ["run", "-w", str(tmp_path), *small])
     assert result.exit_code == 0, result.output
     prompts = pd.read_parquet(tmp_path / "tables" / "prompts.parquet")
     index = pd.read_parquet(tmp_path / "tables" / "index_encounters.parquet")
@@ -93,6 +92,12 @@ def test_main_job_end_to_end_with_the_local_llm(tmp_path: Path) -> None:
     assert initial["system"].str.contains("likely to need next").mean() > 0.9
     policy = json.loads((tmp_path / "models" / "policy" / "policy.json").read_text())
     assert policy["training"]["timesteps"] == 64
+    assert policy["trained_with"]["train_encounters"] == 6
+    # the budget stops training; validation episodes already started still finish
+    settings = policy["settings"]
+    assert (
+        policy["training"]["llm_calls"] <= settings["max_llm_calls"] + 2 * settings["n_validation"]
+    )
     refined = prompts[prompts["method"] == "pmlm"]["provenance"].map(json.loads)
     assert (refined.map(lambda p: p["policy"]) == policy["version"]).all()
     report = json.loads((tmp_path / "reports" / "evaluation.json").read_text())

@@ -47,7 +47,11 @@ def _run_main_job(ws: Path, backend: str, api_url: str, log: Path) -> subprocess
     with log.open("ab") as out:
         # its own process group, so that the kill reaches any child it started
         return subprocess.Popen(
-            [str(pmlm), "run", "-w", str(ws), "--backend", backend, "--n-eval", "2"],
+            # a short policy training: this test is about the resume, not the policy
+            [
+                *(str(pmlm), "run", "-w", str(ws), "--backend", backend, "--n-eval", "2"),
+                *("--policy-timesteps", "64", "--policy-encounters", "6"),
+            ],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
