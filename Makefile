@@ -21,8 +21,11 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/pmlm run
 
+# two pytest-xdist workers (one per core); a file's tests stay on one worker
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	PREFECT_SERVER_ANALYTICS_ENABLED=false HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+	PREFECT_SERVER_ANALYTICS_ENABLED=false HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

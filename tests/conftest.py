@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -22,12 +26,46 @@ def default_tables() -> dict[str, pd.DataFrame]:
     return derive(load_snapshot())
 
 
+@contextmanager
+def _made_once(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[tuple[Path, bool]]:
+    """A folder made once per test run, even by several pytest-xdist workers.
+
+    Yields ``(folder, made_before)``; the caller fills the folder when ``made_before``
+    is False. Other workers wait on a file lock and get it finished: read-only, copy
+    it to change it. A failure leaves no half-made folder for the others.
+    """
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # this run's folder, above every worker's own
+    folder, complete = base / name, base / f"{name}.complete"
+    with FileLock(str(base / f"{name}.lock")):
+        if complete.exists():
+            yield folder, True
+            return
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        yield folder, False
+        complete.touch()
+
+
 @pytest.fixture(scope="session")
-def generated_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 30-woman Synthea cohort generated for this test session (seeded, ~1 min)."""
+def made_once(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Callable[[str], AbstractContextManager[tuple[Path, bool]]]:
+    """``with made_once(name) as (folder, made_before)``: see `_made_once`."""
+    return functools.partial(_made_once, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def generated_cohort(
+    made_once: Callable[[str], AbstractContextManager[tuple[Path, bool]]],
+) -> Path:
+    """A 30-woman Synthea cohort generated for this test run (seeded, ~1 min)."""
     from pipelines.cohort import CohortSpec, generate_cohort
 
-    out = tmp_path_factory.mktemp("synthea-30")
-    fhir_dir, reused = generate_cohort(CohortSpec(n=30, seed=7), out / "cohort")
-    assert not reused
+    with made_once("synthea-30") as (out, made_before):
+        fhir_dir, reused = generate_cohort(CohortSpec(n=30, seed=7), out / "cohort")
+        assert reused == made_before
     return fhir_dir

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -22,11 +23,18 @@ def prefect_server() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def built_workspace(prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The build flow run once on the default cohort (quick grids, ~1 min). Read-only: copy it."""
+def built_workspace(
+    prefect_server: str,
+    made_once: Callable[[str], AbstractContextManager[tuple[Path, bool]]],
+) -> Path:
+    """The build flow run once on the default cohort (quick grids, ~1 min), shared by the
+    pytest-xdist workers. Read-only: copy it."""
     from flows.pipeline import build
 
-    root = tmp_path_factory.mktemp("built") / "ws"
-    outcome = build(workspace=str(root))
-    assert outcome.prompts.recomputed_patients == outcome.prompts.patients > 0
+    with made_once("built") as (folder, made_before):
+        root = folder / "ws"
+        if not made_before:
+            outcome = build(workspace=str(root))
+            assert outcome.prompts is not None
+            assert outcome.prompts.recomputed_patients == outcome.prompts.patients > 0
     return root
