@@ -52,7 +52,7 @@ def train_cmd(
 ) -> None:
     """Train the editing policy on training patients (answers through the cached LLM client)."""
     from promptenv.llm import LLMClient
-    from promptenv.policy import PolicySettings, policy_dir, train_policy
+    from promptenv.policy import PolicySettings, policy_dir, train_policy, training_summary
 
     ws = Workspace.at(workspace)
     settings = PolicySettings(
@@ -73,14 +73,7 @@ def train_cmd(
         versions=workspace_versions(ws),
         progress=console.print,
     )
-    training = result.policy.info["training"]
-    console.print(
-        f"policy {result.policy.version}: {training['episodes']} episodes, {training['llm_calls']} LLM calls, "
-        f"cache hit rate {training['cache_hit_rate']:.0%}; kept the policy of step "
-        f"{training['kept_timesteps']:.0f} (validation reward over initial "
-        f"{training['kept_validation_reward']:+.4f}; last {training['final_validation_reward']:+.4f}); "
-        f"{training['seconds']:.0f} s → {result.path}"
-    )
+    console.print(f"{training_summary(result.policy)} → {result.path}", markup=False)
 
 
 @policy_app.command("apply")

@@ -236,7 +236,7 @@ def train_policy_task(
     from flows.cli_prompts import signal_source
     from pipelines.ingest import load_tables
     from promptenv.llm import LLMClient
-    from promptenv.policy import policy_dir, train_policy
+    from promptenv.policy import policy_dir, train_policy, training_summary
 
     ws = Workspace.at(workspace)
     client = LLMClient(backend, workspace=ws)
@@ -251,12 +251,7 @@ def train_policy_task(
         show_bar=False,
     )
     training = result.policy.info["training"]
-    _say(
-        f"policy {result.policy.version}: {training['episodes']} episodes, {training['llm_calls']} "
-        f"LLM calls; kept the weights of step {training['kept_timesteps']:.0f}, validation "
-        f"reward over the initial prompt {training['kept_validation_reward']:+.4f} (last "
-        f"{training['final_validation_reward']:+.4f})"
-    )
+    _say(training_summary(result.policy))
     return PolicyOutcome(result.policy.version, result.path, training)
 
 

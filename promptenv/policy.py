@@ -10,7 +10,11 @@ VALIDATION encounters every ``eval_freq`` steps. Training stops at
 as answers not already in the cache; the run ends at the first step that
 reaches it, so it may exceed it by the two answers of that step). The policy
 kept is the one with the best validation reward (``keep_best``): with few
-training patients PPO can drift past its best; validation patients choose.
+training patients PPO can drift past its best; validation patients choose. The
+initial prompt itself competes (its validation reward over itself is 0): when no
+checkpoint beats it, the saved policy makes no edit (``falls_back_to_initial``),
+so a short or unlucky training run never ships prompts worse than the initial
+ones on validation.
 
 The saved policy (``models/policy/policy.zip`` + ``policy.json``) carries its
 settings, the edit space, and what it was trained with: the data and recommender
@@ -235,9 +239,16 @@ class Policy:
     def max_edits(self) -> int:
         return int(self.info["settings"]["max_edits"])
 
+    @property
+    def falls_back_to_initial(self) -> bool:
+        """True when no trained checkpoint beat the initial prompt on validation: no edits."""
+        return bool(self.info.get("training", {}).get("falls_back_to_initial", False))
+
     def edit(self, case: EditCase) -> tuple[PromptConfig, list[str]]:
         """The policy's edits of the initial config for one case (no LLM call)."""
-        config, trace = INITIAL_CONFIG, []
+        config, trace = INITIAL_CONFIG, list[str]()
+        if self.falls_back_to_initial:
+            return config, trace
         last: int | None = None
         for edits in range(self.max_edits + 1):
             mask = edit_mask(config, last)
@@ -269,6 +280,22 @@ class Policy:
         return out
 
 
+def training_summary(policy: Policy) -> str:
+    """One line on what training did and what was kept, for logs and the command line."""
+    training = policy.info["training"]
+    kept = (
+        "no checkpoint beat the initial prompt on validation, so it keeps the initial prompt"
+        if policy.falls_back_to_initial
+        else f"kept the weights of step {training['kept_timesteps']:.0f}"
+    )
+    return (
+        f"policy {policy.version}: {training['episodes']} episodes, {training['llm_calls']} LLM "
+        f"calls, cache hit rate {training['cache_hit_rate']:.0%}; {kept} (validation reward "
+        f"over initial {training['kept_validation_reward']:+.4f}; last "
+        f"{training['final_validation_reward']:+.4f}); {training['seconds']:.0f} s"
+    )
+
+
 def save_policy(model: Any, info: Mapping[str, Any], folder: Path) -> Policy:
     """Write policy.zip and policy.json (atomically); the version is the zip's sha256 prefix."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -276,7 +303,10 @@ def save_policy(model: Any, info: Mapping[str, Any], folder: Path) -> Policy:
     model.save(tmp)
     data = tmp.read_bytes()
     tmp.unlink()
-    version = hashlib.sha256(data).hexdigest()[:12]
+    digest = hashlib.sha256(data)
+    if info.get("training", {}).get("falls_back_to_initial"):
+        digest.update(b"falls back to the initial prompt")  # same weights, other behaviour
+    version = digest.hexdigest()[:12]
     full = {**info, "version": version}
     atomic_write_bytes(folder / POLICY_FILE, data)
     atomic_write_bytes(folder / INFO_FILE, json.dumps(full, indent=2, default=str).encode())
@@ -436,6 +466,12 @@ def train_policy(
             f"initial {log.best['validation_reward']:+.4f}; last {log.validation[-1]['validation_reward']:+.4f})"
         )
     kept = log.best if settings.keep_best and log.best else log.validation[-1]
+    falls_back = settings.keep_best and kept["validation_reward"] <= 0
+    if falls_back:
+        say(
+            f"no checkpoint beat the initial prompt on validation (best "
+            f"{kept['validation_reward']:+.4f}): the policy keeps the initial prompt (no edit)"
+        )
     stats = client.cache_stats
     info = {
         "settings": settings.as_dict(),
@@ -465,6 +501,7 @@ def train_policy(
             "final_validation_reward": log.validation[-1]["validation_reward"],
             "kept_timesteps": kept["timesteps"],
             "kept_validation_reward": kept["validation_reward"],
+            "falls_back_to_initial": falls_back,
             "llm_calls_to_kept_validation_reward": kept["llm_calls"],
             "llm_calls_to_final_validation_reward": calls_to_final(log.validation),
             "seconds": round(time.perf_counter() - started, 1),

@@ -501,7 +501,7 @@ def progress_lines(say: Callable[[str], None], what: str) -> Callable[[int, int]
     """A ``generate_many`` progress callback that says ``what: done/total`` every tenth or so."""
 
     def tick(done: int, total: int) -> None:
-        if done == total or done % max(1, total // 10) == 0:
+        if done == total or done % -(-total // 10) == 0:  # every ceil(total / 10)
             say(f"{what}: {done}/{total}")
 
     return tick

@@ -112,6 +112,11 @@ def test_generate_many_reports_its_progress(
     )
     assert sorted(ticks) == [(i, 20) for i in range(1, 21)]
     assert lines == [f"answers: {i}/20" for i in range(2, 21, 2)]
+    eighteen: list[str] = []
+    tick = progress_lines(eighteen.append, "x")
+    for done in range(1, 19):
+        tick(done, 18)
+    assert eighteen == [f"x: {i}/18" for i in range(2, 19, 2)]
 
 
 def test_disabled_cache_always_calls(

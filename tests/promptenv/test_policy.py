@@ -24,7 +24,9 @@ from promptenv.policy import (
     calls_to_final,
     load_policy,
     pick_training_encounters,
+    save_policy,
     train_policy,
+    training_summary,
 )
 from promptenv.prompt_table import build_prompt_table
 from promptenv.prompts import INITIAL_CONFIG, PromptConfig
@@ -213,6 +215,98 @@ def test_training_keeps_the_policy_that_did_best_on_validation(
     assert training["kept_validation_reward"] == best["validation_reward"]
     assert training["kept_timesteps"] == best["timesteps"]
     assert training["final_validation_reward"] == curve[-1]["validation_reward"]
+
+
+def test_a_policy_that_beat_no_checkpoint_keeps_the_initial_prompt(
+    trained: tuple[TrainedPolicy, LLMClient, EchoBackend],
+    default_tables: dict[str, pd.DataFrame],
+    tmp_path: Path,
+) -> None:
+    """When validation found no checkpoint better than the initial prompt, the saved policy
+    edits nothing whatever its network says, says so, and has a version of its own."""
+    from promptenv.editing import STOP
+    from promptenv.policy import Policy
+
+    class FirstEdit:
+        """A network that always picks the first allowed edit other than stop."""
+
+        def predict(self, obs: object, action_masks: np.ndarray, deterministic: bool) -> tuple:
+            allowed = [a for a in np.flatnonzero(action_masks) if a != STOP]
+            return (allowed[0] if allowed else STOP), None
+
+    rows = default_tables["index_encounters"]
+    rows = rows[rows["split"] == "test"].head(6)
+    cases = build_cases(default_tables, rows, history_signals(default_tables))  # type: ignore[arg-type]
+    settings = {"max_edits": 3}
+    eager = Policy(FirstEdit(), {"settings": settings, "training": {}})
+    assert all(len(trace) == 3 for _, trace in eager.edit_many(cases))
+    lazy = Policy(FirstEdit(), {"settings": settings, "training": {"falls_back_to_initial": True}})
+    assert lazy.edit_many(cases) == [(INITIAL_CONFIG, [])] * len(cases)
+
+    result, _, _ = trained
+    info = json.loads(json.dumps(result.policy.info))
+    info["training"].update(kept_validation_reward=-0.1, falls_back_to_initial=True)
+    fallback = save_policy(result.policy.model, info, tmp_path / "fallback")
+    reloaded = load_policy(tmp_path / "fallback")
+    assert reloaded.falls_back_to_initial and reloaded.version == fallback.version
+    assert reloaded.edit_many(cases) == [(INITIAL_CONFIG, [])] * len(cases)
+    assert fallback.version != result.policy.version  # same weights, other behaviour
+    assert "keeps the initial prompt" in training_summary(fallback)
+    assert not result.policy.falls_back_to_initial  # trained with keep_best=False
+    assert "kept the weights of step" in training_summary(result.policy)
+
+
+def test_the_initial_prompt_competes_with_the_checkpoints(
+    default_tables: dict[str, pd.DataFrame], tmp_path: Path
+) -> None:
+    """Training decides the fall-back from the validation curve: it falls back exactly when
+    the best validation reward is not above 0 (here forced by a backend that answers the
+    initial prompts well and every edited one badly)."""
+
+    class InitialOnly(EchoBackend):
+        def complete(self, messages, params):  # type: ignore[no-untyped-def]
+            reply = super().complete(messages, params)
+            system = messages[0].content
+            # the threshold's calibration asks oracle prompts: answer those well too
+            if system not in initial_systems and not system.startswith("At the next visit"):
+                return type(reply)(**{**reply.__dict__, "text": "Rest."})
+            return reply
+
+    from promptenv.prompts import assemble
+
+    settings = PolicySettings(
+        n_train=8,
+        n_validation=4,
+        timesteps=64,
+        n_steps=32,
+        batch_size=32,
+        n_epochs=1,
+        eval_freq=32,
+        n_calibration=4,
+    )
+    idx = default_tables["index_encounters"]
+    signals = history_signals(default_tables)
+    episodes = pd.concat(
+        pick_training_encounters(
+            idx, split, n, settings.obstetric_share, settings.max_per_patient, settings.seed
+        )
+        for split, n in (("train", settings.n_train), ("validation", settings.n_validation))
+    )
+    initial_systems = {
+        assemble(c.context, c.signals, INITIAL_CONFIG).system
+        for c in build_cases(default_tables, episodes, signals)  # type: ignore[arg-type]
+    }
+    result = train_policy(
+        LLMClient(InitialOnly(), workspace=tmp_path / "ws"),
+        default_tables,
+        signals,  # type: ignore[arg-type]
+        tmp_path / "p",
+        settings,
+        show_bar=False,
+    )
+    training = result.policy.info["training"]
+    assert training["kept_validation_reward"] <= 0
+    assert training["falls_back_to_initial"] and result.policy.falls_back_to_initial
 
 
 def test_calls_to_final_reward() -> None:
