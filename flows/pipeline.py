@@ -313,7 +313,7 @@ def pmlm_pipeline(
 
     ``n_eval`` test encounters per subset (obstetric, adult) are evaluated with the
     LLM ``backend``; ``task_runner`` (threads or dask, with ``dask_address``) runs
-    the build's batches; ``policy_timesteps`` PPO steps on ``policy_encounters``
+    the batches of signals and prompts (refine's); ``policy_timesteps`` PPO steps on ``policy_encounters``
     training encounters train the policy (see `quick_policy_settings`).
     """
     ws = _workspace(workspace)
@@ -342,7 +342,7 @@ def pmlm_pipeline(
     return PipelineOutcome(built, policy, refined, evaluation, exported)
 
 
-def quick_policy_settings(timesteps: int, n_calibration: int, n_train: int = 16) -> PolicySettings:
+def quick_policy_settings(timesteps: int, n_calibration: int, n_train: int = 12) -> PolicySettings:
     """The main job's short training run: a few hundred edits on ``n_train`` training and
     ``n_train // 2`` validation encounters, at most ``4 * n_train`` LLM calls (the
     initial prompts' answers included), so that the main job stays within minutes.
