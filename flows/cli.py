@@ -212,7 +212,7 @@ def run_cmd(
     ] = "local",
     n_eval: Annotated[
         int, typer.Option(help="Test encounters per subset (obstetric, adult) to evaluate.")
-    ] = 3,
+    ] = 2,
     task_runner: Annotated[
         str,
         typer.Option(
@@ -237,7 +237,7 @@ def run_cmd(
             help="Training encounters of that policy training (half as many validation "
             "encounters; at most 4 LLM calls per training encounter).",
         ),
-    ] = 12,
+    ] = 8,
 ) -> None:
     """The main job on the built-in default cohort, as Prefect flows: data, recommenders, prompts, evaluation with the LLM, export."""
     import os

@@ -298,7 +298,7 @@ class PipelineOutcome:
 def pmlm_pipeline(
     workspace: str | None = None,
     backend: str = "local",
-    n_eval: int = 3,
+    n_eval: int = 2,
     source: str = "default",
     prompt_methods: list[str] | None = None,
     eval_methods: list[str] | None = None,
@@ -306,7 +306,7 @@ def pmlm_pipeline(
     dask_address: str | None = None,
     batch_size: int = 32,
     policy_timesteps: int = 256,
-    policy_encounters: int = 12,
+    policy_encounters: int = 8,
 ) -> PipelineOutcome:
     """The main job: build (data, recommender) → train_policy → refine (signals, then the
     initial and the policy's prompts, one table) → evaluate → export.
@@ -342,7 +342,7 @@ def pmlm_pipeline(
     return PipelineOutcome(built, policy, refined, evaluation, exported)
 
 
-def quick_policy_settings(timesteps: int, n_calibration: int, n_train: int = 12) -> PolicySettings:
+def quick_policy_settings(timesteps: int, n_calibration: int, n_train: int = 8) -> PolicySettings:
     """The main job's short training run: a few hundred edits on ``n_train`` training and
     ``n_train // 2`` validation encounters, at most ``4 * n_train`` LLM calls (the
     initial prompts' answers included), so that the main job stays within minutes.
