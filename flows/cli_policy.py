@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -12,6 +13,9 @@ from flows.cli_prompts import signal_source
 from flows.options import WorkspaceOpt
 from pipelines.ingest import load_tables
 from pipelines.workspace import Workspace
+
+if TYPE_CHECKING:
+    from promptenv.policy import PolicySettings, TrainedPolicy
 
 policy_app = typer.Typer(
     help="The prompt-editing policy: train it with MaskablePPO, apply it with no LLM call.",
@@ -35,6 +39,31 @@ def workspace_versions(ws: Workspace) -> dict[str, Any]:
     }
 
 
+def train_workspace_policy(
+    ws: Workspace,
+    backend: str,
+    settings: PolicySettings,
+    extra_versions: Mapping[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
+    show_bar: bool = True,
+) -> TrainedPolicy:
+    """Train the workspace's policy (`promptenv.policy.train_policy`) on its tables and signals,
+    answers from ``backend`` through the workspace's cached LLM client; saved in ``models/policy``."""
+    from promptenv.llm import LLMClient
+    from promptenv.policy import policy_dir, train_policy
+
+    return train_policy(
+        LLMClient(backend, workspace=ws),
+        load_tables(ws),
+        signal_source(ws),
+        policy_dir(ws),
+        settings,
+        versions={**workspace_versions(ws), **(extra_versions or {})},
+        progress=progress,
+        show_bar=show_bar,
+    )
+
+
 @policy_app.command("train")
 def train_cmd(
     workspace: WorkspaceOpt = None,
@@ -51,8 +80,7 @@ def train_cmd(
     seed: Annotated[int, typer.Option(help="Seed of the sample, PPO and the environment.")] = 0,
 ) -> None:
     """Train the editing policy on training patients (answers through the cached LLM client)."""
-    from promptenv.llm import LLMClient
-    from promptenv.policy import PolicySettings, policy_dir, train_policy, training_summary
+    from promptenv.policy import PolicySettings, training_summary
 
     ws = Workspace.at(workspace)
     settings = PolicySettings(
@@ -63,16 +91,7 @@ def train_cmd(
         eval_freq=eval_freq,
         seed=seed,
     )
-    client = LLMClient(backend, workspace=ws)
-    result = train_policy(
-        client,
-        load_tables(ws),
-        signal_source(ws),
-        policy_dir(ws),
-        settings,
-        versions=workspace_versions(ws),
-        progress=console.print,
-    )
+    result = train_workspace_policy(ws, backend, settings, progress=console.print)
     console.print(f"{training_summary(result.policy)} → {result.path}", markup=False)
 
 

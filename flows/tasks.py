@@ -232,21 +232,14 @@ def train_policy_task(
 
     A rerun after a crash asks the LLM only for answers that are not in its cache.
     """
-    from flows.cli_policy import workspace_versions
-    from flows.cli_prompts import signal_source
-    from pipelines.ingest import load_tables
-    from promptenv.llm import LLMClient
-    from promptenv.policy import policy_dir, train_policy, training_summary
+    from flows.cli_policy import train_workspace_policy
+    from promptenv.policy import training_summary
 
-    ws = Workspace.at(workspace)
-    client = LLMClient(backend, workspace=ws)
-    result = train_policy(
-        client,
-        load_tables(ws),
-        signal_source(ws),
-        policy_dir(ws),
+    result = train_workspace_policy(
+        Workspace.at(workspace),
+        backend,
         settings,
-        versions={**workspace_versions(ws), "data_fingerprint": data_fingerprint},
+        {"data_fingerprint": data_fingerprint},
         progress=_progress(),
         show_bar=False,
     )

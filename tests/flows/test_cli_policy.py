@@ -1,0 +1,66 @@
+"""``pmlm policy train|show|apply`` on a built workspace, answers from the echoing stub LLM server."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+runner = CliRunner()
+
+
+def _stub_module() -> ModuleType:
+    path = Path(__file__).parents[1] / "promptenv" / "llm_stub_server.py"
+    spec = importlib.util.spec_from_file_location("llm_stub_server", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("llm_stub_server", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_policy_train_show_apply(
+    built_workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ws = tmp_path / "ws"
+    shutil.copytree(built_workspace, ws)
+    monkeypatch.setenv("OPENAI_API_KEY", "stub-key")
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    stub = _stub_module().StubLLMServer(echo=True).start()
+    try:
+        backend = f"openai:stub-model@{stub.url}/v1"
+        args = ["--timesteps", "64", "--n-train", "4", "--n-validation", "2", "--eval-freq", "32"]
+        trained = runner.invoke(
+            app, ["policy", "train", "-w", str(ws), "--backend", backend, *args]
+        )
+        assert trained.exit_code == 0, trained.output
+        asked = len(stub.requests)
+    finally:
+        stub.stop()
+    assert asked > 0
+    info = json.loads((ws / "models" / "policy" / "policy.json").read_text())
+    assert f"policy {info['version']}" in trained.output
+    # the workspace's data and recommender versions travel with the policy
+    assert info["trained_with"]["recommender"] and info["trained_with"]["data_hash"]
+    assert info["trained_with"]["train_encounters"] == 4
+    # PPO trains whole rollouts: 64 steps asked are one rollout of n_steps
+    assert info["training"]["timesteps"] == max(64, info["settings"]["n_steps"])
+
+    shown = runner.invoke(app, ["policy", "show", "-w", str(ws)])
+    assert shown.exit_code == 0 and info["version"] in shown.output
+    applied = runner.invoke(app, ["policy", "apply", "-w", str(ws)])  # no LLM: the stub is gone
+    assert applied.exit_code == 0, applied.output
+    prompts = pd.read_parquet(ws / "tables" / "prompts.parquet")
+    refined = prompts[prompts["method"] == "pmlm"]
+    assert len(refined) == prompts["patient_id"].nunique()
+    assert (refined["provenance"].map(lambda p: json.loads(p)["policy"]) == info["version"]).all()
