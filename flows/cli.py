@@ -103,13 +103,20 @@ def ingest_fhir_cmd(
     ],
     workspace: WorkspaceOpt = None,
     split_seed: SplitSeedOpt = 0,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Reader processes (each holds 16 bundles at a time) [default: the number of CPUs].",
+        ),
+    ] = None,
 ) -> None:
-    """Ingest a folder of FHIR R4 bundles."""
+    """Ingest a folder of FHIR R4 bundles (staged: 16 bundles per process, one table at a time)."""
     from pipelines.ingest import ingest_fhir
 
     ws = Workspace.at(workspace)
     started = time.perf_counter()
-    summary = ingest_fhir(ws, folder, split_seed=split_seed)
+    summary = ingest_fhir(ws, folder, split_seed=split_seed, workers=workers)
     print_summary(summary, f"FHIR ingest of {folder} ({time.perf_counter() - started:.1f} s)")
     console.print(f"Tables written to {ws.tables_dir}")
 

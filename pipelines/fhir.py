@@ -13,6 +13,14 @@ Bad input never stops the run silently and never crashes it without a reason:
   or a reference to a patient or encounter that is absent (or was itself
   quarantined) → one quarantine row with the reason.
 
+References resolve within one file: each Bundle carries the Patient and the
+Encounters its resources refer to, as Synthea writes them. A duplicate (an id
+already read from an earlier file, or earlier in the same file) is quarantined,
+the first occurrence kept, and it still resolves the references of its own
+file. So the tables do not depend on how files are grouped for reading: one
+reader or many processes, in memory or staged (`pipelines.staged`), give the
+same result.
+
 Usage::
 
     tables = read_fhir_folder(Path("synthea-out/fhir"))
@@ -24,20 +32,22 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-from collections.abc import Iterator
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, date, datetime
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import orjson
+import numpy as np
 import pandas as pd
+import simdjson
 
-from pipelines.schemas import ENCOUNTERS, EVENTS, NOTES, PATIENTS, QUARANTINE
+from pipelines.schemas import ENCOUNTERS, EVENTS, NOTES, PATIENTS, QUARANTINE, ROW_ORDER
 from pipelines.sources import IngestSummary, SourceTables, frame, pseudonym
 
 SOURCE = "fhir"
+T = TypeVar("T")
 
 EVENT_RESOURCES = {
     "Condition": "condition",
@@ -97,10 +107,49 @@ def first_coding(concept: Any, what: str) -> tuple[str | None, str | None, str |
     raise Rejected(f"{what} has no coding and no text")
 
 
-def _iter_bundle_resources(bundle: dict[str, Any]) -> Iterator[dict[str, Any] | None]:
-    for entry in bundle.get("entry") or []:
-        resource = entry.get("resource") if isinstance(entry, dict) else None
-        yield resource if isinstance(resource, dict) else None
+def _bundle_resources(parser: simdjson.Parser, raw: bytes) -> list[dict[str, Any] | None] | str:
+    """The resources of a Bundle, in entry order, or why ``raw`` is not a Bundle.
+
+    A resource of a type that is read becomes a dict; of another type, only
+    ``{"resourceType": type}`` (it is counted, not read: ~30% of a Synthea file
+    that is never turned into Python objects); an entry without a resource
+    object, None. Raises ValueError (UnicodeDecodeError) when ``raw`` is not
+    JSON (not UTF-8). simdjson's views of the document live only in this call,
+    so the parser can be reused.
+    """
+    doc = parser.parse(raw)
+    if not isinstance(doc, simdjson.Object):
+        kind = "list" if isinstance(doc, simdjson.Array) else type(doc).__name__
+        return f"not a FHIR Bundle (resourceType {kind!r})"
+    rtype = doc.get("resourceType")
+    if rtype != "Bundle":
+        shown = rtype if rtype is None or isinstance(rtype, str | int | float) else "?"
+        return f"not a FHIR Bundle (resourceType {shown!r})"
+    entries = doc.get("entry")
+    if entries is None:
+        return []
+    if not isinstance(entries, simdjson.Array):
+        return f"Bundle.entry is not a list (a {type(entries).__name__})"
+    out: list[dict[str, Any] | None] = []
+    for entry in entries:
+        resource = entry.get("resource") if isinstance(entry, simdjson.Object) else None
+        if not isinstance(resource, simdjson.Object):
+            out.append(None)
+            continue
+        rtype = resource.get("resourceType")
+        if isinstance(rtype, str) and rtype in READ_TYPES:
+            out.append(resource.as_dict())
+        else:
+            out.append({"resourceType": rtype if isinstance(rtype, str) else None})
+    return out
+
+
+def _first_bad_byte(raw: bytes) -> int:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start
+    return -1  # simdjson and Python disagree: report no offset rather than a wrong one
 
 
 class _FhirReader:
@@ -108,6 +157,7 @@ class _FhirReader:
 
     def __init__(self, salt: str | None) -> None:
         self.salt = salt
+        self.parser = simdjson.Parser()
         self.summary = IngestSummary(source=SOURCE)
         self.patients: list[dict[str, Any]] = []
         self.encounters: list[dict[str, Any]] = []
@@ -122,9 +172,16 @@ class _FhirReader:
         }
         self.quarantine: list[dict[str, Any]] = []
         self.seen_ids: set[tuple[str, str]] = set()
-        # source patient id → pseudonym, source encounter id → (pseudonym patient id)
+        # Of the current file: source patient id → pseudonym, source encounter id →
+        # pseudonym of its patient (references resolve within a file).
         self.patient_ids: dict[str, str] = {}
         self.encounter_patient: dict[str, str] = {}
+        # the number of the file being read (its place in the folder); `end_file`
+        # notes how many rows it gave, so that rows can name their file (duplicates)
+        self.file_number = 0
+        self.part_files: dict[str, list[tuple[int, int]]] = {name: [] for name in self.parts}
+        self.counted = dict.fromkeys(self.parts, 0)  # rows not flushed yet, by table
+        self.patient_source_ids: list[str] = []  # one per patient row (duplicates across files)
 
     def reject(self, file: str, rtype: str | None, rid: str | None, reason: str) -> None:
         self.quarantine.append(
@@ -141,24 +198,23 @@ class _FhirReader:
         name = path.name
         raw = path.read_bytes()
         try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
+            resources = _bundle_resources(self.parser, raw)
+        except UnicodeDecodeError:
             self.summary.files_quarantined += 1
-            self.reject(name, None, None, f"not UTF-8: invalid byte at offset {exc.start}")
+            where = _first_bad_byte(raw)
+            self.reject(name, None, None, f"not UTF-8: invalid byte at offset {where}")
             return
-        try:
-            bundle = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
+        except ValueError as exc:  # simdjson: not JSON
             self.summary.files_quarantined += 1
             self.reject(name, None, None, f"malformed JSON: {exc}")
             return
-        if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
-            kind = bundle.get("resourceType") if isinstance(bundle, dict) else type(bundle).__name__
+        if isinstance(resources, str):
             self.summary.files_quarantined += 1
-            self.reject(name, None, None, f"not a FHIR Bundle (resourceType {kind!r})")
+            self.reject(name, None, None, resources)
             return
         self.summary.files_read += 1
-        resources = list(_iter_bundle_resources(bundle))
+        self.patient_ids.clear()
+        self.encounter_patient.clear()
         # Patients and encounters first, so that references resolve in any entry order.
         order = {"Patient": 0, "Encounter": 1}
         resources.sort(key=lambda r: order.get(r.get("resourceType", ""), 2) if r else 2)
@@ -177,6 +233,7 @@ class _FhirReader:
                 if not isinstance(rid, str) or not rid:
                     raise Rejected("missing id")
                 if (rtype, rid) in self.seen_ids:
+                    self.resolve_duplicate(rtype, rid, resource)
                     raise Rejected(f"duplicate {rtype} id (first occurrence kept)")
                 self.read_resource(name, rtype, rid, resource)
             except Rejected as why:
@@ -186,6 +243,17 @@ class _FhirReader:
             self.seen_ids.add((rtype, rid))
             self.summary.kept += 1
             self.summary.kept_by_type[rtype] += 1
+
+    def resolve_duplicate(self, rtype: str, rid: str, r: dict[str, Any]) -> None:
+        """A duplicate Patient or Encounter still resolves its own file's references,
+        as it does when the first occurrence was read by another process."""
+        if rtype == "Patient":
+            self.patient_ids[rid] = pseudonym(SOURCE, rid, self.salt)
+        elif rtype == "Encounter":
+            sid = reference_id(r.get("subject") or r.get("patient"))
+            pid = self.patient_ids.get(sid) if sid is not None else None
+            if pid is not None:  # else it resolves nothing, as when read first
+                self.encounter_patient[rid] = pid
 
     def subject(self, resource: dict[str, Any]) -> str:
         ref = resource.get("subject") or resource.get("patient")
@@ -260,6 +328,7 @@ class _FhirReader:
             }
         )
         self.patient_ids[rid] = pid
+        self.patient_source_ids.append(rid)
 
     def read_encounter(self, rid: str, r: dict[str, Any]) -> None:
         pid = self.subject(r)
@@ -439,15 +508,35 @@ class _FhirReader:
             if rows:
                 self.parts[name].append(typed(frame(rows, schema.names), schema.names))
                 rows.clear()
+            self.counted[name] = 0
 
-    def tables(self) -> SourceTables:
+    def end_file(self) -> None:
+        """Note how many rows of each table the file just read gave."""
+        for name in self.parts:
+            n = len(getattr(self, name)) - self.counted[name]
+            if n:
+                self.part_files[name].append((self.file_number, n))
+                self.counted[name] += n
+
+    def tables(self, with_files: bool = False) -> SourceTables:
+        """The tables read so far; ``with_files`` adds a ``_file`` column (the file number)."""
         self.flush()
 
         def concat(name: str, names: list[str]) -> pd.DataFrame:
             parts = self.parts[name]
             if not parts:
-                return typed(frame([], names), names)
-            return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+                df = typed(frame([], names), names)
+            else:
+                df = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+            if with_files:
+                counts = self.part_files[name]
+                df[FILE_COLUMN] = np.repeat(
+                    np.array([f for f, _ in counts], dtype=np.int32),
+                    np.array([n for _, n in counts], dtype=np.int64),
+                )
+                if name == "patients":
+                    df[SOURCE_ID_COLUMN] = pd.Series(self.patient_source_ids, dtype=object)
+            return df
 
         return SourceTables(
             patients=concat("patients", PATIENTS.names),
@@ -502,20 +591,33 @@ def bundle_files(folder: Path) -> list[Path]:
     return files
 
 
-def _read_chunk(paths: list[Path], salt: str | None) -> SourceTables:
+#: Internal column: the number of the file a row was read from (dropped before writing).
+FILE_COLUMN = "_file"
+
+
+def read_chunk(paths: list[Path], salt: str | None, first_file: int = 0) -> SourceTables:
+    """Read ``paths`` (files number ``first_file``, ``first_file + 1``, …) with one reader.
+
+    The record tables carry ``FILE_COLUMN``; duplicates within the chunk are
+    already quarantined, duplicates across chunks are the caller's.
+    """
     reader = _FhirReader(salt)
-    for path in paths:
+    for i, path in enumerate(paths):
+        reader.file_number = first_file + i
         reader.read_file(path)
-        reader.flush()
-    return reader.tables()
+        reader.end_file()
+        if (i + 1) % FLUSH_FILES == 0:
+            reader.flush()  # dict rows cost ~10× the memory of a frame
+    return reader.tables(with_files=True)
 
 
+#: Files read between two conversions of rows into frames (memory against speed).
+FLUSH_FILES = 4
+
+
+#: The record tables' row order (`schemas.ROW_ORDER`).
 SORT_KEYS: dict[str, list[str]] = {
-    "patients": ["patient_id"],
-    "encounters": ["patient_id", "start", "encounter_id"],
-    "events": ["patient_id", "time", "event_id"],
-    "notes": ["patient_id", "time", "note_id"],
-    "quarantine": ["source_file", "resource_type", "resource_id", "reason"],
+    name: ROW_ORDER[name] for name in ("patients", "encounters", "events", "notes", "quarantine")
 }
 
 
@@ -547,33 +649,93 @@ def sorted_tables(t: SourceTables) -> SourceTables:
 def read_fhir_folder(
     folder: Path, salt: str | None = None, workers: int | None = None
 ) -> SourceTables:
-    """Read every bundle of ``folder`` into record-level canonical tables.
+    """Read every bundle of ``folder`` into record-level canonical tables, in memory.
 
-    Each Bundle must carry the Patient and Encounters its resources refer to
-    (as Synthea writes them). With ``workers > 1`` bundles are read in that
-    many processes (default: the number of CPUs); the result is the same.
-    Duplicate ids across files are quarantined here, after the merge.
+    Bundles are read in chunks of ``CHUNK_FILES`` by ``workers`` processes
+    (default: the number of CPUs; 1 reads in this process); the result does not
+    depend on either. For a large cohort, `pipelines.staged.ingest_fhir_staged`
+    writes a workspace without holding every table in memory.
     """
     files = bundle_files(folder)
-    workers = min(workers or os.cpu_count() or 1, len(files))
-    if workers <= 1 or len(files) < 8:
-        return sorted_tables(_read_chunk(files, salt))
-    # Small contiguous chunks, merged in file order: a worker holds one chunk's
-    # tables at a time (memory), and the first occurrence of a duplicate id wins.
-    chunks = [files[i : i + CHUNK_FILES] for i in range(0, len(files), CHUNK_FILES)]
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        parts = list(pool.map(_read_chunk, chunks, [salt] * len(chunks)))
-    return _merge(parts)
+    parts = map_chunks(read_chunk, file_chunks(files), salt, workers=workers)
+    return _merge(parts, [p.name for p in files])
 
 
 #: Bundles per task of a reader process (~3 MB each as Synthea writes them).
 CHUNK_FILES = 16
 
 
-def _merge(parts: list[SourceTables]) -> SourceTables:
+def file_chunks(files: list[Path], size: int | None = None) -> list[tuple[int, list[Path]]]:
+    """Contiguous chunks of ``files`` as (number of the first file, paths)."""
+    size = size or CHUNK_FILES
+    return [(i, files[i : i + size]) for i in range(0, len(files), size)]
+
+
+def map_chunks(
+    fn: Callable[..., T], chunks: list[tuple[int, list[Path]]], *args: Any, workers: int | None
+) -> list[T]:
+    """``fn(paths, *args, first_file)`` for every chunk, in order, in ``workers`` processes.
+
+    Chunks are small and handed out one at a time, so a worker holds one chunk's
+    tables at a time (memory). With one worker or one chunk, runs here.
+    """
+    workers = min(workers or os.cpu_count() or 1, len(chunks))
+    if workers <= 1:
+        return [fn(paths, *args, first) for first, paths in chunks]
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        columns = list(zip(*[(paths, *args, first) for first, paths in chunks], strict=True))
+        return list(pool.map(fn, *columns))
+
+
+#: Record tables: id column and FHIR resource type (None: events, from their kind).
+ID_COLUMNS: dict[str, tuple[str, str | None]] = {
+    "patients": ("patient_id", "Patient"),
+    "encounters": ("encounter_id", "Encounter"),
+    "notes": ("note_id", "DocumentReference"),
+    "events": ("event_id", None),
+}
+SOURCE_ID_COLUMN = "_source_id"
+
+
+def quarantine_duplicates(
+    name: str, rows: pd.DataFrame, file_names: list[str], summary: IngestSummary
+) -> list[dict[str, Any]]:
+    """Quarantine rows for ``rows`` of table ``name``, later occurrences of ids read
+    from an earlier file by another reader; ``summary`` moves them from kept to
+    quarantined. Gives the rows a single reader would have written.
+    """
+    key, rtype = ID_COLUMNS[name]
+    # the components (#n) of one resource share its quarantine row
+    ids = rows[SOURCE_ID_COLUMN] if name == "patients" else rows[key].str.split("#").str[0]
+    found = pd.DataFrame(
+        {
+            "id": ids.to_numpy(dtype=object),
+            "file": rows[FILE_COLUMN].to_numpy(),
+            "type": rows["kind"].map(KIND_RESOURCE).to_numpy(dtype=object)
+            if rtype is None
+            else rtype,
+        }
+    ).drop_duplicates(["id", "file"])
+    out = []
+    for rid, number, etype in zip(found["id"], found["file"], found["type"], strict=True):
+        summary.kept_by_type[etype] -= 1
+        out.append(
+            {
+                "source": SOURCE,
+                "source_file": file_names[number],
+                "resource_type": etype,
+                "resource_id": rid,
+                "reason": f"duplicate {etype} id (first occurrence kept)",
+            }
+        )
+    summary.kept -= len(out)
+    summary.quarantined += len(out)
+    return out
+
+
+def merge_summaries(summaries: list[IngestSummary]) -> IngestSummary:
     summary = IngestSummary(source=SOURCE)
-    for part in parts:
-        ps = part.summary
+    for ps in summaries:
         summary.files_read += ps.files_read
         summary.files_quarantined += ps.files_quarantined
         summary.read += ps.read
@@ -581,60 +743,30 @@ def _merge(parts: list[SourceTables]) -> SourceTables:
         summary.quarantined += ps.quarantined
         summary.skipped_by_type.update(ps.skipped_by_type)
         summary.kept_by_type.update(ps.kept_by_type)
+    return summary
+
+
+def _merge(parts: list[SourceTables], file_names: list[str]) -> SourceTables:
+    summary = merge_summaries([p.summary for p in parts])
     merged = {}
     for name in ("patients", "encounters", "events", "notes", "quarantine"):
         merged[name] = pd.concat([getattr(p, name) for p in parts], ignore_index=True)
         for p in parts:  # free each chunk's copy as soon as it is merged
             setattr(p, name, None)
     # Ids repeated across chunks: keep the first, quarantine the rest.
-    extra_quarantine: list[dict[str, Any]] = []
-    for name, key, rtype in (
-        ("patients", "patient_id", "Patient"),
-        ("encounters", "encounter_id", "Encounter"),
-        ("notes", "note_id", "DocumentReference"),
-        ("events", "event_id", None),
-    ):
+    extra: list[dict[str, Any]] = []
+    for name, (key, _) in ID_COLUMNS.items():
         df = merged[name]
         dup = df[key].duplicated(keep="first")
         if dup.any():
-            roots = df.loc[dup, key].str.split("#").str[0]
-            if name != "events":
-                summary.kept_by_type[str(rtype)] -= len(roots)
-                extra_quarantine.extend(
-                    {
-                        "source": SOURCE,
-                        "source_file": "(several files)",
-                        "resource_type": rtype,
-                        "resource_id": rid,
-                        "reason": f"duplicate {rtype} id (first occurrence kept)",
-                    }
-                    for rid in roots
-                )
-            else:
-                # the components (#n) of one resource share its quarantine row
-                kinds = df.loc[dup, "kind"]
-                firsts = ~pd.Series(roots.to_numpy()).duplicated().to_numpy()
-                for rid, kind, first in zip(roots, kinds, firsts, strict=True):
-                    if first:
-                        etype = KIND_RESOURCE[kind]
-                        summary.kept_by_type[etype] -= 1
-                        extra_quarantine.append(
-                            {
-                                "source": SOURCE,
-                                "source_file": "(several files)",
-                                "resource_type": etype,
-                                "resource_id": rid,
-                                "reason": f"duplicate {etype} id (first occurrence kept)",
-                            }
-                        )
-            merged[name] = df[~dup].reset_index(drop=True)
-    if extra_quarantine:
-        summary.kept -= len(extra_quarantine)
-        summary.quarantined += len(extra_quarantine)
+            extra.extend(quarantine_duplicates(name, df[dup], file_names, summary))
+            df = df[~dup].reset_index(drop=True)
+        merged[name] = df.drop(columns=[FILE_COLUMN, SOURCE_ID_COLUMN], errors="ignore")
+    if extra:
         merged["quarantine"] = pd.concat(
-            [merged["quarantine"], pd.DataFrame(extra_quarantine, columns=QUARANTINE.names)],
+            [merged["quarantine"], pd.DataFrame(extra, columns=QUARANTINE.names)],
             ignore_index=True,
         )
     tables = SourceTables(summary=summary, **merged)
-    del merged, parts, df
+    del merged, parts
     return sorted_tables(tables)

@@ -8,24 +8,43 @@ same way for both and writes all canonical tables.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from pipelines.index import DEFAULT_SPLIT_SEED, index_encounters
 from pipelines.plans import plans_from_notes, plans_from_orders
-from pipelines.schemas import EVENT_KINDS, SPLITS, TABLES
+from pipelines.schemas import EVENT_KINDS, ROW_ORDER, SPLITS, TABLES
 from pipelines.sources import SourceTables
-from pipelines.workspace import Workspace
+from pipelines.workspace import Workspace, to_arrow
 
 
-def derive(source: SourceTables, split_seed: int = DEFAULT_SPLIT_SEED) -> dict[str, pd.DataFrame]:
-    """All canonical tables from record-level tables: plans from notes, else from orders."""
-    if len(source.notes):
+def derive(
+    source: SourceTables, split_seed: int = DEFAULT_SPLIT_SEED, plans_from: str | None = None
+) -> dict[str, pd.DataFrame]:
+    """All canonical tables from record-level tables.
+
+    Reference plans come from the notes (``plans_from="note"``) or from the orders
+    recorded at each encounter (``"events"``); by default from the notes when the
+    source has any. Every derived row depends on one patient's records only, so a
+    cohort can be derived in parts (`pipelines.staged`).
+    """
+    if plans_from is None:
+        plans_from = "note" if len(source.notes) else "events"
+    if plans_from == "note":
         plans, items = plans_from_notes(source.notes, source.events)
-    else:
+    elif plans_from == "events":
         plans, items = plans_from_orders(source.events, source.encounters)
+    else:
+        raise ValueError(f"plans_from must be 'note' or 'events', not {plans_from!r}")
+    plans, items = (
+        df.sort_values(ROW_ORDER[name], kind="stable", na_position="first").reset_index(drop=True)
+        for name, df in (("reference_plans", plans), ("plan_items", items))
+    )
     index = index_encounters(
         source.encounters, source.events, source.patients, plans, split_seed=split_seed
     )
@@ -41,14 +60,50 @@ def derive(source: SourceTables, split_seed: int = DEFAULT_SPLIT_SEED) -> dict[s
     }
 
 
-def content_hash(tables: dict[str, pd.DataFrame]) -> str:
-    """A hash of the record-level tables' content: equal inputs give equal hashes."""
+#: The record-level tables, whose content makes the data hash.
+HASHED_TABLES = ("patients", "encounters", "events", "notes")
+_HASH_BATCH = 1 << 16
+
+
+def row_hashes(table: pa.Table) -> np.ndarray:
+    """A 64-bit hash of each row of a canonical table (pandas' hash of its values).
+
+    A row's hash depends on that row alone, so the hashes of a table's parts, put
+    in the table's order, are the hashes of the table.
+    """
+    parts = [
+        pd.util.hash_pandas_object(batch.to_pandas(), index=False).to_numpy()
+        for batch in table.to_batches(max_chunksize=_HASH_BATCH)
+    ]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
+
+
+def content_hash(hashes: Mapping[str, np.ndarray]) -> str:
+    """The data hash: of the rows (`row_hashes`, in canonical order) of `HASHED_TABLES`."""
     h = hashlib.sha256()
-    for name in ("patients", "encounters", "events", "notes"):
-        frame = tables[name]
+    for name in HASHED_TABLES:
         h.update(name.encode())
-        h.update(pd.util.hash_pandas_object(frame.astype(str), index=False).to_numpy().tobytes())
+        h.update(np.ascontiguousarray(hashes[name], dtype="<u8").tobytes())
     return h.hexdigest()[:16]
+
+
+def record_ingest(
+    workspace: Workspace,
+    *,
+    input_description: str,
+    split_seed: int,
+    data_hash: str,
+    summary: dict[str, Any],
+) -> None:
+    workspace.record_step(
+        "ingest",
+        {
+            "input": input_description,
+            "split_seed": split_seed,
+            "data_hash": data_hash,
+            "summary": summary,
+        },
+    )
 
 
 def write_cohort(
@@ -60,17 +115,19 @@ def write_cohort(
 ) -> dict[str, Any]:
     """Derive and write every canonical table, record the step, and return the summary."""
     tables = derive(source, split_seed=split_seed)
+    hashes = {}
     for name in TABLES:
-        workspace.write_table(name, tables[name])
+        table = to_arrow(name, tables[name])
+        workspace.write_table(name, table)
+        if name in HASHED_TABLES:
+            hashes[name] = row_hashes(table)
     summary = summarize(tables, source.summary.as_dict())
-    workspace.record_step(
-        "ingest",
-        {
-            "input": input_description,
-            "split_seed": split_seed,
-            "data_hash": content_hash(tables),
-            "summary": summary,
-        },
+    record_ingest(
+        workspace,
+        input_description=input_description,
+        split_seed=split_seed,
+        data_hash=content_hash(hashes),
+        summary=summary,
     )
     return summary
 
@@ -131,15 +188,19 @@ def load_tables(
 
 
 def ingest_fhir(
-    workspace: Workspace, folder: Path, split_seed: int = DEFAULT_SPLIT_SEED
+    workspace: Workspace,
+    folder: Path,
+    split_seed: int = DEFAULT_SPLIT_SEED,
+    workers: int | None = None,
 ) -> dict[str, Any]:
-    """Read a folder of FHIR R4 bundles into the workspace; returns the summary."""
-    from pipelines.fhir import read_fhir_folder
+    """Read a folder of FHIR R4 bundles into the workspace; returns the summary.
 
-    source = read_fhir_folder(folder)
-    return write_cohort(
-        workspace, source, input_description=f"fhir:{folder}", split_seed=split_seed
-    )
+    Staged (`pipelines.staged`): each worker process holds one chunk of bundles;
+    this process about two copies of the largest table (events), not the cohort.
+    """
+    from pipelines.staged import ingest_fhir_staged
+
+    return ingest_fhir_staged(workspace, folder, split_seed=split_seed, workers=workers)
 
 
 def ingest_omop(

@@ -177,3 +177,17 @@ PATIENT_TABLES: Final = (
     "plan_items",
     "index_encounters",
 )
+
+#: The canonical row order of each table (ascending, missing values first). The
+#: keys of the patient tables are unique, so the order is total and reruns, one
+#: reader or many, in memory or staged, write identical files.
+ROW_ORDER: Final[dict[str, list[str]]] = {
+    "patients": ["patient_id"],
+    "encounters": ["patient_id", "start", "encounter_id"],
+    "events": ["patient_id", "time", "event_id"],
+    "notes": ["patient_id", "time", "note_id"],
+    "reference_plans": ["patient_id", "time", "encounter_id"],
+    "plan_items": ["patient_id", "encounter_id", "position"],
+    "index_encounters": ["patient_id", "index_time", "encounter_id"],
+    "quarantine": ["source_file", "resource_type", "resource_id", "reason"],
+}

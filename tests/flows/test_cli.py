@@ -42,11 +42,13 @@ def test_summary_without_data_tells_what_to_run(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_ingest_fhir_of_a_generated_cohort(generated_cohort: Path, tmp_path: Path) -> None:
-    result = runner.invoke(app, ["ingest", "fhir", str(generated_cohort), "-w", str(tmp_path)])
+    args = ["ingest", "fhir", str(generated_cohort), "-w", str(tmp_path), "--workers", "1"]
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "= " in result.output and "records read" in result.output
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["steps"]["ingest"]["summary"]["patients"] == 30
+    assert list((tmp_path / ".staging").iterdir()) == []  # staged parts are removed
 
 
 def test_ingest_omop_defaults_to_eunomia(tmp_path: Path) -> None:

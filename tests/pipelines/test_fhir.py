@@ -273,12 +273,6 @@ def test_one_and_two_workers_agree(generated_cohort: Path) -> None:
 # ---------------------------------------------------------------- property-based bad input
 
 
-@pytest.fixture(scope="session")
-def real_bundle(generated_cohort: Path) -> bytes:
-    """The smallest real bundle of the generated cohort."""
-    return min((p.read_bytes() for p in generated_cohort.glob("*.json")), key=len)
-
-
 MUTATIONS = ("drop_field", "bad_date", "dangling_ref", "duplicate", "wrong_type", "null_resource")
 
 
