@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -13,11 +13,14 @@ from rich.console import Console
 from flows.options import WorkspaceOpt
 from pipelines.ingest import load_tables
 from pipelines.workspace import Workspace, atomic_write_bytes
-from promptenv.evaluate import Evaluation
+from promptenv.evaluate import EvalSettings, Evaluation
 from promptenv.fragments import PatientSignals
 from promptenv.llm import LLMClient
 from promptenv.policy import Policy
 from promptenv.prompts import METHODS
+
+if TYPE_CHECKING:
+    from promptenv.judge import PlanJudge
 
 prompts_app = typer.Typer(
     help="Personalized prompts: build the prompt table, show one patient's.", no_args_is_help=True
@@ -119,7 +122,9 @@ def evaluate_cmd(
         typer.Option(
             "--methods",
             help=f"Comma-separated: {', '.join(METHODS)}; with a trained policy also pmlm, "
-            "random_edits, and search_N (per-patient search with N LLM calls, e.g. search_4,search_16).",
+            "random_edits, search_N (per-patient search with N LLM calls scored against the plan it "
+            "is evaluated on: optimistic) and search_last_N (scored against the last plan known at "
+            "the index time: deployable), e.g. search_16,search_last_16.",
         ),
     ] = ",".join(METHODS),
     backend: Annotated[
@@ -154,10 +159,10 @@ def evaluate_cmd(
     ] = False,
 ) -> None:
     """Compare methods on the same test encounters with the same LLM; write the table to reports/."""
-    from promptenv.evaluate import EvalSettings, evaluate_methods, markdown_table
+    from promptenv.evaluate import EvalSettings, markdown_table
     from promptenv.judge import PlanJudge
-    from promptenv.llm import BackendConfigError, BackendSpecError, Budget
-    from promptenv.search import edit_methods, is_edit_method
+    from promptenv.llm import BackendConfigError, BackendSpecError
+    from promptenv.search import is_edit_method
 
     ws = Workspace.at(workspace)
     names = [m.strip() for m in methods.split(",") if m.strip()]
@@ -165,39 +170,66 @@ def evaluate_cmd(
     if not names or any(m not in METHODS for m in chosen):
         raise typer.BadParameter(
             f"unknown method(s) {[m for m in chosen if m not in METHODS]}; choose from "
-            f"{', '.join(METHODS)}, pmlm, random_edits, search_N"
+            f"{', '.join(METHODS)}, pmlm, random_edits, search_N, search_last_N"
         )
-    editing = edit_methods([m for m in names if is_edit_method(m)], policy_if_needed(ws, names))
-    client = LLMClient(
-        backend, workspace=ws, budget=Budget(max_calls=max_calls) if max_calls else None
-    )
+    policy = policy_if_needed(ws, names)  # before any LLM: a missing policy fails fast
+    client = budgeted_client(backend, ws, max_calls)
     grader = None
     if judge is not None:
         try:
-            judge_client = LLMClient(
-                judge, workspace=ws, budget=Budget(max_calls=max_calls) if max_calls else None
-            )
-            grader = PlanJudge(judge_client, allow_local=allow_local_judge)
+            grader = PlanJudge(budgeted_client(judge, ws, max_calls), allow_local=allow_local_judge)
         except (BackendConfigError, BackendSpecError) as exc:
             raise typer.BadParameter(str(exc), param_hint="--judge") from exc
     settings = EvalSettings(
         n_obstetric=n_obstetric, n_adult=n_adult, n_calibration=n_calibration, seed=seed
     )
-    result = evaluate_methods(
-        client,
-        load_tables(ws),
-        signal_source(ws),
-        chosen,
-        settings,
-        progress=console.print,
-        edit_methods=editing,
-        judge=grader,
+    result, report = evaluate_workspace(
+        ws, client, names, settings, progress=console.print, policy=policy, judge=grader
     )
-    report = write_evaluation(ws, result, client)
     console.print(markdown_table(result.table), markup=False)
     if grader is not None:
         console.print(f"Judge {grader.label}: {grader.stats.summary()}")
     console.print(f"Written: {report}")
+
+
+def budgeted_client(backend: str, ws: Workspace, max_calls: int | None) -> LLMClient:
+    """The workspace's cached LLM client for ``backend``, with at most ``max_calls`` new calls."""
+    from promptenv.llm import Budget
+
+    return LLMClient(
+        backend, workspace=ws, budget=Budget(max_calls=max_calls) if max_calls else None
+    )
+
+
+def evaluate_workspace(
+    ws: Workspace,
+    client: LLMClient,
+    names: Sequence[str],
+    settings: EvalSettings,
+    *,
+    progress: Callable[[str], None],
+    policy: Policy | None = None,
+    judge: PlanJudge | None = None,
+) -> tuple[Evaluation, Path]:
+    """The methods ``names`` (fixed prompts, pmlm, random_edits, search_N) on the same
+    test encounters with ``client``; writes reports/ and returns the result and the
+    report's path. ``policy``: the workspace's, for pmlm and random_edits
+    (`policy_if_needed`). `pmlm evaluate` and the main job's evaluation both run this.
+    """
+    from promptenv.evaluate import evaluate_methods
+    from promptenv.search import edit_methods, is_edit_method
+
+    result = evaluate_methods(
+        client,
+        load_tables(ws),
+        signal_source(ws),
+        [m for m in names if not is_edit_method(m)],
+        settings,
+        progress=progress,
+        edit_methods=edit_methods([m for m in names if is_edit_method(m)], policy),
+        judge=judge,
+    )
+    return result, write_evaluation(ws, result, client)
 
 
 def policy_if_needed(ws: Workspace, names: Sequence[str]) -> Policy | None:

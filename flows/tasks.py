@@ -298,32 +298,18 @@ def evaluate_with_llm(
     max_calls: int | None = None,
 ) -> EvaluationOutcome:
     """Every method on the same test encounters with one LLM (`promptenv.evaluate`); writes reports/."""
-    from flows.cli_prompts import policy_if_needed, signal_source, write_evaluation
-    from pipelines.ingest import load_tables
-    from promptenv.evaluate import EvalSettings, evaluate_methods, markdown_table
-    from promptenv.llm import Budget, LLMClient
-    from promptenv.search import edit_methods, is_edit_method
+    from flows.cli_prompts import budgeted_client, evaluate_workspace, policy_if_needed
+    from promptenv.evaluate import EvalSettings, markdown_table
 
     ws = Workspace.at(workspace)
-    editing = edit_methods(
-        [m for m in methods if is_edit_method(m)], policy_if_needed(ws, list(methods))
-    )
-    client = LLMClient(
-        backend, workspace=ws, budget=Budget(max_calls=max_calls) if max_calls else None
-    )
+    policy = policy_if_needed(ws, list(methods))
+    client = budgeted_client(backend, ws, max_calls)
     settings = EvalSettings(
         n_obstetric=n_obstetric, n_adult=n_adult, n_calibration=n_calibration, seed=seed
     )
-    result = evaluate_methods(
-        client,
-        load_tables(ws),
-        signal_source(ws),
-        [m for m in methods if not is_edit_method(m)],
-        settings,
-        progress=_progress(),
-        edit_methods=editing,
+    result, report = evaluate_workspace(
+        ws, client, methods, settings, progress=_progress(), policy=policy
     )
-    report = write_evaluation(ws, result, client)
     stats = client.cache_stats
     _say(f"{client.label}: {stats.hits} answers from the cache, {stats.misses} asked → {report}")
     return EvaluationOutcome(

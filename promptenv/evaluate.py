@@ -40,7 +40,15 @@ from promptenv.prompts import (
 from promptenv.reward import DEFAULT_THRESHOLD, PlanScorer, choose_threshold
 
 #: Table order: the prompt methods, then the edit methods of `promptenv.search`.
-METHOD_ORDER = (*METHODS, "random_edits", "pmlm", "search_4", "search_16")
+METHOD_ORDER = (
+    *METHODS,
+    "random_edits",
+    "pmlm",
+    "search_last_4",
+    "search_last_16",
+    "search_4",
+    "search_16",
+)
 #: Generation settings of every evaluation call (cached by the client).
 EVAL_PARAMS = GenerationParams(max_tokens=128, temperature=0.0, seed=0)
 SUBSETS = ("obstetric", "adult")

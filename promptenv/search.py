@@ -14,13 +14,18 @@ case: the final config, the edit trace, and the LLM calls it spent to choose.
   the reference it is scored on: an optimistic, expensive comparison point (the
   cost a per-patient optimiser pays), not a deployable method. Search with 4
   calls tries the first 4 of the 16 candidates of search with 16 calls.
+- The same search scored against the patient's **last plan known at the index
+  time** ("search_last_N"): what a per-patient optimiser can do in deployment,
+  where the next plan is not written yet. Same candidates, so the same answers
+  (the cache serves them); a patient with no earlier plan keeps the initial
+  config and spends no call.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -68,14 +73,56 @@ class RandomEdits:
         return out
 
 
+def last_known_plan(case: EditCase) -> tuple[tuple[str, ...], str] | None:
+    """(item displays, plan text) of the latest plan with items recorded at or before
+    the case's index time (its context), or None when there is none."""
+    ctx = case.context
+    plans = ctx.reference_plans
+    plans = plans[plans["n_items"] > 0]
+    if plans.empty:
+        return None
+    last = plans.sort_values(["time", "encounter_id"]).iloc[-1]
+    items = ctx.plan_items[ctx.plan_items["encounter_id"] == last["encounter_id"]]
+    return tuple(items.sort_values("position")["display"]), str(last["plan_text"])
+
+
+#: What per-patient search scores its candidates against.
+SEARCH_TARGETS = ("next_plan", "last_plan")
+
+
 @dataclass(frozen=True)
 class PerPatientSearch:
-    """Random search over edit sequences with ``n_calls`` LLM answers per patient (see module doc)."""
+    """Random search over edit sequences with ``n_calls`` LLM answers per patient (see module doc).
+
+    ``target``: ``"next_plan"`` scores against the plan the case is evaluated on
+    (optimistic); ``"last_plan"`` against the last plan known at the index time.
+    """
 
     n_calls: int
     max_edits: int = 6
     seed: int = 0
     concurrency: int = 1
+    target: str = "next_plan"
+
+    def __post_init__(self) -> None:
+        if self.target not in SEARCH_TARGETS:
+            raise ValueError(f"search target must be one of {SEARCH_TARGETS}, not {self.target!r}")
+
+    def scored_case(self, case: EditCase) -> EditCase | None:
+        """The case as the search scores it: with the target plan as its reference."""
+        if self.target == "next_plan":
+            return case
+        known = last_known_plan(case)
+        if known is None:
+            return None
+        items, text = known
+        # its own encounter key: scores against another plan must not share the memo
+        return replace(
+            case,
+            encounter_id=f"{case.encounter_id}#last_plan",
+            reference_items=items,
+            plan_text=text,
+        )
 
     def candidates(self, case: EditCase) -> list[tuple[PromptConfig, tuple[str, ...]]]:
         rng = np.random.default_rng(case_seed(case.encounter_id, self.seed + 1))
@@ -92,11 +139,23 @@ class PerPatientSearch:
         return out
 
     def __call__(self, cases: Sequence[EditCase], reward: AnswerReward) -> list[EditChoice]:
-        plans = [self.candidates(c) for c in cases]
-        pairs = [(c, cfg) for c, cands in zip(cases, plans, strict=True) for cfg, _ in cands]
+        scored = [self.scored_case(c) for c in cases]
+        plans = [
+            self.candidates(c) if sc is not None else []
+            for c, sc in zip(cases, scored, strict=True)
+        ]
+        pairs = [
+            (sc, cfg)
+            for sc, cands in zip(scored, plans, strict=True)
+            if sc is not None
+            for cfg, _ in cands
+        ]
         answered = iter(reward.answer_many(pairs, concurrency=self.concurrency))
         out = []
         for cands in plans:
+            if not cands:  # nothing to score against: the initial config, no call
+                out.append(EditChoice(INITIAL_CONFIG, (), 0, {"search_target": "none"}))
+                continue
             rewards = [next(answered).score.reward for _ in cands]
             best = int(np.argmax(rewards))
             cfg, trace = cands[best]
@@ -105,21 +164,31 @@ class PerPatientSearch:
                     cfg,
                     trace,
                     len(cands),
-                    {"search_best_reward": rewards[best], "search_candidates": len(cands)},
+                    {
+                        "search_best_reward": rewards[best],
+                        "search_candidates": len(cands),
+                        "search_target": self.target,
+                    },
                 )
             )
         return out
 
 
-EDIT_METHODS = ("pmlm", "random_edits", "search_4", "search_16")
+EDIT_METHODS = ("pmlm", "random_edits", "search_4", "search_16", "search_last_16")
+
+
+def _search_spec(name: str) -> tuple[str, int] | None:
+    """``search_N`` → ("next_plan", N); ``search_last_N`` → ("last_plan", N); else None."""
+    for prefix, target in (("search_last_", "last_plan"), ("search_", "next_plan")):
+        if name.startswith(prefix):
+            n = name[len(prefix) :]
+            return (target, int(n)) if n.isdigit() and int(n) >= 1 else None
+    return None
 
 
 def is_edit_method(name: str) -> bool:
-    """``pmlm``, ``random_edits`` or ``search_N`` (N ≥ 1 LLM calls per patient)."""
-    if name in ("pmlm", "random_edits"):
-        return True
-    prefix, _, n = name.partition("_")
-    return prefix == "search" and n.isdigit() and int(n) >= 1
+    """``pmlm``, ``random_edits``, ``search_N`` or ``search_last_N`` (N ≥ 1 LLM calls per patient)."""
+    return name in ("pmlm", "random_edits") or _search_spec(name) is not None
 
 
 def edit_methods(
@@ -133,16 +202,20 @@ def edit_methods(
     out: dict[str, EditMethod] = {}
     for name in names:
         if not is_edit_method(name):
-            raise ValueError(f"{name!r} is not an edit method (pmlm, random_edits, search_N)")
+            raise ValueError(
+                f"{name!r} is not an edit method (pmlm, random_edits, search_N, search_last_N)"
+            )
         if name == "pmlm":
             if policy is None:
                 raise ValueError("method pmlm needs a trained policy: run `pmlm policy train`")
             out[name] = PolicyEdits(policy)
         elif name == "random_edits":
             out[name] = RandomEdits(like=policy, seed=seed)
-        else:
-            n = int(name.partition("_")[2])
-            out[name] = PerPatientSearch(n, policy.max_edits if policy else max_edits, seed=seed)
+        elif (spec := _search_spec(name)) is not None:
+            target, n = spec
+            out[name] = PerPatientSearch(
+                n, policy.max_edits if policy else max_edits, seed=seed, target=target
+            )
     return out
 
 
@@ -156,4 +229,5 @@ __all__ = [
     "case_seed",
     "edit_methods",
     "is_edit_method",
+    "last_known_plan",
 ]

@@ -6,6 +6,7 @@ hundred PPO steps take seconds and every reward is reproducible.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -31,7 +32,13 @@ from promptenv.policy import (
 from promptenv.prompt_table import build_prompt_table
 from promptenv.prompts import INITIAL_CONFIG, PromptConfig
 from promptenv.reward import PlanScorer
-from promptenv.search import PerPatientSearch, RandomEdits, edit_methods, is_edit_method
+from promptenv.search import (
+    PerPatientSearch,
+    RandomEdits,
+    edit_methods,
+    is_edit_method,
+    last_known_plan,
+)
 
 # a few hundred PPO steps with answers from the echo LLM: about a minute on 2 cores
 pytestmark = pytest.mark.slow
@@ -350,6 +357,61 @@ def test_per_patient_search_keeps_its_best_candidate_and_counts_its_calls(
     assert is_edit_method("search_16") and not is_edit_method("search_x")
     with pytest.raises(ValueError, match="trained policy"):
         edit_methods(["pmlm"], None)
+
+
+def test_search_on_the_last_known_plan_never_sees_the_next_plan(
+    default_tables: dict[str, pd.DataFrame], tmp_path: Path
+) -> None:
+    idx = default_tables["index_encounters"]
+    rows = idx[(idx["split"] == "test") & idx["is_obstetric"]].head(4)
+    from promptenv.evaluate import references
+
+    cases = build_cases(
+        default_tables,
+        rows,
+        history_signals(default_tables),
+        references(default_tables, rows),  # type: ignore[arg-type]
+    )
+    # and a patient with no plan before her index time
+    first = cases[0]
+    no_plan = dataclasses.replace(
+        first,
+        encounter_id="no-earlier-plan",
+        context=dataclasses.replace(
+            first.context, reference_plans=first.context.reference_plans.iloc[0:0]
+        ),
+    )
+    cases.append(no_plan)
+    plans = default_tables["reference_plans"]
+    reward = AnswerReward(
+        LLMClient(EchoBackend(), workspace=tmp_path), PlanScorer(threshold=0.5), SHORT.params
+    )
+    search = PerPatientSearch(4, target="last_plan")
+    chosen = search(cases, reward)
+    assert last_known_plan(no_plan) is None
+    assert (chosen[-1].config, chosen[-1].llm_calls) == (INITIAL_CONFIG, 0)
+    for case, choice in zip(cases[:-1], chosen[:-1], strict=True):
+        known = last_known_plan(case)
+        earlier = plans[
+            (plans["patient_id"] == case.context.patient["patient_id"])
+            & (plans["time"] <= case.context.index_time)
+            & (plans["n_items"] > 0)
+        ]
+        last = earlier.sort_values(["time", "encounter_id"]).iloc[-1]
+        assert known is not None and known[1] == last["plan_text"]
+        assert last["encounter_id"] != case.context.index["next_encounter_id"]
+        scored = search.scored_case(case)
+        assert scored is not None and scored.reference_items == known[0]
+        best = max(reward(scored, cfg) for cfg, _ in search.candidates(case))
+        assert choice.llm_calls == 4 and reward(scored, choice.config) == best
+        # scoring against the last plan did not overwrite the case's own scores
+        answered = reward.answer(case, choice.config)
+        own = reward.scorer.score_many(
+            [answered.answer], [list(case.reference_items)], [case.plan_text]
+        )[0]
+        assert answered.score == own
+    assert is_edit_method("search_last_16") and not is_edit_method("search_last_x")
+    assert isinstance(edit_methods(["search_last_4"], None)["search_last_4"], PerPatientSearch)
 
 
 def test_evaluation_compares_edit_methods_with_their_llm_calls(
