@@ -268,7 +268,8 @@ def ingest_fhir_staged(
     ``workers`` processes (default: the number of CPUs) stage chunks of
     ``chunk_files`` bundles (default ``fhir.CHUNK_FILES``); neither changes the
     result. The staging folder, ``WORKSPACE/.staging/ingest-*``, is removed at the
-    end, also on error; one left by a killed ingest is removed by the next.
+    end, also on error (and ``.staging`` when empty); one left by a killed ingest
+    is removed by the next.
     """
     files = bundle_files(folder)
     file_names = [p.name for p in files]
@@ -336,6 +337,8 @@ def ingest_fhir_staged(
     finally:
         try:
             shutil.rmtree(staging)
+            if not any(root.iterdir()):
+                root.rmdir()
         except OSError as exc:
             warnings.warn(
                 f"could not remove the staging folder {staging} ({exc}); delete it by hand",

@@ -38,7 +38,7 @@ def in_memory(folder: Path, root: Path) -> Workspace:
 def staged(folder: Path, root: Path, **options: int) -> Workspace:
     ws = Workspace.at(root)
     ingest_fhir_staged(ws, folder, **options)
-    assert not any((root / ".staging").iterdir()), "the staging folder was left behind"
+    assert not (root / ".staging").exists(), "the staging folder was left behind"
     return ws
 
 
@@ -120,3 +120,23 @@ def test_mutated_bundles_staged_equal_in_memory(
         expected, staged(folder, root / "staged", workers=1, chunk_files=chunk_files)
     )
     shutil.rmtree(root)
+
+
+def test_staging_is_removed_on_error_and_after_a_killed_ingest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "fhir"
+    write(folder, "a.json", tiny_bundle())
+    root = tmp_path / "ws"
+    stale = root / ".staging" / "ingest-killed"  # as a killed ingest leaves it
+    (stale / "events").mkdir(parents=True)
+
+    def disk_full(self: Workspace, name: str, frame: object) -> Path:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Workspace, "write_table", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        ingest_fhir_staged(Workspace.at(root), folder, workers=1)
+    assert not (root / ".staging").exists()
+    monkeypatch.undo()
+    staged(folder, root, workers=1)
