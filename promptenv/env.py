@@ -89,6 +89,9 @@ class AnswerReward:
         self.params = params
         self.llm_calls = 0
         self.answers = 0
+        #: progress of the calls ``answer_many`` makes when it is given none (a caller
+        #: such as `pmlm evaluate` sets it around an edit method's search)
+        self.progress: Callable[[int, int], None] | None = None
         self._memo: dict[tuple[str, str], Answered] = {}
         self._lock = threading.Lock()
 
@@ -110,7 +113,7 @@ class AnswerReward:
             completions = self.client.generate_many(
                 [GenerationRequest(prompts[i].system, prompts[i].user, self.params) for i in order],
                 concurrency=concurrency,
-                progress=progress,
+                progress=progress or self.progress,
             )
             scores = self.scorer.score_many(
                 [c.text for c in completions],

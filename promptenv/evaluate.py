@@ -320,7 +320,10 @@ def evaluate_methods(
         reward = AnswerReward(client, scorer, settings.params)
         for name, choose in edit_methods.items():
             say(f"{name}: choosing a prompt for each of {len(cases)} encounters")
-            for case, choice in zip(cases, choose(cases, reward), strict=True):
+            reward.progress = progress_lines(say, f"{name}: answers to choose from")
+            choices = choose(cases, reward)
+            reward.progress = None
+            for case, choice in zip(cases, choices, strict=True):
                 p = assemble(case.context, case.signals, choice.config, name)
                 provenance = {**p.provenance, "edits": list(choice.trace), **choice.extra}
                 prompts.append(

@@ -421,14 +421,18 @@ def test_evaluation_compares_edit_methods_with_their_llm_calls(
 ) -> None:
     result, _, _ = trained
     client = LLMClient(EchoBackend(), workspace=tmp_path)
+    said: list[str] = []
     evaluation = evaluate_methods(
         client,
         default_tables,
         history_signals(default_tables),  # type: ignore[arg-type]
         ["general", "pmlm_initial", "oracle"],
         EvalSettings(n_obstetric=4, n_adult=3, n_calibration=4, bootstrap=50),
+        progress=said.append,
         edit_methods=edit_methods(["pmlm", "random_edits", "search_4"], result.policy),
     )
+    # the search's own answers are followed, not only the final ones
+    assert any(line.startswith("search_4: answers to choose from: ") for line in said), said
     table = evaluation.table
     assert set(table["method"]) == {
         "general",
