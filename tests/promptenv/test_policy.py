@@ -326,19 +326,24 @@ def test_calls_to_final_reward() -> None:
     assert np.isnan(calls_to_final([]))
 
 
+def obstetric_test_cases(tables: dict[str, pd.DataFrame], n: int) -> list[EditCase]:
+    """The first ``n`` obstetric test encounters as edit cases, with their references."""
+    from promptenv.evaluate import references
+
+    idx = tables["index_encounters"]
+    rows = idx[(idx["split"] == "test") & idx["is_obstetric"]].head(n)
+    return build_cases(
+        tables,
+        rows,
+        history_signals(tables),
+        references(tables, rows),  # type: ignore[arg-type]
+    )
+
+
 def test_per_patient_search_keeps_its_best_candidate_and_counts_its_calls(
     default_tables: dict[str, pd.DataFrame], tmp_path: Path
 ) -> None:
-    idx = default_tables["index_encounters"]
-    rows = idx[(idx["split"] == "test") & idx["is_obstetric"]].head(5)
-    from promptenv.evaluate import references
-
-    cases = build_cases(
-        default_tables,
-        rows,
-        history_signals(default_tables),
-        references(default_tables, rows),  # type: ignore[arg-type]
-    )
+    cases = obstetric_test_cases(default_tables, 5)
     backend = EchoBackend()
     reward = AnswerReward(
         LLMClient(backend, workspace=tmp_path), PlanScorer(threshold=0.5), SHORT.params
@@ -362,16 +367,7 @@ def test_per_patient_search_keeps_its_best_candidate_and_counts_its_calls(
 def test_search_on_the_last_known_plan_never_sees_the_next_plan(
     default_tables: dict[str, pd.DataFrame], tmp_path: Path
 ) -> None:
-    idx = default_tables["index_encounters"]
-    rows = idx[(idx["split"] == "test") & idx["is_obstetric"]].head(4)
-    from promptenv.evaluate import references
-
-    cases = build_cases(
-        default_tables,
-        rows,
-        history_signals(default_tables),
-        references(default_tables, rows),  # type: ignore[arg-type]
-    )
+    cases = obstetric_test_cases(default_tables, 4)
     # and a patient with no plan before her index time
     first = cases[0]
     no_plan = dataclasses.replace(
