@@ -50,6 +50,7 @@ from pipelines.fhir import (
     quarantine_duplicates,
     read_chunk,
     sorted_tables,
+    typed,
 )
 from pipelines.index import DEFAULT_SPLIT_SEED
 from pipelines.ingest import (
@@ -61,7 +62,7 @@ from pipelines.ingest import (
     summarize,
 )
 from pipelines.schemas import QUARANTINE, ROW_ORDER, TABLES
-from pipelines.sources import IngestSummary, SourceTables
+from pipelines.sources import IngestSummary, SourceTables, frame
 from pipelines.workspace import Workspace, to_arrow
 
 RECORD_TABLES = ("patients", "encounters", "events", "notes")
@@ -213,7 +214,11 @@ def _rederive(
             if later.any():
                 quarantine.extend(quarantine_duplicates(name, piece[later], file_names, summary))
             pieces.append(piece[~later])
-        frames[name] = pd.concat(pieces, ignore_index=True)
+        kept = pd.concat(pieces, ignore_index=True)
+        # An empty Arrow-backed string column has no chunks, which pandas' merges
+        # reject; give an empty table the reader's own empty frame instead.
+        columns = list(kept.columns)
+        frames[name] = kept if len(kept) else typed(frame([], columns), columns)
     source = sorted_tables(
         SourceTables(
             **frames,
