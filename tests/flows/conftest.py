@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+
+@pytest.fixture(scope="session")
+def stub_llm_server() -> Any:
+    """``StubLLMServer`` of tests/promptenv/llm_stub_server.py (an OpenAI-compatible
+    test server; that folder is not importable from the flow tests)."""
+    path = Path(__file__).parents[1] / "promptenv" / "llm_stub_server.py"
+    spec = importlib.util.spec_from_file_location("llm_stub_server", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("llm_stub_server", module)
+    spec.loader.exec_module(module)
+    return module.StubLLMServer
 
 
 @pytest.fixture(scope="session")

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
-from types import ModuleType
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -18,25 +16,18 @@ from flows.cli import app
 runner = CliRunner()
 
 
-def _stub_module() -> ModuleType:
-    path = Path(__file__).parents[1] / "promptenv" / "llm_stub_server.py"
-    spec = importlib.util.spec_from_file_location("llm_stub_server", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("llm_stub_server", module)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_policy_train_show_apply(
-    built_workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    built_workspace: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    stub_llm_server: Any,
 ) -> None:
     ws = tmp_path / "ws"
     shutil.copytree(built_workspace, ws)
     monkeypatch.setenv("OPENAI_API_KEY", "stub-key")
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-    stub = _stub_module().StubLLMServer(echo=True).start()
+    stub = stub_llm_server(echo=True).start()
     try:
         backend = f"openai:stub-model@{stub.url}/v1"
         args = ["--timesteps", "64", "--n-train", "4", "--n-validation", "2", "--eval-freq", "32"]

@@ -9,7 +9,6 @@ and none of the requests answered before the kill may reach the stub again.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -18,21 +17,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
+from typing import Any
 
 import pytest
 
 ANSWERED_BEFORE_KILL = 6
-
-
-def _stub_module() -> ModuleType:
-    path = Path(__file__).parents[1] / "promptenv" / "llm_stub_server.py"
-    spec = importlib.util.spec_from_file_location("llm_stub_server", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("llm_stub_server", module)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _run_main_job(ws: Path, backend: str, api_url: str, log: Path) -> subprocess.Popen[bytes]:
@@ -68,13 +57,13 @@ def _cached_answers(ws: Path) -> int:
 
 @pytest.mark.slow
 def test_main_job_killed_mid_evaluation_resumes_without_repeating_llm_calls(
-    built_workspace: Path, prefect_server: str, tmp_path: Path
+    built_workspace: Path, prefect_server: str, tmp_path: Path, stub_llm_server: Any
 ) -> None:
     ws = tmp_path / "ws"
     shutil.copytree(built_workspace, ws)
     log = tmp_path / "run.log"
     # echoed answers mention what the prompts told: the threshold calibration needs that
-    stub = _stub_module().StubLLMServer(echo=True).start()
+    stub = stub_llm_server(echo=True).start()
     try:
         backend = f"openai:stub-model@{stub.url}/v1"
         stub.hold_after(ANSWERED_BEFORE_KILL)
