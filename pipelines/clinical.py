@@ -35,7 +35,6 @@ current pregnancy, and its onset gives "how far along".
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Final
 
@@ -47,11 +46,11 @@ import pandas as pd
 PREGNANCY_MAX_DAYS: Final = 300
 #: SNOMED CT: normal pregnancy, pregnant (finding), teenage pregnancy.
 PREGNANCY_CODES: Final = frozenset({"72892002", "77386006", "237240001"})
-PREGNANCY_DISPLAY: Final = re.compile(r"pregnan", re.IGNORECASE)
+#: Regular expressions, matched ignoring case (plain strings: pyarrow matches them natively).
+PREGNANCY_DISPLAY: Final = r"pregnan"
 #: Displays that mention pregnancy but do not say she is pregnant now.
-NOT_PREGNANT_DISPLAY: Final = re.compile(
-    r"history of|not pregnant|no longer pregnant|refuted|ruled out|entered in error",
-    re.IGNORECASE,
+NOT_PREGNANT_DISPLAY: Final = (
+    r"history of|not pregnant|no longer pregnant|refuted|ruled out|entered in error"
 )
 #: SNOMED CT: not pregnant (finding); past pregnancy history of miscarriage (situation).
 NOT_PREGNANT_CODES: Final = frozenset({"60001007", "161744009"})
@@ -80,15 +79,61 @@ def pregnancy_records(events: pd.DataFrame) -> npt.NDArray[np.bool_]:
 
     ``events`` needs the columns ``kind``, ``code`` and ``display`` of the events table.
     """
-    display = events["display"].fillna("").astype("str")
-    code = events["code"].astype("str")
-    says_pregnant = display.str.contains(PREGNANCY_DISPLAY) | code.isin(PREGNANCY_CODES)
-    says_not = display.str.contains(NOT_PREGNANT_DISPLAY) | code.isin(NOT_PREGNANT_CODES)
-    return ((events["kind"] == "condition") & says_pregnant & ~says_not).to_numpy(dtype=bool)
+    rows = np.flatnonzero((events["kind"] == "condition").to_numpy(dtype=bool))
+    display = events["display"].iloc[rows].fillna("").astype("str")
+    code = events["code"].iloc[rows].astype("str")
+    maybe = (
+        display.str.contains(PREGNANCY_DISPLAY, case=False) | code.isin(PREGNANCY_CODES)
+    ).to_numpy(bool)
+    rows, display, code = rows[maybe], display[maybe], code[maybe]
+    says_not = display.str.contains(NOT_PREGNANT_DISPLAY, case=False) | code.isin(
+        NOT_PREGNANT_CODES
+    )
+    out = np.zeros(len(events), dtype=bool)
+    out[rows[~says_not.to_numpy(dtype=bool)]] = True
+    return out
+
+
+_UTC_US = pd.DatetimeTZDtype("us", "UTC")
 
 
 def _utc(values: pd.Series) -> pd.Series:
+    if values.dtype == _UTC_US:  # as the tables store them: nothing to convert
+        return values
     return pd.to_datetime(values, utc=True).dt.as_unit("us")
+
+
+def _records(events: pd.DataFrame) -> pd.DataFrame:
+    """The pregnancy records of ``events``: patient_id, event_id, onset, recorded, end (UTC)."""
+    records = events.loc[pregnancy_records(events)]
+    onset = _utc(records["time"])
+    recorded = _utc(records["recorded_time"]) if "recorded_time" in records else onset
+    return pd.DataFrame(
+        {
+            "patient_id": records["patient_id"].to_numpy(),
+            "event_id": records["event_id"].astype("str").to_numpy(),
+            "onset": onset.array,
+            # a missing recorded time, or one before the onset, means "recorded at onset"
+            "recorded": recorded.where(recorded.notna() & (recorded > onset), onset).array,
+            "end": _utc(records["end_time"]).array,
+        }
+    )
+
+
+def _active_at(records: pd.DataFrame, at: pd.Series | pd.Timestamp) -> npt.NDArray[np.bool_]:
+    """Which records make her pregnant at ``at`` (one time, or one per record row)."""
+    since = at - records["onset"]
+    active = (
+        (records["recorded"] <= at)
+        & (since >= pd.Timedelta(0))
+        & (since < pd.Timedelta(days=PREGNANCY_MAX_DAYS))
+        & (records["end"].isna() | (records["end"] > at))
+    )
+    return active.to_numpy(dtype=bool)
+
+
+#: Among the active records, the current pregnancy is the last in this order.
+_CURRENT_ORDER = ["onset", "recorded", "event_id"]
 
 
 def active_pregnancy(events: pd.DataFrame, at: pd.Timestamp) -> Pregnancy | None:
@@ -98,12 +143,17 @@ def active_pregnancy(events: pd.DataFrame, at: pd.Timestamp) -> Pregnancy | None
     `PatientContext`'s (see :func:`active_pregnancies` for the columns); rows
     recorded after ``at`` may be included: they are ignored.
     """
-    conditions = events[events["kind"] == "condition"].assign(patient_id="_")
-    one = pd.DataFrame({"patient_id": ["_"], "at": [at]})
-    found = active_pregnancies(conditions, one).iloc[0]
-    if not found["pregnant"]:
+    records = _records(events)
+    if records.empty:
         return None
-    return Pregnancy(str(found["event_id"]), pd.Timestamp(found["onset"]), float(found["weeks"]))
+    when = pd.Timestamp(at)
+    when = when.tz_localize("UTC") if when.tzinfo is None else when.tz_convert("UTC")
+    active = records[_active_at(records, when)]
+    if active.empty:
+        return None
+    current = active.sort_values(_CURRENT_ORDER, kind="stable").iloc[-1]
+    onset = pd.Timestamp(current["onset"])
+    return Pregnancy(str(current["event_id"]), onset, (when - onset) / _WEEK)
 
 
 def active_pregnancies(events: pd.DataFrame, queries: pd.DataFrame) -> pd.DataFrame:
@@ -128,19 +178,6 @@ def active_pregnancies(events: pd.DataFrame, queries: pd.DataFrame) -> pd.DataFr
             f"active_pregnancies: the queries frame lacks column(s) {sorted(missing)}; "
             "give one row per query with the columns patient_id and at"
         )
-    records = events.loc[pregnancy_records(events)]
-    onset = _utc(records["time"])
-    recorded = _utc(records["recorded_time"]) if "recorded_time" in records else onset
-    recorded = recorded.where(recorded.notna() & (recorded > onset), onset)
-    candidates = pd.DataFrame(
-        {
-            "patient_id": records["patient_id"].to_numpy(),
-            "event_id": records["event_id"].astype("str").to_numpy(),
-            "onset": onset.array,
-            "recorded": recorded.array,
-            "end": _utc(records["end_time"]).array,
-        }
-    )
     asked = pd.DataFrame(
         {
             "patient_id": queries["patient_id"].to_numpy(),
@@ -148,26 +185,20 @@ def active_pregnancies(events: pd.DataFrame, queries: pd.DataFrame) -> pd.DataFr
             "row": np.arange(len(queries)),
         }
     )
-    pairs = asked.merge(candidates, on="patient_id")
-    since = pairs["at"] - pairs["onset"]
-    active = (
-        (pairs["recorded"] <= pairs["at"])
-        & (since >= pd.Timedelta(0))
-        & (since < pd.Timedelta(days=PREGNANCY_MAX_DAYS))
-        & (pairs["end"].isna() | (pairs["end"] > pairs["at"]))
-    )
+    pairs = asked.merge(_records(events), on="patient_id")
     current = (
-        pairs[active]
-        .sort_values(["row", "onset", "recorded", "event_id"], kind="stable")
+        pairs[_active_at(pairs, pairs["at"])]
+        .sort_values(["row", *_CURRENT_ORDER], kind="stable")
         .drop_duplicates("row", keep="last")
     )
     rows = current["row"].to_numpy()
+    n = len(queries)
     out = pd.DataFrame(
         {
-            "pregnant": np.zeros(len(queries), dtype=bool),
-            "event_id": pd.Series([None] * len(queries), dtype="object"),
-            "onset": pd.Series(pd.NaT, index=range(len(queries)), dtype="datetime64[us, UTC]"),
-            "weeks": np.full(len(queries), np.nan),
+            "pregnant": np.zeros(n, dtype=bool),
+            "event_id": pd.Series([None] * n, dtype="object"),
+            "onset": pd.Series(pd.NaT, index=range(n), dtype="datetime64[us, UTC]"),
+            "weeks": np.full(n, np.nan),
         }
     )
     out.loc[rows, "pregnant"] = True
