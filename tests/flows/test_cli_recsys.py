@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from synthetic_cohort import synthetic_cohort
 from typer.testing import CliRunner
 
 from flows.cli_recsys import recsys_app
 from pipelines.errors import InputError, MissingStepError
 from pipelines.workspace import Workspace
-from recsys.synthetic import synthetic_cohort
 
 runner = CliRunner()
 FAST = ["-m", "popularity", "-m", "repeat_previous", "-m", "item_knn"]
