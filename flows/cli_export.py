@@ -30,7 +30,6 @@ DEFAULT_FORMATS = "parquet,jsonl,sql"
 
 #: The canonical tables the prompts are built from: their bytes make ``input_data_hash``.
 INPUT_TABLES = PATIENT_TABLES
-POLICY_INFO = Path("models") / "policy" / "policy.json"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -81,11 +80,9 @@ def recommender_info(ws: Workspace, table: pa.Table) -> dict[str, Any]:
 
 def policy_version(ws: Workspace) -> str | None:
     """``version`` of ``models/policy/policy.json``; None while no policy is trained."""
-    path = ws.root / POLICY_INFO
-    if not path.exists():
-        return None
-    version = _read_json(path).get("version")
-    return None if version is None else str(version)
+    from promptenv.policy_info import saved_policy_version
+
+    return saved_policy_version(ws)
 
 
 def llm_label(ws: Workspace) -> str | None:

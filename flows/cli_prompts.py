@@ -234,11 +234,11 @@ def evaluate_workspace(
 
 def policy_if_needed(ws: Workspace, names: Sequence[str]) -> Policy | None:
     """The workspace's policy when pmlm or random_edits is asked for (random edits mimic its counts)."""
-    from promptenv.policy import load_policy, policy_dir
+    from promptenv.policy import load_policy, policy_dir, policy_info_path
 
     if "pmlm" in names:
         return load_policy(policy_dir(ws))
-    if "random_edits" in names and (policy_dir(ws) / "policy.json").exists():
+    if "random_edits" in names and policy_info_path(policy_dir(ws)).exists():
         return load_policy(policy_dir(ws))
     return None
 

@@ -52,6 +52,7 @@ from flows.tasks import (
 )
 from pipelines.workspace import Workspace
 from promptenv.policy import PolicySettings
+from promptenv.policy_info import policy_dir, policy_info_path, saved_policy_version
 from promptenv.prompts import METHODS
 from promptenv.refresh import PromptTableSpec, RefreshResult
 
@@ -234,10 +235,7 @@ def refresh(
 
 def trained_policy_version(workspace: str) -> str | None:
     """The version of the workspace's trained policy, None when there is none."""
-    import json
-
-    info = Path(workspace) / "models" / "policy" / "policy.json"
-    return str(json.loads(info.read_text())["version"]) if info.exists() else None
+    return saved_policy_version(Workspace.at(workspace))
 
 
 @flow(name="pmlm-evaluate")
@@ -380,7 +378,7 @@ def train_policy(
     outcome: PolicyOutcome = in_workspace(train_policy_task, ws)(
         ws, backend, fingerprint, recommender, settings
     )
-    if not (Path(ws) / "models" / "policy" / "policy.json").exists():
+    if not policy_info_path(policy_dir(Workspace.at(ws))).exists():
         # a cache hit whose saved policy was deleted since: train again
         outcome = in_workspace(train_policy_task, ws, refresh=True)(
             ws, backend, fingerprint, recommender, settings

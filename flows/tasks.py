@@ -35,7 +35,7 @@ from prefect.states import State
 from prefect.tasks import Task
 
 from pipelines.workspace import Workspace
-from promptenv.policy import PolicySettings
+from promptenv.policy import PolicySettings, TrainingSummary
 from promptenv.refresh import (
     BatchSignals,
     PromptBatch,
@@ -215,7 +215,7 @@ class PolicyOutcome:
 
     version: str
     path: Path
-    training: dict[str, Any]
+    training: TrainingSummary
 
 
 @task(
@@ -243,9 +243,8 @@ def train_policy_task(
         progress=_progress(),
         show_bar=False,
     )
-    training = result.policy.info["training"]
     _say(training_summary(result.policy))
-    return PolicyOutcome(result.policy.version, result.path, training)
+    return PolicyOutcome(result.policy.version, result.path, result.policy.info.training)
 
 
 # --------------------------------------------------------------------------- evaluation
