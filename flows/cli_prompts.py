@@ -251,12 +251,8 @@ def write_evaluation(ws: Workspace, result: Evaluation, client: LLMClient) -> Pa
     """
     import pandas as pd
 
-    from promptenv.evaluate import (
-        EvalSettings,
-        markdown_differences,
-        markdown_table,
-        paired_differences,
-    )
+    from promptenv.evaluate import EvalSettings, markdown_table
+    from promptenv.paired import paired_section
     from promptenv.report import write_report
 
     ws.reports_dir.mkdir(parents=True, exist_ok=True)
@@ -269,13 +265,8 @@ def write_evaluation(ws: Workspace, result: Evaluation, client: LLMClient) -> Pa
         "on plan-item recall.\n\n"
     )
     path = ws.reports_dir / "evaluation.md"
-    diffs = paired_differences(result.results, EvalSettings())
-    paired = (
-        "\n\nPaired differences against PMLM initial (same encounters; bootstrap over "
-        "encounters; bold: the interval excludes 0):\n\n" + markdown_differences(diffs)
-        if len(diffs)
-        else ""
-    )
+    section = paired_section(result.results, EvalSettings())
+    paired = "\n\n" + section if section else ""
     atomic_write_bytes(path, (header + markdown_table(result.table) + paired + "\n").encode())
     atomic_write_bytes(
         ws.reports_dir / "evaluation.json",

@@ -21,6 +21,8 @@ from promptenv.reward import Reference
 
 #: Generation settings of every evaluation call (cached by the client).
 EVAL_PARAMS = GenerationParams(max_tokens=128, temperature=0.0, seed=0)
+#: Validation encounters that choose the matching threshold (`promptenv.calibration`).
+CALIBRATION_ENCOUNTERS = 20
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ class EvalSettings:
     params: GenerationParams = field(default_factory=lambda: EVAL_PARAMS)
     concurrency: int = 2
     bootstrap: int = 1000
-    n_calibration: int = 20
+    n_calibration: int = CALIBRATION_ENCOUNTERS
     max_false_match: float = 0.05
 
 
@@ -80,4 +82,11 @@ def references(tables: Mapping[str, pd.DataFrame], chosen: pd.DataFrame) -> dict
     }
 
 
-__all__ = ["EVAL_PARAMS", "EvalSettings", "Reference", "pick_encounters", "references"]
+__all__ = [
+    "CALIBRATION_ENCOUNTERS",
+    "EVAL_PARAMS",
+    "EvalSettings",
+    "Reference",
+    "pick_encounters",
+    "references",
+]

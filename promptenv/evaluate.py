@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.index import ContextStore
-from promptenv.calibration import calibrated_scorer
+from promptenv.calibration import Calibration, calibrated_scorer
 from promptenv.editing import build_cases
 from promptenv.encounters import EVAL_PARAMS, EvalSettings, pick_encounters, references
 from promptenv.env import AnswerReward, EditMethod
@@ -131,7 +131,7 @@ class Evaluation:
 
     results: pd.DataFrame  # one row per (encounter, method)
     table: pd.DataFrame  # aggregated, see `aggregate`
-    calibration: dict[str, Any]
+    calibration: dict[str, Any]  # `Calibration.to_json`
     llm: str
 
 
@@ -145,6 +145,7 @@ def evaluate_methods(
     progress: Progress | None = None,
     edit_methods: Mapping[str, EditMethod] | None = None,
     judge: PlanJudge | None = None,
+    calibration: Calibration | None = None,
 ) -> Evaluation:
     """Run every method on the same chosen test encounters with the same LLM; score and aggregate.
 
@@ -156,6 +157,9 @@ def evaluate_methods(
     search); one more call answers it (free for search: its best answer is cached).
     ``judge`` (`promptenv.judge`) also grades every answer: a ``judge`` column in
     [0, 1], NaN when there is no judge or its reply broke the rubric.
+    ``calibration``: the matching threshold to score with (a workspace's,
+    `promptenv.calibration.workspace_calibration`); without it the threshold is
+    calibrated here on ``settings.n_calibration`` validation encounters.
     """
     settings = settings or EvalSettings()
     say = progress or (lambda _m: None)
@@ -172,16 +176,17 @@ def evaluate_methods(
         raise ValueError(
             f"no {settings.split} index encounters to evaluate: ingest a cohort with `pmlm run` or `pmlm ingest`"
         )
-    scorer, calibration = calibrated_scorer(
-        client,
-        tables,
-        settings.n_calibration,
-        seed=settings.seed,
-        params=settings.params,
-        concurrency=settings.concurrency,
-        max_false_match=settings.max_false_match,
-        progress=say,
-    )
+    if calibration is None:
+        _, calibration = calibrated_scorer(
+            client,
+            tables,
+            settings.n_calibration,
+            params=settings.params,
+            concurrency=settings.concurrency,
+            max_false_match=settings.max_false_match,
+            progress=say,
+        )
+    scorer = calibration.scorer()
     store = ContextStore(dict(tables), only_encounters=list(chosen["encounter_id"]))
     refs = references(tables, chosen)
     say(f"threshold {scorer.threshold}; computing signals for {len(chosen)} test encounters")
@@ -251,67 +256,7 @@ def evaluate_methods(
             }
         )
     results = pd.DataFrame(rows)
-    return Evaluation(results, aggregate(results, settings), calibration, client.label)
-
-
-def paired_differences(
-    results: pd.DataFrame,
-    settings: EvalSettings,
-    baseline: str = "pmlm_initial",
-    metrics: Sequence[str] = ("recall", "reward"),
-) -> pd.DataFrame:
-    """Per subset and method: mean of (method − baseline) on the same encounters, with a paired 95% CI.
-
-    Every method answers the same encounters, so the difference is resampled
-    per encounter (paired bootstrap): tighter than comparing two separate
-    intervals, and the right test of "beats the baseline".
-    """
-    rows = []
-    for subset in SUBSETS:
-        sub = results[results[f"in_{subset}"]]
-        if sub.empty or baseline not in set(sub["method"]):
-            continue
-        for metric in metrics:
-            wide = sub.pivot_table(index="encounter_id", columns="method", values=metric)
-            for method in wide.columns:
-                if method == baseline:
-                    continue
-                diff = (wide[method] - wide[baseline]).dropna().to_numpy(dtype=float)
-                lo, hi = bootstrap_ci(diff, settings.bootstrap, settings.seed)
-                rows.append(
-                    {
-                        "subset": subset,
-                        "metric": metric,
-                        "method": method,
-                        "n": len(diff),
-                        "difference": float(diff.mean()) if len(diff) else np.nan,
-                        "lo": lo,
-                        "hi": hi,
-                    }
-                )
-    table = pd.DataFrame(
-        rows, columns=["subset", "metric", "method", "n", "difference", "lo", "hi"]
-    )
-    order = {m: i for i, m in enumerate(METHOD_ORDER)}
-    return table.sort_values(
-        ["subset", "metric", "method"],
-        key=lambda s: s.map(lambda m: order.get(m, len(order))) if s.name == "method" else s,
-        kind="stable",
-    ).reset_index(drop=True)
-
-
-def markdown_differences(table: pd.DataFrame, baseline: str = "pmlm_initial") -> str:
-    """`paired_differences` as Markdown; a difference whose interval excludes 0 is in bold."""
-    lines = [
-        f"| subset | metric | method | n | method − {baseline} [paired 95% CI] |",
-        "|---|---|---|---|---|",
-    ]
-    for r in table.itertuples(index=False):
-        cell = f"{r.difference:+.3f} [{r.lo:+.3f}, {r.hi:+.3f}]"
-        if r.lo > 0 or r.hi < 0:
-            cell = f"**{cell}**"
-        lines.append(f"| {r.subset} | {r.metric} | {r.method} | {r.n} | {cell} |")
-    return "\n".join(lines)
+    return Evaluation(results, aggregate(results, settings), calibration.to_json(), client.label)
 
 
 def markdown_table(table: pd.DataFrame) -> str:
@@ -349,9 +294,7 @@ __all__ = [
     "aggregate",
     "bootstrap_ci",
     "evaluate_methods",
-    "markdown_differences",
     "markdown_table",
-    "paired_differences",
     "pick_encounters",
     "references",
 ]

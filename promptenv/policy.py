@@ -41,7 +41,7 @@ import pandas as pd
 
 from pipelines.index import ContextStore
 from pipelines.workspace import atomic_write_bytes
-from promptenv.calibration import calibrated_scorer
+from promptenv.calibration import Calibration, calibrated_scorer
 from promptenv.editing import (
     EDITS,
     STOP,
@@ -241,7 +241,7 @@ class Episodes:
     train: list[EditCase]
     validation: list[EditCase]
     reward: AnswerReward
-    calibration: Mapping[str, Any]
+    calibration: Calibration
 
 
 def pick_episodes(index: pd.DataFrame, settings: PolicySettings) -> tuple[pd.DataFrame, ...]:
@@ -266,13 +266,16 @@ def prepare_episodes(
     signals_for: SignalsFor,
     settings: PolicySettings,
     say: Progress,
+    calibration: Calibration | None = None,
 ) -> Episodes:
-    """Calibrate the scorer, build the cases and answer their initial prompts."""
+    """Build the cases and answer their initial prompts, scored with ``calibration``'s threshold
+    (calibrated here on ``settings.n_calibration`` validation encounters when there is none)."""
     train_rows, val_rows = pick_episodes(tables["index_encounters"], settings)
-    # the same validation encounters and cut as `pmlm evaluate` with default settings
-    scorer, calibration = calibrated_scorer(
-        client, tables, settings.n_calibration, seed=0, params=settings.params, progress=say
-    )
+    if calibration is None:
+        _, calibration = calibrated_scorer(
+            client, tables, settings.n_calibration, params=settings.params, progress=say
+        )
+    scorer = calibration.scorer()
     say(
         f"threshold {scorer.threshold}; signals and features of {len(train_rows)} training and "
         f"{len(val_rows)} validation encounters"
@@ -409,15 +412,18 @@ def train_policy(
     versions: Mapping[str, Any] | None = None,
     progress: Progress | None = None,
     show_bar: bool = True,
+    calibration: Calibration | None = None,
 ) -> TrainedPolicy:
     """Train MaskablePPO on training encounters, validate on validation encounters, save to ``folder``.
 
-    ``versions`` (data fingerprint, recommender, ...) is stored with the policy.
+    ``versions`` (data fingerprint, recommender, ...) is stored with the policy;
+    ``calibration`` is the matching threshold (a workspace's,
+    `promptenv.calibration.workspace_calibration`; calibrated here when None).
     """
     settings = settings or PolicySettings()
     say = progress or (lambda _m: None)
     started = time.perf_counter()
-    episodes = prepare_episodes(client, tables, signals_for, settings, say)
+    episodes = prepare_episodes(client, tables, signals_for, settings, say, calibration)
     env = PromptEditEnv(episodes.train, episodes.reward, max_edits=settings.max_edits)
     eval_env = PromptEditEnv(
         episodes.validation, episodes.reward, max_edits=settings.max_edits, sequential=True
@@ -430,7 +436,7 @@ def train_policy(
         trained_with=TrainedWith(
             llm=client.label,
             threshold=episodes.reward.scorer.threshold,
-            calibration=episodes.calibration,
+            calibration=episodes.calibration.to_json(),
             train_encounters=len(episodes.train),
             validation_encounters=len(episodes.validation),
             versions=dict(versions or {}),

@@ -19,7 +19,7 @@ from typing import Any
 
 from pipelines.workspace import Workspace
 from promptenv.editing import EDIT_SPACE_VERSION, EDITS, K_LADDER
-from promptenv.encounters import EVAL_PARAMS
+from promptenv.encounters import CALIBRATION_ENCOUNTERS, EVAL_PARAMS
 from promptenv.llm import GenerationParams
 from promptenv.prompts import INITIAL_CONFIG, PromptConfig
 from promptenv.reward import DEFAULT_THRESHOLD
@@ -85,7 +85,7 @@ class PolicySettings:
     max_llm_calls: int = 800
     #: keep the weights that scored best on validation (early stopping), not the last ones
     keep_best: bool = True
-    n_calibration: int = 20
+    n_calibration: int = CALIBRATION_ENCOUNTERS
     seed: int = 0
     params: GenerationParams = field(default_factory=lambda: EVAL_PARAMS)
 
