@@ -297,7 +297,7 @@ def run_cmd(
     training = result.policy.training
     console.print(
         f"Recommender: {built.recommender}. Policy {result.policy.version}: "
-        f"{training['episodes']} training episodes, {training['llm_calls']} LLM calls."
+        f"{training.episodes} training episodes, {training.llm_calls} LLM calls."
     )
     console.print(
         f"{prompts.rows} prompts (PMLM initial and PMLM refined by the policy); signals and "

@@ -82,4 +82,4 @@ def show_cmd(workspace: WorkspaceOpt = None) -> None:
     from promptenv.policy import load_policy, policy_dir
 
     policy = load_policy(policy_dir(Workspace.at(workspace)))
-    console.print_json(json.dumps(policy.info, default=str))
+    console.print_json(json.dumps(policy.info.to_json(), default=str))

@@ -52,14 +52,10 @@ from flows.tasks import (
 )
 from pipelines.workspace import Workspace
 from promptenv.policy import PolicySettings
+from promptenv.policy_info import policy_dir, policy_info_path, saved_policy_version
 from promptenv.prompt_table import PromptTableSpec, RefreshResult
 from promptenv.prompts import METHODS
-from promptenv.steps import (
-    EXPORT_FORMATS,
-    policy_info_path,
-    quick_policy_settings,
-    trained_policy_version,
-)
+from promptenv.steps import EXPORT_FORMATS, quick_policy_settings
 from recsys.steps import QUICK_GRIDS
 
 TASK_RUNNERS = ("threads", "dask")
@@ -215,7 +211,7 @@ def refresh(
         fit = in_workspace(fit_recommenders, ws, refresh=refit)(
             ws, fingerprint, grids if grids is not None else QUICK_GRIDS
         )
-    version = trained_policy_version(Workspace.at(ws))
+    version = saved_policy_version(Workspace.at(ws))
     if version is not None and "pmlm" not in chosen:
         chosen.append("pmlm")  # the policy's prompts are refreshed with the others
     spec = PromptTableSpec(
@@ -348,7 +344,7 @@ def train_policy(
     outcome: PolicyOutcome = in_workspace(train_policy_task, ws)(
         ws, backend, fingerprint, recommender, settings
     )
-    if not policy_info_path(Workspace.at(ws)).exists():
+    if not policy_info_path(policy_dir(Workspace.at(ws))).exists():
         # a cache hit whose saved policy was deleted since: train again
         outcome = in_workspace(train_policy_task, ws, refresh=True)(
             ws, backend, fingerprint, recommender, settings

@@ -36,7 +36,7 @@ from prefect.states import State
 from prefect.tasks import Task
 
 from pipelines.workspace import Workspace
-from promptenv.policy import PolicySettings
+from promptenv.policy import PolicySettings, TrainingSummary
 from promptenv.prompt_table import (
     BatchSignals,
     PromptBatch,
@@ -212,7 +212,7 @@ class PolicyOutcome:
 
     version: str
     path: Path
-    training: dict[str, Any]
+    training: TrainingSummary
 
 
 @task(
@@ -240,7 +240,7 @@ def train_policy_task(
         show_bar=False,
     )
     _say(training_summary(result.policy))
-    return PolicyOutcome(result.policy.version, result.path, result.policy.info["training"])
+    return PolicyOutcome(result.policy.version, result.path, result.policy.info.training)
 
 
 # --------------------------------------------------------------------------- evaluation

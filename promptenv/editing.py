@@ -32,6 +32,7 @@ from pipelines.clinical import active_pregnancy
 from pipelines.index import ContextStore, PatientContext
 from promptenv.fragments import FRAGMENTS, PatientSignals
 from promptenv.prompts import INITIAL_CONFIG, PromptConfig
+from promptenv.reward import Reference
 
 EditKind = Literal["stop", "add", "remove", "more", "fewer", "style"]
 
@@ -163,6 +164,28 @@ def config_features(config: PromptConfig, edits_used: int, max_edits: int) -> ND
     )
 
 
+def step_mask(
+    config: PromptConfig, last: int | None, edits_used: int, max_edits: int
+) -> NDArray[np.bool_]:
+    """The edits allowed at one step of an episode: `edit_mask`, and only stop at the limit.
+
+    The environment's ``action_masks`` and a trained policy's edits both use it."""
+    mask = edit_mask(config, last)
+    if edits_used >= max_edits:
+        mask[:] = False
+        mask[STOP] = True
+    return mask
+
+
+def observation(
+    patient: NDArray[np.float32], config: PromptConfig, edits_used: int, max_edits: int
+) -> NDArray[np.float32]:
+    """The observation at one step: the patient's features, then `config_features`."""
+    return np.concatenate([patient, config_features(config, edits_used, max_edits)]).astype(
+        np.float32
+    )
+
+
 @dataclass(frozen=True)
 class EditCase:
     """One index encounter to edit a prompt for.
@@ -272,7 +295,7 @@ def build_cases(
     tables: Mapping[str, pd.DataFrame],
     chosen: pd.DataFrame,
     signals_for: Callable[[Sequence[str]], Mapping[str, PatientSignals]],
-    refs: Mapping[str, tuple[list[str], str]] | None = None,
+    refs: Mapping[str, Reference] | None = None,
     store: ContextStore | None = None,
 ) -> list[EditCase]:
     """One `EditCase` per row of ``chosen`` (rows of ``index_encounters``), in that order.
@@ -296,8 +319,8 @@ def build_cases(
             c,
             s,
             f,
-            tuple(refs[e][0]) if e in refs else (),
-            refs[e][1] if e in refs else "",
+            tuple(refs[e].items) if e in refs else (),
+            refs[e].plan_text if e in refs else "",
             o,
         )
         for e, c, s, f, o in zip(ids, contexts, sigs, features, obstetric, strict=True)
@@ -341,6 +364,8 @@ __all__ = [
     "config_features",
     "edit_mask",
     "inverse",
+    "observation",
     "patient_features",
     "random_edits",
+    "step_mask",
 ]

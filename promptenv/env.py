@@ -45,8 +45,8 @@ from promptenv.editing import (
     STOP,
     EditCase,
     apply_edit,
-    config_features,
-    edit_mask,
+    observation,
+    step_mask,
 )
 from promptenv.llm import GenerationParams, GenerationRequest, LLMClient
 from promptenv.prompts import INITIAL_CONFIG, Prompt, PromptConfig, assemble
@@ -185,9 +185,7 @@ class PromptEditEnv(gym.Env[NDArray[np.float32], np.int64]):
         self.trace: list[str] = []
 
     def _obs(self) -> NDArray[np.float32]:
-        return np.concatenate(
-            [self.case.features, config_features(self.config, self.edits, self.max_edits)]
-        ).astype(np.float32)
+        return observation(self.case.features, self.config, self.edits, self.max_edits)
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
@@ -210,11 +208,7 @@ class PromptEditEnv(gym.Env[NDArray[np.float32], np.int64]):
 
     def action_masks(self) -> NDArray[np.bool_]:
         """Valid edits now (sb3-contrib's MaskablePPO reads this)."""
-        mask = edit_mask(self.config, self.last)
-        if self.edits >= self.max_edits:
-            mask[:] = False
-            mask[STOP] = True
-        return mask
+        return step_mask(self.config, self.last, self.edits, self.max_edits)
 
     def step(
         self, action: np.int64 | int

@@ -6,28 +6,27 @@ through the cached client, scores each answer against the next encounter's plan
 and aggregates: means with bootstrap 95% confidence intervals, the gap closed
 ((method − general) / (oracle − general)), LLM calls and tokens.
 
-The matching threshold is chosen on VALIDATION patients (`calibrate_threshold`):
-the LLM answers oracle prompts; each answer is then scored against the items of
-another patient's plan that its own plan lacks (negatives), and the cut is the
-lowest at which at most 5% of those count as covered. It is recorded with the
-results, with the share of told items the answers cover at that cut.
+The matching threshold is chosen on VALIDATION patients
+(`promptenv.calibration.calibrated_scorer`) and recorded with the results.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from pipelines.index import ContextStore
+from promptenv.calibration import Calibration, calibrated_scorer
 from promptenv.editing import build_cases
+from promptenv.encounters import EVAL_PARAMS, EvalSettings, pick_encounters, references
 from promptenv.env import AnswerReward, EditMethod
 from promptenv.fragments import PatientSignals
 from promptenv.judge import PlanJudge
-from promptenv.llm import GenerationParams, GenerationRequest, LLMClient
+from promptenv.llm import GenerationRequest, LLMClient
 from promptenv.llm.client import progress_lines
 from promptenv.prompts import (
     INITIAL_CONFIG,
@@ -37,7 +36,8 @@ from promptenv.prompts import (
     assemble,
     method_prompt,
 )
-from promptenv.reward import DEFAULT_THRESHOLD, PlanScorer, choose_threshold
+from promptenv.reward import Reference
+from recsys.type_aliases import Progress
 
 #: Table order: the prompt methods, then the edit methods of `promptenv.search`.
 METHOD_ORDER = (
@@ -49,76 +49,14 @@ METHOD_ORDER = (
     "search_4",
     "search_16",
 )
-#: Generation settings of every evaluation call (cached by the client).
-EVAL_PARAMS = GenerationParams(max_tokens=128, temperature=0.0, seed=0)
 SUBSETS = ("obstetric", "adult")
-
-Progress = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """Which encounters, how many, and how the answers are generated and scored."""
-
-    n_obstetric: int = 40
-    n_adult: int = 40
-    split: str = "test"
-    seed: int = 0
-    max_per_patient: int = 3
-    params: GenerationParams = field(default_factory=lambda: EVAL_PARAMS)
-    concurrency: int = 2
-    bootstrap: int = 1000
-    n_calibration: int = 20
-    max_false_match: float = 0.05
-
-
-def pick_encounters(index: pd.DataFrame, settings: EvalSettings) -> pd.DataFrame:
-    """Test index encounters of both subsets: at most ``max_per_patient`` per patient, seeded.
-
-    Returns the chosen rows of ``index_encounters`` with boolean columns
-    ``in_obstetric`` and ``in_adult`` (an encounter may be in both).
-    """
-    pool = index[index["split"] == settings.split]
-    rng = np.random.default_rng(settings.seed)
-
-    def sample(frame: pd.DataFrame, n: int) -> pd.DataFrame:
-        shuffled = frame.iloc[rng.permutation(len(frame))]
-        capped = shuffled[shuffled.groupby("patient_id").cumcount() < settings.max_per_patient]
-        return capped.head(n)
-
-    ob = sample(pool[pool["is_obstetric"]], settings.n_obstetric)
-    ad = sample(pool[pool["is_adult"]], settings.n_adult)
-    chosen = pd.concat([ob, ad]).drop_duplicates("encounter_id")
-    chosen = chosen.assign(
-        in_obstetric=chosen["encounter_id"].isin(ob["encounter_id"]),
-        in_adult=chosen["encounter_id"].isin(ad["encounter_id"]),
-    )
-    return chosen.sort_values(["patient_id", "index_time"]).reset_index(drop=True)
-
-
-def references(
-    tables: Mapping[str, pd.DataFrame], chosen: pd.DataFrame
-) -> dict[str, tuple[list[str], str]]:
-    """For each chosen index encounter: (reference item displays, plan text) of its next encounter."""
-    items = tables["plan_items"]
-    plans = tables["reference_plans"].set_index("encounter_id")["plan_text"]
-    wanted = set(chosen["next_encounter_id"])
-    by_enc = items[items["encounter_id"].isin(wanted)].sort_values(["encounter_id", "position"])
-    grouped = by_enc.groupby("encounter_id")["display"].apply(list).to_dict()
-    return {
-        row.encounter_id: (
-            grouped.get(row.next_encounter_id, []),
-            str(plans.get(row.next_encounter_id, "")),
-        )
-        for row in chosen.itertuples(index=False)
-    }
 
 
 def build_prompts(
     store: ContextStore,
     chosen: pd.DataFrame,
     signals: Mapping[str, PatientSignals],
-    refs: Mapping[str, tuple[list[str], str]],
+    refs: Mapping[str, Reference],
     methods: Sequence[str],
     config: PromptConfig = INITIAL_CONFIG,
 ) -> list[tuple[str, Prompt]]:
@@ -128,70 +66,8 @@ def build_prompts(
         ctx = store.context(eid)
         sig = signals.get(eid, PatientSignals())
         for method in methods:
-            out.append((eid, method_prompt(method, ctx, sig, refs[eid][0], config)))
+            out.append((eid, method_prompt(method, ctx, sig, refs[eid].items, config)))
     return out
-
-
-def calibrate_threshold(
-    client: LLMClient,
-    store: ContextStore,
-    validation: pd.DataFrame,
-    refs: Mapping[str, tuple[list[str], str]],
-    scorer: PlanScorer,
-    settings: EvalSettings,
-) -> dict[str, Any]:
-    """Choose the matching threshold on validation encounters (see the module docstring)."""
-    rows = validation.reset_index(drop=True)
-    if len(rows) < 2:
-        return {
-            "threshold": DEFAULT_THRESHOLD,
-            "chosen_on": "default (fewer than 2 validation encounters)",
-        }
-    prompts = [
-        method_prompt("oracle", store.context(e), PatientSignals(), refs[e][0])
-        for e in rows["encounter_id"]
-    ]
-    answers = [
-        c.text
-        for c in client.generate_many(
-            [GenerationRequest(p.system, p.user, settings.params) for p in prompts],
-            concurrency=settings.concurrency,
-        )
-    ]
-    positive: list[float] = []
-    negative: list[float] = []
-    for i, eid in enumerate(rows["encounter_id"]):
-        items = refs[eid][0]
-        # another patient's answer: the next row whose patient differs
-        j = next(
-            (
-                j
-                for j in range(1, len(rows))
-                if rows["patient_id"][(i + j) % len(rows)] != rows["patient_id"][i]
-            ),
-            None,
-        )
-        if not items or j is None:
-            continue
-        own = scorer.similarity(answers[i], items)
-        other = scorer.similarity(answers[(i + j) % len(rows)], items)
-        positive.extend(own.max(axis=1) if own.size else np.zeros(len(items)))
-        negative.extend(other.max(axis=1) if other.size else np.zeros(len(items)))
-    if not positive or not negative:
-        return {
-            "threshold": DEFAULT_THRESHOLD,
-            "chosen_on": "default (no usable validation answers)",
-        }
-    threshold = choose_threshold(positive, negative, settings.max_false_match)
-    return {
-        "threshold": round(threshold, 4),
-        "chosen_on": f"{len(rows)} validation encounters: at most {settings.max_false_match:.0%} of items "
-        "absent from an answer's plan match it",
-        "covered_when_told": round(float((np.asarray(positive) >= threshold).mean()), 4),
-        "positive_mean": round(float(np.mean(positive)), 4),
-        "negative_mean": round(float(np.mean(negative)), 4),
-        "llm_calls": len(prompts),
-    }
 
 
 def bootstrap_ci(values: np.ndarray, reps: int, seed: int) -> tuple[float, float]:
@@ -254,7 +130,7 @@ class Evaluation:
 
     results: pd.DataFrame  # one row per (encounter, method)
     table: pd.DataFrame  # aggregated, see `aggregate`
-    calibration: dict[str, Any]
+    calibration: dict[str, Any]  # `Calibration.to_json`
     llm: str
 
 
@@ -268,6 +144,7 @@ def evaluate_methods(
     progress: Progress | None = None,
     edit_methods: Mapping[str, EditMethod] | None = None,
     judge: PlanJudge | None = None,
+    calibration: Calibration | None = None,
 ) -> Evaluation:
     """Run every method on the same chosen test encounters with the same LLM; score and aggregate.
 
@@ -279,6 +156,9 @@ def evaluate_methods(
     search); one more call answers it (free for search: its best answer is cached).
     ``judge`` (`promptenv.judge`) also grades every answer: a ``judge`` column in
     [0, 1], NaN when there is no judge or its reply broke the rubric.
+    ``calibration``: the matching threshold to score with (a workspace's,
+    `promptenv.calibration.workspace_calibration`); without it the threshold is
+    calibrated here on ``settings.n_calibration`` validation encounters.
     """
     settings = settings or EvalSettings()
     say = progress or (lambda _m: None)
@@ -295,23 +175,19 @@ def evaluate_methods(
         raise ValueError(
             f"no {settings.split} index encounters to evaluate: ingest a cohort with `pmlm run` or `pmlm ingest`"
         )
-    validation = pick_encounters(
-        index,
-        EvalSettings(
-            split="validation",
-            n_obstetric=settings.n_calibration // 2,
-            n_adult=settings.n_calibration // 2,
-            seed=settings.seed,
-        ),
-    )
-    store = ContextStore(
-        dict(tables), only_encounters=[*chosen["encounter_id"], *validation["encounter_id"]]
-    )
-    refs = references(tables, pd.concat([chosen, validation]))
-    scorer = PlanScorer()
-    say(f"calibrating the matching threshold on {len(validation)} validation encounters")
-    calibration = calibrate_threshold(client, store, validation, refs, scorer, settings)
-    scorer.threshold = float(calibration["threshold"])
+    if calibration is None:
+        _, calibration = calibrated_scorer(
+            client,
+            tables,
+            settings.n_calibration,
+            params=settings.params,
+            concurrency=settings.concurrency,
+            max_false_match=settings.max_false_match,
+            progress=say,
+        )
+    scorer = calibration.scorer()
+    store = ContextStore(dict(tables), only_encounters=list(chosen["encounter_id"]))
+    refs = references(tables, chosen)
     say(f"threshold {scorer.threshold}; computing signals for {len(chosen)} test encounters")
     signals = signals_for(list(chosen["encounter_id"]))
     prompts = [(e, p, 0) for e, p in build_prompts(store, chosen, signals, refs, methods, config)]
@@ -342,13 +218,13 @@ def evaluate_methods(
     say("scoring")
     answers = [c.text for c in completions]
     scores = scorer.score_many(
-        answers, [refs[e][0] for e, _, _ in prompts], [refs[e][1] for e, _, _ in prompts]
+        answers, [refs[e].items for e, _, _ in prompts], [refs[e].plan_text for e, _, _ in prompts]
     )
     grades = [np.nan] * len(answers)
     if judge is not None:
         say(f"asking the judge {judge.label} to grade {len(answers)} answers")
         verdicts = judge.judge_many(
-            [refs[e][0] for e, _, _ in prompts], answers, concurrency=settings.concurrency
+            [refs[e].items for e, _, _ in prompts], answers, concurrency=settings.concurrency
         )
         grades = [v.score for v in verdicts]
     flags = chosen.set_index("encounter_id")[["patient_id", "in_obstetric", "in_adult"]]
@@ -375,71 +251,11 @@ def evaluate_methods(
                 "output_tokens": completion.usage.output_tokens,
                 "cached": completion.cached,
                 "answer": completion.text,
-                "reference_items": len(refs[eid][0]),
+                "reference_items": len(refs[eid].items),
             }
         )
     results = pd.DataFrame(rows)
-    return Evaluation(results, aggregate(results, settings), calibration, client.label)
-
-
-def paired_differences(
-    results: pd.DataFrame,
-    settings: EvalSettings,
-    baseline: str = "pmlm_initial",
-    metrics: Sequence[str] = ("recall", "reward"),
-) -> pd.DataFrame:
-    """Per subset and method: mean of (method − baseline) on the same encounters, with a paired 95% CI.
-
-    Every method answers the same encounters, so the difference is resampled
-    per encounter (paired bootstrap): tighter than comparing two separate
-    intervals, and the right test of "beats the baseline".
-    """
-    rows = []
-    for subset in SUBSETS:
-        sub = results[results[f"in_{subset}"]]
-        if sub.empty or baseline not in set(sub["method"]):
-            continue
-        for metric in metrics:
-            wide = sub.pivot_table(index="encounter_id", columns="method", values=metric)
-            for method in wide.columns:
-                if method == baseline:
-                    continue
-                diff = (wide[method] - wide[baseline]).dropna().to_numpy(dtype=float)
-                lo, hi = bootstrap_ci(diff, settings.bootstrap, settings.seed)
-                rows.append(
-                    {
-                        "subset": subset,
-                        "metric": metric,
-                        "method": method,
-                        "n": len(diff),
-                        "difference": float(diff.mean()) if len(diff) else np.nan,
-                        "lo": lo,
-                        "hi": hi,
-                    }
-                )
-    table = pd.DataFrame(
-        rows, columns=["subset", "metric", "method", "n", "difference", "lo", "hi"]
-    )
-    order = {m: i for i, m in enumerate(METHOD_ORDER)}
-    return table.sort_values(
-        ["subset", "metric", "method"],
-        key=lambda s: s.map(lambda m: order.get(m, len(order))) if s.name == "method" else s,
-        kind="stable",
-    ).reset_index(drop=True)
-
-
-def markdown_differences(table: pd.DataFrame, baseline: str = "pmlm_initial") -> str:
-    """`paired_differences` as Markdown; a difference whose interval excludes 0 is in bold."""
-    lines = [
-        f"| subset | metric | method | n | method − {baseline} [paired 95% CI] |",
-        "|---|---|---|---|---|",
-    ]
-    for r in table.itertuples(index=False):
-        cell = f"{r.difference:+.3f} [{r.lo:+.3f}, {r.hi:+.3f}]"
-        if r.lo > 0 or r.hi < 0:
-            cell = f"**{cell}**"
-        lines.append(f"| {r.subset} | {r.metric} | {r.method} | {r.n} | {cell} |")
-    return "\n".join(lines)
+    return Evaluation(results, aggregate(results, settings), calibration.to_json(), client.label)
 
 
 def markdown_table(table: pd.DataFrame) -> str:
@@ -473,13 +289,11 @@ __all__ = [
     "EVAL_PARAMS",
     "EvalSettings",
     "Evaluation",
+    "Reference",
     "aggregate",
     "bootstrap_ci",
-    "calibrate_threshold",
     "evaluate_methods",
-    "markdown_differences",
     "markdown_table",
-    "paired_differences",
     "pick_encounters",
     "references",
 ]

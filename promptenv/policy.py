@@ -32,77 +32,48 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from pipelines.workspace import Workspace, atomic_write_bytes
+from pipelines.index import ContextStore
+from pipelines.workspace import atomic_write_bytes
+from promptenv.calibration import Calibration, calibrated_scorer
 from promptenv.editing import (
-    EDIT_SPACE_VERSION,
     EDITS,
-    K_LADDER,
     STOP,
     EditCase,
     apply_edit,
     build_cases,
-    config_features,
-    edit_mask,
+    observation,
+    step_mask,
 )
+from promptenv.encounters import references
 from promptenv.env import AnswerReward, PromptEditEnv
-from promptenv.evaluate import (
-    EVAL_PARAMS,
-    EvalSettings,
-    calibrate_threshold,
-    pick_encounters,
-    references,
-)
 from promptenv.fragments import PatientSignals
-from promptenv.llm import GenerationParams, LLMClient
+from promptenv.llm import LLMClient
 from promptenv.llm.client import progress_lines
+from promptenv.policy_info import (
+    INFO_FILE,
+    POLICY_FILE,
+    PolicyInfo,
+    PolicySettings,
+    TrainedWith,
+    TrainingSummary,
+    ValidationPoint,
+    policy_dir,
+    policy_info_path,
+)
 from promptenv.prompts import INITIAL_CONFIG, Prompt, PromptConfig, assemble
-from promptenv.reward import PlanScorer
+from recsys.type_aliases import Progress
 
-Progress = Callable[[str], None]
+if TYPE_CHECKING:
+    from promptenv.policy_callbacks import TrainingLog
+
 SignalsFor = Callable[[Sequence[str]], Mapping[str, PatientSignals]]
-POLICY_FILE = "policy.zip"
-INFO_FILE = "policy.json"
-
-
-def policy_dir(workspace: Workspace) -> Path:
-    return workspace.models_dir / "policy"
-
-
-@dataclass(frozen=True)
-class PolicySettings:
-    """What the policy trains on, for how long, with which PPO settings and LLM budget."""
-
-    n_train: int = 96
-    obstetric_share: float = 0.5
-    n_validation: int = 16
-    max_per_patient: int = 2
-    max_edits: int = 6
-    timesteps: int = 2048
-    n_steps: int = 128
-    batch_size: int = 64
-    n_epochs: int = 10
-    learning_rate: float = 1e-3
-    ent_coef: float = 0.01
-    gamma: float = 1.0
-    eval_freq: int = 512
-    max_llm_calls: int = 800
-    #: keep the weights that scored best on validation (early stopping), not the last ones
-    keep_best: bool = True
-    n_calibration: int = 20
-    seed: int = 0
-    params: GenerationParams = field(default_factory=lambda: EVAL_PARAMS)
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["params"] = asdict(self.params)
-        return d
 
 
 def pick_training_encounters(
@@ -119,145 +90,47 @@ def pick_training_encounters(
     return pd.concat([ob, rest]).reset_index(drop=True)
 
 
-@dataclass
-class TrainingLog:
-    """What training cost and how validation reward moved."""
-
-    episodes: int = 0
-    timesteps: int = 0
-    episode_rewards: list[float] = field(default_factory=list)
-    validation: list[dict[str, float]] = field(default_factory=list)
-    stopped_by_budget: bool = False
-    best: dict[str, float] = field(default_factory=dict)
-    best_weights: Any = None
-
-
-def _monitor(
-    reward: AnswerReward,
-    log: TrainingLog,
-    settings: PolicySettings,
-    progress: Progress | None,
-    show_bar: bool,
-) -> Any:
-    from stable_baselines3.common.callbacks import BaseCallback
-    from tqdm import tqdm
-
-    lines_every = 16 * max(1, settings.timesteps // 128)  # about 8 lines per run
-
-    class Monitor(BaseCallback):
-        """Progress bar with running reward and cache hit rate; stops at the LLM budget."""
-
-        def _on_training_start(self) -> None:
-            self.bar = tqdm(
-                total=settings.timesteps, desc="policy", unit="step", disable=not show_bar
-            )
-
-        def _on_step(self) -> bool:
-            self.bar.update(1)
-            log.timesteps = self.num_timesteps
-            for done, info in zip(self.locals["dones"], self.locals["infos"], strict=True):
-                if done and "final_reward" in info:
-                    log.episodes += 1
-                    log.episode_rewards.append(float(self.locals["rewards"][0]))
-            if log.episodes and self.n_calls % 16 == 0:
-                hit = 1 - reward.llm_calls / max(1, reward.answers)
-                recent = np.mean(log.episode_rewards[-32:])
-                self.bar.set_postfix(
-                    reward=f"{recent:+.3f}", cache=f"{hit:.0%}", llm_calls=reward.llm_calls
-                )
-                if progress and not show_bar and self.n_calls % lines_every == 0:
-                    # the same figures as lines, for logs (the flows show no bar)
-                    progress(
-                        f"step {self.num_timesteps}/{settings.timesteps}: running reward over "
-                        f"initial {recent:+.3f}, cache hit rate {hit:.0%}, "
-                        f"{reward.llm_calls} LLM calls"
-                    )
-            if reward.llm_calls >= settings.max_llm_calls:
-                log.stopped_by_budget = True
-                if progress:
-                    progress(f"LLM-call budget of {settings.max_llm_calls} reached: stopping")
-                return False
-            return True
-
-        def _on_training_end(self) -> None:
-            self.bar.close()
-
-    return Monitor()
-
-
-def _after_eval(reward: AnswerReward, log: TrainingLog, progress: Progress | None) -> Any:
-    import copy
-
-    from stable_baselines3.common.callbacks import BaseCallback
-
-    class AfterEval(BaseCallback):
-        def _on_step(self) -> bool:
-            parent: Any = self.parent  # the MaskableEvalCallback that just evaluated
-            assert parent is not None
-            point = {
-                "timesteps": float(parent.num_timesteps),
-                "llm_calls": float(reward.llm_calls),
-                "validation_reward": float(parent.last_mean_reward),
-            }
-            if not log.validation or point["validation_reward"] > log.best["validation_reward"]:
-                log.best = point
-                log.best_weights = copy.deepcopy(self.model.policy.state_dict())
-            log.validation.append(point)
-            if progress:
-                progress(
-                    f"validation at {parent.num_timesteps} steps: reward over initial "
-                    f"{parent.last_mean_reward:+.4f} ({reward.llm_calls} LLM calls so far)"
-                )
-            return True
-
-    return AfterEval()
-
-
-def calls_to_final(validation: Sequence[Mapping[str, float]], tolerance: float = 0.005) -> float:
+def calls_to_final(validation: Sequence[ValidationPoint], tolerance: float = 0.005) -> float:
     """LLM calls spent when validation reward first came within ``tolerance`` of its final value."""
     if not validation:
         return float("nan")
-    final = validation[-1]["validation_reward"]
+    final = validation[-1].validation_reward
     for point in validation:
-        if point["validation_reward"] >= final - tolerance:
-            return point["llm_calls"]
-    return validation[-1]["llm_calls"]
+        if point.validation_reward >= final - tolerance:
+            return point.llm_calls
+    return validation[-1].llm_calls
 
 
-@dataclass
+@dataclass(frozen=True)
 class Policy:
-    """A trained editing policy and what it was trained with (``info``)."""
+    """A trained editing policy (``model``, a MaskablePPO) and what it was trained with (``info``)."""
 
     model: Any
-    info: dict[str, Any]
+    info: PolicyInfo = field(default_factory=PolicyInfo)
 
     @property
     def version(self) -> str:
-        return str(self.info.get("version", ""))
+        return self.info.version
 
     @property
     def max_edits(self) -> int:
-        return int(self.info["settings"]["max_edits"])
+        return self.info.settings.max_edits
 
     @property
     def falls_back_to_initial(self) -> bool:
         """True when no trained checkpoint beat the initial prompt on validation: no edits."""
-        return bool(self.info.get("training", {}).get("falls_back_to_initial", False))
+        return self.info.training.falls_back_to_initial
 
     def edit(self, case: EditCase) -> tuple[PromptConfig, list[str]]:
-        """The policy's edits of the initial config for one case (no LLM call)."""
+        """The policy's edits of the initial config for one case (no LLM call); the same
+        observations and masks as the environment it was trained in."""
         config, trace = INITIAL_CONFIG, list[str]()
         if self.falls_back_to_initial:
             return config, trace
         last: int | None = None
         for edits in range(self.max_edits + 1):
-            mask = edit_mask(config, last)
-            if edits >= self.max_edits:
-                mask[:] = False
-                mask[STOP] = True
-            obs = np.concatenate(
-                [case.features, config_features(config, edits, self.max_edits)]
-            ).astype(np.float32)
+            mask = step_mask(config, last, edits, self.max_edits)
+            obs = observation(case.features, config, edits, self.max_edits)
             action, _ = self.model.predict(obs, action_masks=mask, deterministic=True)
             a = int(action)
             if a == STOP:
@@ -282,56 +155,76 @@ class Policy:
 
 def training_summary(policy: Policy) -> str:
     """One line on what training did and what was kept, for logs and the command line."""
-    training = policy.info["training"]
+    training = policy.info.training
     kept = (
         "no checkpoint beat the initial prompt on validation, so it keeps the initial prompt"
         if policy.falls_back_to_initial
-        else f"kept the weights of step {training['kept_timesteps']:.0f}"
+        else f"kept the weights of step {training.kept_timesteps:.0f}"
     )
     return (
-        f"policy {policy.version}: {training['episodes']} episodes, {training['llm_calls']} LLM "
-        f"calls, cache hit rate {training['cache_hit_rate']:.0%}; {kept} (validation reward "
-        f"over initial {training['kept_validation_reward']:+.4f}; last "
-        f"{training['final_validation_reward']:+.4f}); {training['seconds']:.0f} s"
+        f"policy {policy.version}: {training.episodes} episodes, {training.llm_calls} LLM "
+        f"calls, cache hit rate {training.cache_hit_rate:.0%}; {kept} (validation reward "
+        f"over initial {training.kept_validation_reward:+.4f}; last "
+        f"{training.final_validation_reward:+.4f}); {training.seconds:.0f} s"
     )
 
 
-def save_policy(model: Any, info: Mapping[str, Any], folder: Path) -> Policy:
-    """Write policy.zip and policy.json (atomically); the version is the zip's sha256 prefix."""
-    folder.mkdir(parents=True, exist_ok=True)
+# --------------------------------------------------------------------------- saving
+
+
+def _weights(model: Any, folder: Path) -> bytes:
+    """The model's weights as the bytes of an SB3 zip."""
     tmp = folder / ".policy-tmp.zip"
     model.save(tmp)
     data = tmp.read_bytes()
     tmp.unlink()
-    digest = hashlib.sha256(data)
-    if info.get("training", {}).get("falls_back_to_initial"):
-        digest.update(b"falls back to the initial prompt")  # same weights, other behaviour
-    version = digest.hexdigest()[:12]
-    full = {**info, "version": version}
-    atomic_write_bytes(folder / POLICY_FILE, data)
-    atomic_write_bytes(folder / INFO_FILE, json.dumps(full, indent=2, default=str).encode())
+    return data
+
+
+def _version(weights: bytes, info: PolicyInfo) -> str:
+    """The sha256 prefix of the weights, and of the fall-back flag (same weights, other behaviour)."""
+    digest = hashlib.sha256(weights)
+    if info.training.falls_back_to_initial:
+        digest.update(b"falls back to the initial prompt")
+    return digest.hexdigest()[:12]
+
+
+def save_policy(model: Any, info: PolicyInfo, folder: Path) -> Policy:
+    """Write policy.zip and policy.json (atomically); the version is the zip's sha256 prefix."""
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = _weights(model, folder)
+    full = replace(info, version=_version(weights, info))
+    atomic_write_bytes(folder / POLICY_FILE, weights)
+    atomic_write_bytes(
+        policy_info_path(folder), json.dumps(full.to_json(), indent=2, default=str).encode()
+    )
     return Policy(model, full)
+
+
+def read_policy_info(folder: Path) -> PolicyInfo:
+    """The ``policy.json`` of the policy in ``folder``; it must match this code's edit space."""
+    info = PolicyInfo.from_json(json.loads(policy_info_path(folder).read_text()))
+    if not info.same_edit_space:
+        raise ValueError(
+            f"the policy in {folder} was trained on another edit space: retrain it with `pmlm policy train`"
+        )
+    return info
 
 
 def load_policy(folder: Path) -> Policy:
     """Load a policy saved by `train_policy` (``models/policy`` of a workspace)."""
     from sb3_contrib import MaskablePPO
 
-    zip_path, info_path = folder / POLICY_FILE, folder / INFO_FILE
-    if not zip_path.exists() or not info_path.exists():
+    zip_path = folder / POLICY_FILE
+    if not zip_path.exists() or not policy_info_path(folder).exists():
         raise FileNotFoundError(
             f"no trained policy in {folder}: run `pmlm policy train` (or `pmlm run`) first"
         )
-    info = json.loads(info_path.read_text())
-    if (
-        info.get("edit_space_version") != EDIT_SPACE_VERSION
-        or info.get("edits") != [e.label for e in EDITS]
-        or info.get("k_ladder") != list(K_LADDER)
-    ):
-        raise ValueError(
-            f"the policy in {folder} was trained on another edit space: retrain it with `pmlm policy train`"
-        )
+    info = read_policy_info(folder)
     return Policy(MaskablePPO.load(zip_path, device="cpu"), info)
+
+
+# --------------------------------------------------------------------------- training
 
 
 @dataclass(frozen=True)
@@ -341,83 +234,55 @@ class TrainedPolicy:
     path: Path
 
 
-def train_policy(
-    client: LLMClient,
-    tables: Mapping[str, pd.DataFrame],
-    signals_for: SignalsFor,
-    folder: Path,
-    settings: PolicySettings | None = None,
-    versions: Mapping[str, Any] | None = None,
-    progress: Progress | None = None,
-    show_bar: bool = True,
-) -> TrainedPolicy:
-    """Train MaskablePPO on training encounters, validate on validation encounters, save to ``folder``.
+@dataclass(frozen=True)
+class Episodes:
+    """The training and validation encounters of one run, and how their answers are scored."""
 
-    ``versions`` (data fingerprint, recommender, ...) is stored with the policy.
-    """
-    from sb3_contrib import MaskablePPO
-    from sb3_contrib.common.maskable.callbacks import MaskableEvalCallback
-    from stable_baselines3.common.callbacks import CallbackList
-    from stable_baselines3.common.logger import Logger
-    from stable_baselines3.common.monitor import Monitor
+    train: list[EditCase]
+    validation: list[EditCase]
+    reward: AnswerReward
+    calibration: Calibration
 
-    settings = settings or PolicySettings()
-    say = progress or (lambda _m: None)
-    started = time.perf_counter()
-    index = tables["index_encounters"]
-    train_rows = pick_training_encounters(
-        index,
-        "train",
-        settings.n_train,
-        settings.obstetric_share,
-        settings.max_per_patient,
-        settings.seed,
-    )
-    val_rows = pick_training_encounters(
-        index,
-        "validation",
-        settings.n_validation,
-        settings.obstetric_share,
-        settings.max_per_patient,
-        settings.seed,
+
+def pick_episodes(index: pd.DataFrame, settings: PolicySettings) -> tuple[pd.DataFrame, ...]:
+    """The training and the validation encounters (`pick_training_encounters`)."""
+    train_rows, val_rows = (
+        pick_training_encounters(
+            index, split, n, settings.obstetric_share, settings.max_per_patient, settings.seed
+        )
+        for split, n in (("train", settings.n_train), ("validation", settings.n_validation))
     )
     if train_rows.empty or val_rows.empty:
         raise ValueError(
             "training a policy needs train and validation index encounters; this workspace has "
             f"{len(train_rows)} and {len(val_rows)}: ingest a larger cohort"
         )
-    # the same validation encounters and cut as `pmlm evaluate` with default settings
-    eval_settings = EvalSettings(
-        n_calibration=settings.n_calibration, params=settings.params, seed=0
-    )
-    calib_rows = pick_encounters(
-        index,
-        EvalSettings(
-            split="validation",
-            n_obstetric=settings.n_calibration // 2,
-            n_adult=settings.n_calibration // 2,
-            seed=0,
-        ),
-    )
-    refs = references(tables, pd.concat([train_rows, val_rows, calib_rows]))
-    from pipelines.index import ContextStore
+    return train_rows, val_rows
 
-    store = ContextStore(
-        dict(tables),
-        only_encounters=[
-            *train_rows["encounter_id"],
-            *val_rows["encounter_id"],
-            *calib_rows["encounter_id"],
-        ],
-    )
-    scorer = PlanScorer()
-    say(f"calibrating the matching threshold on {len(calib_rows)} validation encounters")
-    calibration = calibrate_threshold(client, store, calib_rows, refs, scorer, eval_settings)
-    scorer.threshold = float(calibration["threshold"])
+
+def prepare_episodes(
+    client: LLMClient,
+    tables: Mapping[str, pd.DataFrame],
+    signals_for: SignalsFor,
+    settings: PolicySettings,
+    say: Progress,
+    calibration: Calibration | None = None,
+) -> Episodes:
+    """Build the cases and answer their initial prompts, scored with ``calibration``'s threshold
+    (calibrated here on ``settings.n_calibration`` validation encounters when there is none)."""
+    train_rows, val_rows = pick_episodes(tables["index_encounters"], settings)
+    if calibration is None:
+        _, calibration = calibrated_scorer(
+            client, tables, settings.n_calibration, params=settings.params, progress=say
+        )
+    scorer = calibration.scorer()
     say(
         f"threshold {scorer.threshold}; signals and features of {len(train_rows)} training and "
         f"{len(val_rows)} validation encounters"
     )
+    rows = pd.concat([train_rows, val_rows])
+    refs = references(tables, rows)
+    store = ContextStore(dict(tables), only_encounters=list(rows["encounter_id"]))
     train_cases = build_cases(tables, train_rows, signals_for, refs, store)
     val_cases = build_cases(tables, val_rows, signals_for, refs, store)
     reward = AnswerReward(client, scorer, settings.params)
@@ -426,9 +291,14 @@ def train_policy(
         [(c, INITIAL_CONFIG) for c in [*train_cases, *val_cases]],
         progress=progress_lines(say, "initial answers"),
     )
-    env = PromptEditEnv(train_cases, reward, max_edits=settings.max_edits)
-    eval_env = PromptEditEnv(val_cases, reward, max_edits=settings.max_edits, sequential=True)
-    log = TrainingLog()
+    return Episodes(train_cases, val_cases, reward, calibration)
+
+
+def make_model(env: PromptEditEnv, settings: PolicySettings) -> Any:
+    """MaskablePPO with ``settings``, logging nowhere."""
+    from sb3_contrib import MaskablePPO
+    from stable_baselines3.common.logger import Logger
+
     model = MaskablePPO(
         "MlpPolicy",
         env,
@@ -444,108 +314,173 @@ def train_policy(
     )
     # no SB3 log folder: left to itself, `learn` makes an empty /tmp/SB3-<date> per run
     model.set_logger(Logger(folder=None, output_formats=[]))
+    return model
+
+
+def learn(
+    model: Any,
+    episodes: Episodes,
+    eval_env: PromptEditEnv,
+    settings: PolicySettings,
+    say: Progress,
+    show_bar: bool,
+) -> TrainingLog:
+    """PPO until ``settings.timesteps`` or the LLM budget, validating every ``eval_freq`` steps;
+    a last validation when the last one was earlier."""
+    from sb3_contrib.common.maskable.callbacks import MaskableEvalCallback
+    from stable_baselines3.common.callbacks import CallbackList
+    from stable_baselines3.common.monitor import Monitor
+
+    from promptenv.policy_callbacks import KeepBestOnValidation, TrainingLog, TrainingMonitor
+
+    log, reward = TrainingLog(), episodes.reward
     evaluation = MaskableEvalCallback(
         Monitor(eval_env),
-        n_eval_episodes=len(val_cases),
+        n_eval_episodes=len(episodes.validation),
         eval_freq=settings.eval_freq,
         deterministic=True,
-        callback_after_eval=_after_eval(reward, log, say),
+        callback_after_eval=KeepBestOnValidation(reward, log, say),
         verbose=0,
     )
-    monitor = _monitor(reward, log, settings, say, show_bar)
+    monitor = TrainingMonitor(
+        reward, log, settings.timesteps, settings.max_llm_calls, say, show_bar
+    )
     model.learn(total_timesteps=settings.timesteps, callback=CallbackList([monitor, evaluation]))
-    if not log.validation or log.validation[-1]["timesteps"] < log.timesteps:
-        _final_validation(model, eval_env, len(val_cases), reward, log, say)
-        if log.validation[-1]["validation_reward"] > log.best.get("validation_reward", -np.inf):
-            log.best, log.best_weights = log.validation[-1], None
-    if settings.keep_best and log.best_weights is not None:
+    if not log.validation or log.validation[-1].timesteps < log.timesteps:
+        log.record(_final_validation(model, eval_env, reward, log.timesteps, say), None)
+    return log
+
+
+def keep_checkpoint(
+    model: Any, log: TrainingLog, settings: PolicySettings, say: Progress
+) -> tuple[ValidationPoint, bool]:
+    """Load the best validation checkpoint (``keep_best``) into ``model``; returns the kept point
+    and whether the policy falls back to the initial prompt (no checkpoint beat it)."""
+    last = log.validation[-1]
+    if settings.keep_best and log.best_weights is not None and log.best is not None:
         # the policy kept is the one that did best on validation patients (early stopping)
         model.policy.load_state_dict(log.best_weights)
         say(
-            f"keeping the policy of step {log.best['timesteps']:.0f} (validation reward over "
-            f"initial {log.best['validation_reward']:+.4f}; last {log.validation[-1]['validation_reward']:+.4f})"
+            f"keeping the policy of step {log.best.timesteps:.0f} (validation reward over "
+            f"initial {log.best.validation_reward:+.4f}; last {last.validation_reward:+.4f})"
         )
-    kept = log.best if settings.keep_best and log.best else log.validation[-1]
-    falls_back = settings.keep_best and kept["validation_reward"] <= 0
+    kept = log.best if settings.keep_best and log.best is not None else last
+    falls_back = settings.keep_best and kept.validation_reward <= 0
     if falls_back:
         say(
             f"no checkpoint beat the initial prompt on validation (best "
-            f"{kept['validation_reward']:+.4f}): the policy keeps the initial prompt (no edit)"
+            f"{kept.validation_reward:+.4f}): the policy keeps the initial prompt (no edit)"
         )
-    stats = client.cache_stats
-    info = {
-        "settings": settings.as_dict(),
-        "edit_space_version": EDIT_SPACE_VERSION,
-        "edits": [e.label for e in EDITS],
-        "k_ladder": list(K_LADDER),
-        "initial_config": INITIAL_CONFIG.as_dict(),
-        "trained_with": {
-            **dict(versions or {}),
-            "llm": client.label,
-            "threshold": scorer.threshold,
-            "calibration": calibration,
-            "train_encounters": len(train_cases),
-            "validation_encounters": len(val_cases),
-        },
-        "training": {
-            "timesteps": log.timesteps,
-            "episodes": log.episodes,
-            "llm_calls": reward.llm_calls,
-            "answers": reward.answers,
-            "client_cache_hits": stats.hits,
-            "client_cache_misses": stats.misses,
-            # answers served without a new LLM call (from memory or the client's cache)
-            "cache_hit_rate": 1 - reward.llm_calls / max(1, reward.answers),
-            "stopped_by_budget": log.stopped_by_budget,
-            "validation_curve": log.validation,
-            "final_validation_reward": log.validation[-1]["validation_reward"],
-            "kept_timesteps": kept["timesteps"],
-            "kept_validation_reward": kept["validation_reward"],
-            "falls_back_to_initial": falls_back,
-            "llm_calls_to_kept_validation_reward": kept["llm_calls"],
-            "llm_calls_to_final_validation_reward": calls_to_final(log.validation),
-            "seconds": round(time.perf_counter() - started, 1),
-        },
-    }
+    return kept, falls_back
+
+
+def summarize(
+    log: TrainingLog,
+    reward: AnswerReward,
+    kept: ValidationPoint,
+    falls_back: bool,
+    seconds: float,
+) -> TrainingSummary:
+    """What training did and cost (`TrainingSummary`)."""
+    stats = reward.client.cache_stats
+    return TrainingSummary(
+        timesteps=log.timesteps,
+        episodes=log.episodes,
+        llm_calls=reward.llm_calls,
+        answers=reward.answers,
+        client_cache_hits=stats.hits,
+        client_cache_misses=stats.misses,
+        cache_hit_rate=1 - reward.llm_calls / max(1, reward.answers),
+        stopped_by_budget=log.stopped_by_budget,
+        validation_curve=tuple(log.validation),
+        final_validation_reward=log.validation[-1].validation_reward,
+        kept_timesteps=kept.timesteps,
+        kept_validation_reward=kept.validation_reward,
+        falls_back_to_initial=falls_back,
+        llm_calls_to_kept_validation_reward=kept.llm_calls,
+        llm_calls_to_final_validation_reward=calls_to_final(log.validation),
+        seconds=round(seconds, 1),
+    )
+
+
+def train_policy(
+    client: LLMClient,
+    tables: Mapping[str, pd.DataFrame],
+    signals_for: SignalsFor,
+    folder: Path,
+    settings: PolicySettings | None = None,
+    versions: Mapping[str, Any] | None = None,
+    progress: Progress | None = None,
+    show_bar: bool = True,
+    calibration: Calibration | None = None,
+) -> TrainedPolicy:
+    """Train MaskablePPO on training encounters, validate on validation encounters, save to ``folder``.
+
+    ``versions`` (data fingerprint, recommender, ...) is stored with the policy;
+    ``calibration`` is the matching threshold (a workspace's,
+    `promptenv.calibration.workspace_calibration`; calibrated here when None).
+    """
+    settings = settings or PolicySettings()
+    say = progress or (lambda _m: None)
+    started = time.perf_counter()
+    episodes = prepare_episodes(client, tables, signals_for, settings, say, calibration)
+    env = PromptEditEnv(episodes.train, episodes.reward, max_edits=settings.max_edits)
+    eval_env = PromptEditEnv(
+        episodes.validation, episodes.reward, max_edits=settings.max_edits, sequential=True
+    )
+    model = make_model(env, settings)
+    log = learn(model, episodes, eval_env, settings, say, show_bar)
+    kept, falls_back = keep_checkpoint(model, log, settings, say)
+    info = PolicyInfo(
+        settings=settings,
+        trained_with=TrainedWith(
+            llm=client.label,
+            threshold=episodes.reward.scorer.threshold,
+            calibration=episodes.calibration.to_json(),
+            train_encounters=len(episodes.train),
+            validation_encounters=len(episodes.validation),
+            versions=dict(versions or {}),
+        ),
+        training=summarize(log, episodes.reward, kept, falls_back, time.perf_counter() - started),
+    )
     policy = save_policy(model, info, folder)
     say(f"policy {policy.version} saved to {folder}")
     return TrainedPolicy(policy, log, folder)
 
 
 def _final_validation(
-    model: Any,
-    env: PromptEditEnv,
-    n: int,
-    reward: AnswerReward,
-    log: TrainingLog,
-    say: Progress,
-) -> None:
+    model: Any, env: PromptEditEnv, reward: AnswerReward, timesteps: int, say: Progress
+) -> ValidationPoint:
     """Score the final policy on the validation encounters (when the last eval was earlier)."""
-    policy = Policy(model, {"settings": {"max_edits": env.max_edits}})
+    policy = Policy(model, PolicyInfo(settings=PolicySettings(max_edits=env.max_edits)))
     total = 0.0
-    for case, (config, _) in zip(env.cases, policy.edit_many(env.cases[:n]), strict=False):
+    for case, (config, _) in zip(env.cases, policy.edit_many(env.cases), strict=True):
         total += reward(case, config) - reward(case, env.initial)
-    point = {
-        "timesteps": float(log.timesteps),
-        "llm_calls": float(reward.llm_calls),
-        "validation_reward": total / max(1, n),
-    }
-    log.validation.append(point)
+    point = ValidationPoint(
+        float(timesteps), float(reward.llm_calls), total / max(1, len(env.cases))
+    )
     say(
-        f"final validation: reward over initial {point['validation_reward']:+.4f} "
+        f"final validation: reward over initial {point.validation_reward:+.4f} "
         f"({reward.llm_calls} LLM calls)"
     )
+    return point
 
 
 __all__ = [
+    "INFO_FILE",
+    "POLICY_FILE",
     "Policy",
+    "PolicyInfo",
     "PolicySettings",
     "TrainedPolicy",
-    "TrainingLog",
+    "TrainedWith",
+    "TrainingSummary",
+    "ValidationPoint",
     "calls_to_final",
     "load_policy",
     "pick_training_encounters",
     "policy_dir",
+    "read_policy_info",
     "save_policy",
     "train_policy",
 ]

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 import pandas as pd
@@ -98,6 +98,17 @@ class PromptConfig:
         d = asdict(self)
         d["fragments"] = list(self.fragments)
         return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PromptConfig:
+        """The config `as_dict` wrote (keys it does not know are an error; missing ones default)."""
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"{unknown} are not PromptConfig fields")
+        values = dict(data)
+        if "fragments" in values:
+            values["fragments"] = tuple(values["fragments"])
+        return cls(**values)
 
 
 INITIAL_CONFIG = PromptConfig()

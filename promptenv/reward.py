@@ -29,7 +29,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -43,6 +43,13 @@ BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s*")
 SENTENCE_END = re.compile(r"(?<=[.!?;])\s+(?=[A-Z0-9])")
 
 Vector = NDArray[np.float32]
+
+
+class Reference(NamedTuple):
+    """The physician's next plan an answer is scored against: its item displays and its text."""
+
+    items: tuple[str, ...]
+    plan_text: str
 
 
 def clean_item(display: str) -> str:

@@ -16,7 +16,7 @@ Usage::
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -35,14 +35,15 @@ from pipelines.workspace import MissingTableError, Workspace, atomic_write_bytes
 from promptenv.evaluate import EvalSettings, Evaluation
 from promptenv.fragments import PatientSignals
 from promptenv.llm import LLMClient
-from promptenv.policy import Policy, PolicySettings, TrainedPolicy, load_policy, policy_dir
+from promptenv.policy import Policy, PolicySettings, TrainedPolicy, load_policy
+from promptenv.policy_info import policy_dir, policy_info_path, saved_policy_version
 from promptenv.prompt_table import PROMPT_TABLE, Which, build_prompt_table, write_prompt_table
 from promptenv.prompts import METHODS
+from recsys.type_aliases import Progress
 
 if TYPE_CHECKING:
     from promptenv.judge import PlanJudge
 
-Progress = Callable[[str], None]
 
 #: Methods of the prompt table: every fixed method but ``oracle`` (it lists the answer).
 TABLE_METHODS = tuple(m for m in METHODS if m != "oracle")
@@ -116,20 +117,6 @@ def patient_prompts(
 
 
 # --------------------------------------------------------------------------- policy
-
-
-def policy_info_path(ws: Workspace) -> Path:
-    """Where the workspace's trained policy records its version and training (``policy.json``)."""
-    return policy_dir(ws) / "policy.json"
-
-
-def trained_policy_version(ws: Workspace) -> str | None:
-    """The version of the workspace's trained policy, None when there is none."""
-    path = policy_info_path(ws)
-    if not path.exists():
-        return None
-    version = _read_json(path).get("version")
-    return None if version is None else str(version)
 
 
 def workspace_versions(ws: Workspace) -> dict[str, Any]:
@@ -209,7 +196,7 @@ def policy_if_needed(ws: Workspace, names: Sequence[str]) -> Policy | None:
     """The workspace's policy when pmlm or random_edits is asked for (random edits mimic its counts)."""
     if "pmlm" in names:
         return load_policy(policy_dir(ws))
-    if "random_edits" in names and policy_info_path(ws).exists():
+    if "random_edits" in names and policy_info_path(policy_dir(ws)).exists():
         return load_policy(policy_dir(ws))
     return None
 
@@ -284,7 +271,8 @@ def write_evaluation(ws: Workspace, result: Evaluation, client: LLMClient) -> Ev
     The report (`promptenv.report`) carries the recommender comparison of
     `pmlm recsys evaluate` when there is one.
     """
-    from promptenv.evaluate import markdown_differences, markdown_table, paired_differences
+    from promptenv.evaluate import markdown_table
+    from promptenv.paired import paired_section
     from promptenv.report import write_report
 
     ws.reports_dir.mkdir(parents=True, exist_ok=True)
@@ -297,13 +285,8 @@ def write_evaluation(ws: Workspace, result: Evaluation, client: LLMClient) -> Ev
         "on plan-item recall.\n\n"
     )
     path = ws.reports_dir / "evaluation.md"
-    diffs = paired_differences(result.results, EvalSettings())
-    paired = (
-        "\n\nPaired differences against PMLM initial (same encounters; bootstrap over "
-        "encounters; bold: the interval excludes 0):\n\n" + markdown_differences(diffs)
-        if len(diffs)
-        else ""
-    )
+    section = paired_section(result.results, EvalSettings())
+    paired = "\n\n" + section if section else ""
     atomic_write_bytes(path, (header + markdown_table(result.table) + paired + "\n").encode())
     atomic_write_bytes(
         ws.reports_dir / "evaluation.json",
@@ -392,7 +375,7 @@ def export_manifest_fields(ws: Workspace, table: pa.Table) -> dict[str, Any]:
         "input_data_hash": dataset_fingerprint(ws, INPUT_TABLES),
         "input_tables": list(INPUT_TABLES),
         "recommender": recommender_info(ws, table),
-        "policy_version": trained_policy_version(ws),
+        "policy_version": saved_policy_version(ws),
         "llm": llm_label(ws),
         "pmlm_version": metadata.version("pmlm"),
         "workspace": str(ws.root.resolve()),

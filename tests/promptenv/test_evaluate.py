@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from promptenv.evaluate import EvalSettings, markdown_differences, paired_differences
+from promptenv.evaluate import EvalSettings
+from promptenv.paired import markdown_differences, paired_differences
 
 
 def results(n: int, shift: float, noise: float, seed: int = 0) -> pd.DataFrame:
@@ -43,3 +44,65 @@ def test_no_shift_gives_an_interval_around_zero() -> None:
     table = paired_differences(results(200, 0.0, 0.05, seed=3), EvalSettings(bootstrap=500))
     assert ((table["lo"] < 0) & (table["hi"] > 0)).all()
     assert "**" not in markdown_differences(table)
+
+
+def clustered(n_patients: int, per_patient: int, seed: int = 0) -> pd.DataFrame:
+    """Differences that are one number per patient, the same for all her encounters."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(n_patients):
+        effect = rng.normal(0.1, 0.2)
+        for e in range(per_patient):
+            for method, value in (("pmlm_initial", 0.3), ("pmlm", 0.3 + effect)):
+                rows.append(
+                    {
+                        "encounter_id": f"p{p}e{e}",
+                        "patient_id": f"p{p}",
+                        "method": method,
+                        "in_obstetric": True,
+                        "in_adult": False,
+                        "recall": value,
+                        "reward": value,
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def old_cluster_bootstrap(rows: pd.DataFrame, draws: int, seed: int) -> tuple[float, float]:
+    """The numpy cluster bootstrap benchmarks/paired_by_patient.py had before promptenv.paired."""
+    wide = rows.pivot_table(
+        index=["encounter_id", "patient_id"], columns="method", values="recall"
+    ).reset_index()
+    per = wide.assign(d=wide["pmlm"] - wide["pmlm_initial"]).groupby("patient_id")["d"]
+    sums, counts = per.sum().to_numpy(), per.count().to_numpy()
+    idx = np.random.default_rng(seed).integers(0, len(sums), size=(draws, len(sums)))
+    lo, hi = np.percentile(sums[idx].sum(1) / counts[idx].sum(1), [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def test_the_interval_resamples_patients_not_encounters() -> None:
+    from promptenv.paired import paired_table
+
+    rows = clustered(12, 5)
+    by_patient = paired_table(rows, "pmlm_initial", "recall", 4000, 0).iloc[0]
+    by_encounter = paired_table(rows.drop(columns="patient_id"), "pmlm_initial", "recall", 4000, 0)
+    assert (by_patient["n"], by_patient["patients"]) == (60, 12)
+    # five encounters of a patient carry one patient's worth of information
+    width = by_patient["hi"] - by_patient["lo"]
+    assert width > 1.8 * (by_encounter["hi"] - by_encounter["lo"]).iloc[0]
+    # the benchmark's former bootstrap finds the same interval (up to resampling noise)
+    lo, hi = old_cluster_bootstrap(rows, 4000, 1)
+    assert abs(by_patient["lo"] - lo) < 0.1 * width and abs(by_patient["hi"] - hi) < 0.1 * width
+
+
+def test_the_report_compares_against_the_policy_when_it_was_evaluated() -> None:
+    from promptenv.paired import paired_baseline, paired_section
+
+    rows = clustered(6, 2)
+    assert paired_baseline(rows) == "pmlm"
+    section = paired_section(rows, EvalSettings(bootstrap=200))
+    assert "against the policy (pmlm)" in section and "bootstrapped over patients" in section
+    assert "| obstetric | recall | pmlm_initial | 12 | 6 |" in section
+    initial_only = rows.assign(method=rows["method"].replace({"pmlm": "peer"}))
+    assert paired_baseline(initial_only) == "pmlm_initial"
+    assert "| obstetric | recall | peer | 12 | 6 |" in paired_section(initial_only, EvalSettings())

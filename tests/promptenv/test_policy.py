@@ -20,8 +20,11 @@ from promptenv.env import AnswerReward
 from promptenv.evaluate import EvalSettings, evaluate_methods
 from promptenv.llm import LLMClient
 from promptenv.policy import (
+    PolicyInfo,
     PolicySettings,
     TrainedPolicy,
+    TrainingSummary,
+    ValidationPoint,
     calls_to_final,
     load_policy,
     pick_training_encounters,
@@ -151,7 +154,7 @@ def test_maskable_ppo_learns_the_edits_that_pay(
         "MlpPolicy", env, n_steps=128, batch_size=64, learning_rate=1e-3, seed=0, device="cpu"
     )
     model.learn(1536)
-    policy = Policy(model, {"settings": {"max_edits": 6}})
+    policy = Policy(model, PolicyInfo(settings=PolicySettings(max_edits=6)))
     initial = np.mean([shorter(c, INITIAL_CONFIG) for c in cases])
     learned = np.mean(
         [shorter(c, cfg) for c, (cfg, _) in zip(cases, policy.edit_many(cases), strict=True)]
@@ -188,10 +191,10 @@ def test_training_stops_at_the_llm_budget(
         settings,  # type: ignore[arg-type]
         show_bar=False,
     )
-    training = result.policy.info["training"]
-    assert training["stopped_by_budget"]
-    assert 30 <= training["llm_calls"] <= 32
-    assert training["timesteps"] < 2000
+    training = result.policy.info.training
+    assert training.stopped_by_budget
+    assert 30 <= training.llm_calls <= 32
+    assert training.timesteps < 2000
 
 
 def test_training_keeps_the_policy_that_did_best_on_validation(
@@ -215,13 +218,13 @@ def test_training_keeps_the_policy_that_did_best_on_validation(
         settings,
         show_bar=False,
     )
-    training = result.policy.info["training"]
-    curve = training["validation_curve"]
+    training = result.policy.info.training
+    curve = training.validation_curve
     assert len(curve) == 256 // 32
-    best = max(curve, key=lambda p: p["validation_reward"])
-    assert training["kept_validation_reward"] == best["validation_reward"]
-    assert training["kept_timesteps"] == best["timesteps"]
-    assert training["final_validation_reward"] == curve[-1]["validation_reward"]
+    best = max(curve, key=lambda p: p.validation_reward)
+    assert training.kept_validation_reward == best.validation_reward
+    assert training.kept_timesteps == best.timesteps
+    assert training.final_validation_reward == curve[-1].validation_reward
 
 
 def test_a_policy_that_beat_no_checkpoint_keeps_the_initial_prompt(
@@ -244,15 +247,22 @@ def test_a_policy_that_beat_no_checkpoint_keeps_the_initial_prompt(
     rows = default_tables["index_encounters"]
     rows = rows[rows["split"] == "test"].head(6)
     cases = build_cases(default_tables, rows, history_signals(default_tables))  # type: ignore[arg-type]
-    settings = {"max_edits": 3}
-    eager = Policy(FirstEdit(), {"settings": settings, "training": {}})
+    settings = PolicySettings(max_edits=3)
+    eager = Policy(FirstEdit(), PolicyInfo(settings=settings))
     assert all(len(trace) == 3 for _, trace in eager.edit_many(cases))
-    lazy = Policy(FirstEdit(), {"settings": settings, "training": {"falls_back_to_initial": True}})
+    lazy = Policy(
+        FirstEdit(),
+        PolicyInfo(settings=settings, training=TrainingSummary(falls_back_to_initial=True)),
+    )
     assert lazy.edit_many(cases) == [(INITIAL_CONFIG, [])] * len(cases)
 
     result, _, _ = trained
-    info = json.loads(json.dumps(result.policy.info))
-    info["training"].update(kept_validation_reward=-0.1, falls_back_to_initial=True)
+    info = dataclasses.replace(
+        result.policy.info,
+        training=dataclasses.replace(
+            result.policy.info.training, kept_validation_reward=-0.1, falls_back_to_initial=True
+        ),
+    )
     fallback = save_policy(result.policy.model, info, tmp_path / "fallback")
     reloaded = load_policy(tmp_path / "fallback")
     assert reloaded.falls_back_to_initial and reloaded.version == fallback.version
@@ -311,16 +321,16 @@ def test_the_initial_prompt_competes_with_the_checkpoints(
         settings,
         show_bar=False,
     )
-    training = result.policy.info["training"]
-    assert training["kept_validation_reward"] <= 0
-    assert training["falls_back_to_initial"] and result.policy.falls_back_to_initial
+    training = result.policy.info.training
+    assert training.kept_validation_reward <= 0
+    assert training.falls_back_to_initial and result.policy.falls_back_to_initial
 
 
 def test_calls_to_final_reward() -> None:
     curve = [
-        {"llm_calls": 10.0, "validation_reward": 0.0},
-        {"llm_calls": 20.0, "validation_reward": 0.1},
-        {"llm_calls": 30.0, "validation_reward": 0.098},
+        ValidationPoint(timesteps=1.0, llm_calls=10.0, validation_reward=0.0),
+        ValidationPoint(timesteps=2.0, llm_calls=20.0, validation_reward=0.1),
+        ValidationPoint(timesteps=3.0, llm_calls=30.0, validation_reward=0.098),
     ]
     assert calls_to_final(curve) == 20.0
     assert np.isnan(calls_to_final([]))
@@ -445,3 +455,43 @@ def test_evaluation_compares_edit_methods_with_their_llm_calls(
     assert (res["search_4"] >= res["pmlm_initial"] - 1e-9).all()
     prov = evaluation.results
     assert len(prov[prov["method"] == "pmlm"]) == len(res)
+
+
+def test_policy_json_keeps_its_keys_and_reads_back_into_the_same_info(
+    trained: tuple[TrainedPolicy, LLMClient, EchoBackend],
+) -> None:
+    """Workspaces trained before `PolicyInfo` existed hold the same keys: they still load."""
+    result, _, _ = trained
+    saved = json.loads((result.path / "policy.json").read_text())
+    assert set(saved) >= {
+        "settings",
+        "edit_space_version",
+        "edits",
+        "k_ladder",
+        "initial_config",
+        "trained_with",
+        "training",
+        "version",
+    }
+    assert set(saved["training"]) >= {
+        "timesteps",
+        "episodes",
+        "llm_calls",
+        "answers",
+        "client_cache_hits",
+        "client_cache_misses",
+        "cache_hit_rate",
+        "stopped_by_budget",
+        "validation_curve",
+        "final_validation_reward",
+        "kept_timesteps",
+        "kept_validation_reward",
+        "falls_back_to_initial",
+        "llm_calls_to_kept_validation_reward",
+        "llm_calls_to_final_validation_reward",
+        "seconds",
+    }
+    assert set(saved["trained_with"]) >= {"llm", "threshold", "calibration", "data_hash"}
+    info = PolicyInfo.from_json(saved)
+    assert info == load_policy(result.path).info == result.policy.info
+    assert json.loads(json.dumps(info.to_json(), default=str)) == saved

@@ -1,0 +1,247 @@
+"""What a saved policy carries (``models/policy/policy.json``), as typed records.
+
+`PolicyInfo` holds the training settings (`PolicySettings`), the edit space it
+was trained on, what it was trained with (`TrainedWith`: data and recommender
+versions, the LLM, the matching threshold) and what training cost
+(`TrainingSummary`: episodes, LLM calls, the validation curve, the kept
+checkpoint). Each record turns into the JSON of ``policy.json`` with
+``to_json`` and back with ``from_json``; keys a record does not know are
+ignored and missing ones take their defaults, so older files still load.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from pipelines.workspace import Workspace
+from promptenv.editing import EDIT_SPACE_VERSION, EDITS, K_LADDER
+from promptenv.encounters import CALIBRATION_ENCOUNTERS, EVAL_PARAMS
+from promptenv.llm import GenerationParams
+from promptenv.prompts import INITIAL_CONFIG, PromptConfig
+from promptenv.reward import DEFAULT_THRESHOLD
+
+POLICY_FILE = "policy.zip"
+INFO_FILE = "policy.json"
+
+
+def policy_dir(workspace: Workspace) -> Path:
+    """Where a workspace's policy is saved: ``models/policy``."""
+    return workspace.models_dir / "policy"
+
+
+def policy_info_path(folder: Path) -> Path:
+    """The ``policy.json`` of the policy saved in ``folder`` (see `policy_dir`)."""
+    return folder / INFO_FILE
+
+
+def saved_policy_version(workspace: Workspace) -> str | None:
+    """The version of the workspace's saved policy; None while no policy is trained."""
+    path = policy_info_path(policy_dir(workspace))
+    if not path.exists():
+        return None
+    try:
+        version = json.loads(path.read_text()).get("version")
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise ValueError(
+            f"{path} is not a JSON object ({exc}): retrain the policy with `pmlm policy train`"
+        ) from exc
+    return None if version is None else str(version)
+
+
+def _known(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``data`` that are fields of the dataclass ``cls``."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
+
+
+def params_from_json(data: Mapping[str, Any]) -> GenerationParams:
+    known = _known(GenerationParams, data)
+    if "stop" in known:
+        known["stop"] = tuple(known["stop"])
+    return GenerationParams(**known)
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """What the policy trains on, for how long, with which PPO settings and LLM budget."""
+
+    n_train: int = 96
+    obstetric_share: float = 0.5
+    n_validation: int = 16
+    max_per_patient: int = 2
+    max_edits: int = 6
+    timesteps: int = 2048
+    n_steps: int = 128
+    batch_size: int = 64
+    n_epochs: int = 10
+    learning_rate: float = 1e-3
+    ent_coef: float = 0.01
+    gamma: float = 1.0
+    eval_freq: int = 512
+    max_llm_calls: int = 800
+    #: keep the weights that scored best on validation (early stopping), not the last ones
+    keep_best: bool = True
+    n_calibration: int = CALIBRATION_ENCOUNTERS
+    seed: int = 0
+    params: GenerationParams = field(default_factory=lambda: EVAL_PARAMS)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PolicySettings:
+        known = _known(cls, data)
+        if "params" in known:
+            known["params"] = params_from_json(known["params"])
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class ValidationPoint:
+    """One validation of the deterministic policy during training."""
+
+    timesteps: float
+    llm_calls: float
+    validation_reward: float
+
+    def to_json(self) -> dict[str, float]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ValidationPoint:
+        return cls(**{k: float(v) for k, v in _known(cls, data).items()})
+
+
+@dataclass(frozen=True)
+class TrainedWith:
+    """The data, recommender and LLM a policy was trained with, and the matching threshold.
+
+    ``versions`` are the caller's (data hash, recommender, ...); in ``policy.json``
+    they sit beside the other keys of ``trained_with``.
+    """
+
+    llm: str = ""
+    threshold: float = DEFAULT_THRESHOLD
+    calibration: Mapping[str, Any] = field(default_factory=dict)
+    train_encounters: int = 0
+    validation_encounters: int = 0
+    versions: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **dict(self.versions),
+            "llm": self.llm,
+            "threshold": self.threshold,
+            "calibration": dict(self.calibration),
+            "train_encounters": self.train_encounters,
+            "validation_encounters": self.validation_encounters,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TrainedWith:
+        known = _known(cls, data)
+        known.pop("versions", None)
+        versions = {k: v for k, v in data.items() if k not in known and k != "versions"}
+        return cls(**known, versions=versions)
+
+
+@dataclass(frozen=True)
+class TrainingSummary:
+    """What training did and cost, and which checkpoint was kept."""
+
+    timesteps: int = 0
+    episodes: int = 0
+    llm_calls: int = 0
+    answers: int = 0
+    client_cache_hits: int = 0
+    client_cache_misses: int = 0
+    #: answers served without a new LLM call (from memory or the client's cache)
+    cache_hit_rate: float = 0.0
+    stopped_by_budget: bool = False
+    validation_curve: tuple[ValidationPoint, ...] = ()
+    final_validation_reward: float = 0.0
+    kept_timesteps: float = 0.0
+    kept_validation_reward: float = 0.0
+    #: no checkpoint beat the episodes' starting prompt on validation: the policy makes no edit
+    falls_back_to_initial: bool = False
+    llm_calls_to_kept_validation_reward: float = 0.0
+    llm_calls_to_final_validation_reward: float = 0.0
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["validation_curve"] = [p.to_json() for p in self.validation_curve]
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TrainingSummary:
+        known = _known(cls, data)
+        curve: Sequence[Mapping[str, Any]] = known.pop("validation_curve", ())
+        return cls(**known, validation_curve=tuple(ValidationPoint.from_json(p) for p in curve))
+
+
+@dataclass(frozen=True)
+class PolicyInfo:
+    """Everything ``policy.json`` records about a policy (see the module docstring)."""
+
+    settings: PolicySettings = field(default_factory=PolicySettings)
+    trained_with: TrainedWith = field(default_factory=TrainedWith)
+    training: TrainingSummary = field(default_factory=TrainingSummary)
+    #: sha256 prefix of the saved weights (and of the fall-back flag); "" before saving
+    version: str = ""
+    edit_space_version: int = EDIT_SPACE_VERSION
+    edits: tuple[str, ...] = tuple(e.label for e in EDITS)
+    k_ladder: tuple[int, ...] = K_LADDER
+    initial_config: PromptConfig = INITIAL_CONFIG
+
+    @property
+    def same_edit_space(self) -> bool:
+        """Whether the policy was trained on this code's edits, masks and k ladder."""
+        return (
+            self.edit_space_version == EDIT_SPACE_VERSION
+            and self.edits == tuple(e.label for e in EDITS)
+            and self.k_ladder == K_LADDER
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "settings": self.settings.to_json(),
+            "edit_space_version": self.edit_space_version,
+            "edits": list(self.edits),
+            "k_ladder": list(self.k_ladder),
+            "initial_config": self.initial_config.as_dict(),
+            "trained_with": self.trained_with.to_json(),
+            "training": self.training.to_json(),
+            "version": self.version,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PolicyInfo:
+        return cls(
+            settings=PolicySettings.from_json(data.get("settings", {})),
+            trained_with=TrainedWith.from_json(data.get("trained_with", {})),
+            training=TrainingSummary.from_json(data.get("training", {})),
+            version=str(data.get("version", "")),
+            edit_space_version=int(data.get("edit_space_version", -1)),
+            edits=tuple(data.get("edits", ())),
+            k_ladder=tuple(data.get("k_ladder", ())),
+            initial_config=PromptConfig.from_dict(data.get("initial_config", {})),
+        )
+
+
+__all__ = [
+    "INFO_FILE",
+    "POLICY_FILE",
+    "PolicyInfo",
+    "PolicySettings",
+    "TrainedWith",
+    "TrainingSummary",
+    "ValidationPoint",
+    "policy_dir",
+    "policy_info_path",
+    "saved_policy_version",
+]
