@@ -27,8 +27,8 @@ is not known yet, so a pregnancy whose end is still to come is treated like one
 with no end at all and lasts at most 300 days (a human pregnancy rarely lasts
 more than 42 weeks; beyond that an open pregnancy record is a record nobody
 closed). Using the future end instead would let the outcome leak into the past.
-It is also the rule the prompt profile followed, so the built-in cohort's prompt
-text does not change. When several pregnancy records are active, the one with
+It is also the rule the prompt profile followed (which adds only the codes and
+the not-pregnant words), so the built-in cohort's profiles read as before. When several pregnancy records are active, the one with
 the latest onset (then the latest recorded, then the largest event id) is the
 current pregnancy, and its onset gives "how far along".
 """

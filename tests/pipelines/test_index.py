@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipelines.clinical import active_pregnancies
 from pipelines.index import context_as_of, split_of
 from pipelines.schemas import INDEX_ENCOUNTERS, SPLITS
 
@@ -57,6 +58,17 @@ def test_obstetric_flags_follow_prenatal_care(default_tables: dict[str, pd.DataF
     assert 0.02 < share < 0.6, share
     # obstetric encounters happen to adults of childbearing age in this cohort, not to infants
     assert idx.loc[idx["is_obstetric"], "age_years"].min() > 10
+
+
+def test_obstetric_flags_cover_every_active_pregnancy(
+    default_tables: dict[str, pd.DataFrame],
+) -> None:
+    """The flag uses the one pregnancy rule: pregnant at the index time means obstetric."""
+    idx = default_tables["index_encounters"]
+    queries = pd.DataFrame({"patient_id": idx["patient_id"], "at": idx["index_time"]})
+    pregnant = active_pregnancies(default_tables["events"], queries)["pregnant"].to_numpy()
+    assert pregnant.sum() > 500  # the cohort is of women aged 18-45: many pregnancies
+    assert idx["is_obstetric"].to_numpy()[pregnant].all()
 
 
 def test_no_leakage_in_patient_context(default_tables: dict[str, pd.DataFrame]) -> None:
