@@ -14,10 +14,8 @@ encounters, the seed or the calibration encounters' plans changed
 (`Calibration.fingerprint`).
 
 How many encounters: `CALIBRATION_ENCOUNTERS` (20: 10 obstetric, 10 adult
-validation encounters, 11 patients of the default cohort). The cut is the 95th
-percentile of the negatives; 20 encounters give about a hundred negative items
-(five above the cut), so the cut rests on more than a couple of them, and the
-calibration costs 20 LLM calls once per workspace and LLM.
+validation encounters, 11 patients of the default cohort, whose next plans hold
+43 items): the floor the issue sets, at 20 LLM calls once per workspace and LLM.
 """
 
 from __future__ import annotations
