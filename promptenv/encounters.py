@@ -22,7 +22,7 @@ from promptenv.reward import Reference
 #: Generation settings of every evaluation call (cached by the client).
 EVAL_PARAMS = GenerationParams(max_tokens=128, temperature=0.0, seed=0)
 #: Validation encounters that choose the matching threshold (`promptenv.calibration`).
-CALIBRATION_ENCOUNTERS = 40
+CALIBRATION_ENCOUNTERS = 20
 
 
 @dataclass(frozen=True)

@@ -273,21 +273,12 @@ def evaluate_workspace(
     ``policy``: the workspace's, for pmlm and random_edits (`policy_if_needed`). Answers are
     scored with the workspace's calibration for ``client``'s LLM (the one training used).
     """
-    from promptenv.calibration import workspace_calibration
+    from promptenv.calibration import evaluation_calibration
     from promptenv.evaluate import evaluate_methods
     from promptenv.search import edit_methods, is_edit_method
 
     tables = load_tables(ws)
-    calibration = workspace_calibration(
-        ws,
-        client,
-        tables,
-        settings.n_calibration,
-        params=settings.params,
-        concurrency=settings.concurrency,
-        max_false_match=settings.max_false_match,
-        progress=progress,
-    )
+    calibration = evaluation_calibration(client, tables, settings, ws, progress)
     result = evaluate_methods(
         client,
         tables,
