@@ -9,6 +9,7 @@ from rich.console import Console
 
 from flows.options import PMLMGroup, WorkspaceOpt
 from pipelines.workspace import Workspace
+from promptenv.encounters import CALIBRATION_ENCOUNTERS
 from promptenv.prompts import METHODS
 from promptenv.steps import TABLE_METHODS
 
@@ -86,8 +87,12 @@ def evaluate_cmd(
     n_obstetric: Annotated[int, typer.Option(help="Obstetric test encounters.")] = 40,
     n_adult: Annotated[int, typer.Option(help="Adult test encounters.")] = 40,
     n_calibration: Annotated[
-        int, typer.Option(help="Validation encounters that choose the matching threshold.")
-    ] = 20,
+        int,
+        typer.Option(
+            help="Validation encounters that choose the matching threshold (calibrated once "
+            "per workspace and LLM, again when this changes)."
+        ),
+    ] = CALIBRATION_ENCOUNTERS,
     seed: Annotated[int, typer.Option(help="Seed of the encounter sample and the bootstrap.")] = 0,
     max_calls: Annotated[
         int | None, typer.Option(help="Hard budget on LLM calls for this run.")

@@ -51,6 +51,7 @@ from flows.tasks import (
     write_prompts,
 )
 from pipelines.workspace import Workspace
+from promptenv.encounters import CALIBRATION_ENCOUNTERS
 from promptenv.policy import PolicySettings
 from promptenv.policy_info import policy_dir, policy_info_path, saved_policy_version
 from promptenv.prompt_table import PromptTableSpec, RefreshResult
@@ -234,7 +235,7 @@ def evaluate(
     methods: list[str] | None = None,
     n_obstetric: int = 4,
     n_adult: int = 4,
-    n_calibration: int = 8,
+    n_calibration: int = CALIBRATION_ENCOUNTERS,
     seed: int = 0,
     max_calls: int | None = None,
 ) -> EvaluationOutcome:
@@ -312,7 +313,7 @@ def pmlm_pipeline(
         ws,
         backend,
         built.recommender,
-        quick_policy_settings(policy_timesteps, 2 * n_eval, policy_encounters),
+        quick_policy_settings(policy_timesteps, n_train=policy_encounters),
     )
     refined = refine.with_options(task_runner=runner)(
         ws, policy.version, prompt_methods, batch_size=batch_size
@@ -323,7 +324,6 @@ def pmlm_pipeline(
         eval_methods or [*METHODS, "random_edits", "pmlm"],
         n_obstetric=n_eval,
         n_adult=n_eval,
-        n_calibration=2 * n_eval,
     )
     exported = export(ws, [*prompt_methods, "pmlm"])
     return PipelineOutcome(built, policy, refined, evaluation, exported)

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.index import ContextStore
-from promptenv.calibration import Calibration, calibrated_scorer
+from promptenv.calibration import Calibration, evaluation_calibration
 from promptenv.editing import build_cases
 from promptenv.encounters import EVAL_PARAMS, EvalSettings, pick_encounters, references
 from promptenv.env import AnswerReward, EditMethod
@@ -176,15 +176,7 @@ def evaluate_methods(
             f"no {settings.split} index encounters to evaluate: ingest a cohort with `pmlm run` or `pmlm ingest`"
         )
     if calibration is None:
-        _, calibration = calibrated_scorer(
-            client,
-            tables,
-            settings.n_calibration,
-            params=settings.params,
-            concurrency=settings.concurrency,
-            max_false_match=settings.max_false_match,
-            progress=say,
-        )
+        calibration = evaluation_calibration(client, tables, settings, progress=say)
     scorer = calibration.scorer()
     store = ContextStore(dict(tables), only_encounters=list(chosen["encounter_id"]))
     refs = references(tables, chosen)

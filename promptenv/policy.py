@@ -2,19 +2,24 @@
 
 Training (`train_policy`): episodes are TRAIN patients' index encounters (a
 seeded sample, ``obstetric_share`` of them obstetric, at most two per patient);
-answers come through the cached `LLMClient`; the matching threshold is
-calibrated on validation encounters exactly as `pmlm evaluate` does (same
-encounters, same cut); `MaskableEvalCallback` scores the deterministic policy on
+answers come through the cached `LLMClient`; the matching threshold is the
+caller's calibration (a workspace's, the one `pmlm evaluate` uses; see
+`promptenv.calibration`); `MaskableEvalCallback` scores the deterministic policy on
 VALIDATION encounters every ``eval_freq`` steps. Training stops at
 ``timesteps`` or when the LLM-call budget ``max_llm_calls`` is spent (counted
 as answers not already in the cache; the run ends at the first step that
-reaches it, so it may exceed it by the two answers of that step). The policy
+reaches it, so it may exceed it by the two answers of that step and by the
+final validation's, at most one per validation encounter).
+
+Episodes start from the best fixed config on VALIDATION encounters
+(`choose_start`: the initial config, self-only and peer-only,
+`promptenv.prompts.CONFIG_METHODS`); rewards are relative to it. The policy
 kept is the one with the best validation reward (``keep_best``): with few
 training patients PPO can drift past its best; validation patients choose. The
-initial prompt itself competes (its validation reward over itself is 0): when no
-checkpoint beats it, the saved policy makes no edit (``falls_back_to_initial``),
-so a short or unlucky training run never ships prompts worse than the initial
-ones on validation.
+start config itself competes (its validation reward over itself is 0): when no
+checkpoint beats it, the saved policy makes no edit (``falls_back_to_start``),
+so a short or unlucky training run never ships prompts worse on validation
+than the best fixed prompt.
 
 The saved policy (``models/policy/policy.zip`` + ``policy.json``) carries its
 settings, the edit space, and what it was trained with: the data and recommender
@@ -61,13 +66,21 @@ from promptenv.policy_info import (
     POLICY_FILE,
     PolicyInfo,
     PolicySettings,
+    StartConfig,
     TrainedWith,
     TrainingSummary,
     ValidationPoint,
     policy_dir,
     policy_info_path,
 )
-from promptenv.prompts import INITIAL_CONFIG, Prompt, PromptConfig, assemble
+from promptenv.prompts import (
+    CONFIG_METHODS,
+    INITIAL_CONFIG,
+    Prompt,
+    PromptConfig,
+    assemble,
+    fixed_config,
+)
 from recsys.type_aliases import Progress
 
 if TYPE_CHECKING:
@@ -117,15 +130,20 @@ class Policy:
         return self.info.settings.max_edits
 
     @property
-    def falls_back_to_initial(self) -> bool:
-        """True when no trained checkpoint beat the initial prompt on validation: no edits."""
-        return self.info.training.falls_back_to_initial
+    def start(self) -> PromptConfig:
+        """The config its edits start from (the best fixed config on validation)."""
+        return self.info.start.config
+
+    @property
+    def falls_back_to_start(self) -> bool:
+        """True when no trained checkpoint beat the start config on validation: no edits."""
+        return self.info.training.falls_back_to_start
 
     def edit(self, case: EditCase) -> tuple[PromptConfig, list[str]]:
-        """The policy's edits of the initial config for one case (no LLM call); the same
+        """The policy's edits of the start config for one case (no LLM call); the same
         observations and masks as the environment it was trained in."""
-        config, trace = INITIAL_CONFIG, list[str]()
-        if self.falls_back_to_initial:
+        config, trace = self.start, list[str]()
+        if self.falls_back_to_start:
             return config, trace
         last: int | None = None
         for edits in range(self.max_edits + 1):
@@ -148,23 +166,28 @@ class Policy:
         out = []
         for case, (config, trace) in zip(cases, self.edit_many(cases), strict=True):
             p = assemble(case.context, case.signals, config, method)
-            provenance = {**p.provenance, "policy": self.version, "edits": trace}
+            provenance = {
+                **p.provenance,
+                "policy": self.version,
+                "start": self.info.start.method,
+                "edits": trace,
+            }
             out.append(Prompt(p.method, p.system, p.user, p.tokens, p.config, provenance))
         return out
 
 
 def training_summary(policy: Policy) -> str:
     """One line on what training did and what was kept, for logs and the command line."""
-    training = policy.info.training
+    training, start = policy.info.training, policy.info.start.method
     kept = (
-        "no checkpoint beat the initial prompt on validation, so it keeps the initial prompt"
-        if policy.falls_back_to_initial
+        f"no checkpoint beat the start prompt ({start}) on validation, so it keeps that prompt"
+        if policy.falls_back_to_start
         else f"kept the weights of step {training.kept_timesteps:.0f}"
     )
     return (
-        f"policy {policy.version}: {training.episodes} episodes, {training.llm_calls} LLM "
-        f"calls, cache hit rate {training.cache_hit_rate:.0%}; {kept} (validation reward "
-        f"over initial {training.kept_validation_reward:+.4f}; last "
+        f"policy {policy.version}: {training.episodes} episodes from the {start} prompt, "
+        f"{training.llm_calls} LLM calls, cache hit rate {training.cache_hit_rate:.0%}; {kept} "
+        f"(validation reward over {start} {training.kept_validation_reward:+.4f}; last "
         f"{training.final_validation_reward:+.4f}); {training.seconds:.0f} s"
     )
 
@@ -182,10 +205,13 @@ def _weights(model: Any, folder: Path) -> bytes:
 
 
 def _version(weights: bytes, info: PolicyInfo) -> str:
-    """The sha256 prefix of the weights, and of the fall-back flag (same weights, other behaviour)."""
+    """The sha256 prefix of the weights, the start config and the fall-back flag (the same
+    weights from another start, or falling back, behave otherwise)."""
     digest = hashlib.sha256(weights)
-    if info.training.falls_back_to_initial:
-        digest.update(b"falls back to the initial prompt")
+    if info.start.config != INITIAL_CONFIG:
+        digest.update(json.dumps(info.start.config.as_dict(), sort_keys=True).encode())
+    if info.training.falls_back_to_start:
+        digest.update(b"falls back to the start prompt")
     return digest.hexdigest()[:12]
 
 
@@ -294,6 +320,29 @@ def prepare_episodes(
     return Episodes(train_cases, val_cases, reward, calibration)
 
 
+def choose_start(episodes: Episodes, say: Progress) -> StartConfig:
+    """The fixed config (`CONFIG_METHODS`) with the best mean reward on the VALIDATION
+    encounters (ties: the earlier in `CONFIG_METHODS`). It costs at most two LLM calls per
+    validation encounter (the initial prompts' answers are in memory already)."""
+    reward, cases = episodes.reward, episodes.validation
+    configs = {m: fixed_config(m) for m in CONFIG_METHODS}
+    answered = reward.answer_many(
+        [(c, cfg) for cfg in configs.values() for c in cases],
+        progress=progress_lines(say, "answers of the fixed prompts on validation"),
+    )
+    means = {
+        m: float(np.mean([a.score.reward for a in answered[i * len(cases) : (i + 1) * len(cases)]]))
+        for i, m in enumerate(configs)
+    }
+    best = max(means, key=lambda m: (means[m], -CONFIG_METHODS.index(m)))
+    say(
+        "mean validation reward of the fixed prompts: "
+        + ", ".join(f"{m} {v:+.4f}" for m, v in means.items())
+        + f"; episodes start from {best}"
+    )
+    return StartConfig(best, configs[best], means)
+
+
 def make_model(env: PromptEditEnv, settings: PolicySettings) -> Any:
     """MaskablePPO with ``settings``, logging nowhere."""
     from sb3_contrib import MaskablePPO
@@ -355,7 +404,7 @@ def keep_checkpoint(
     model: Any, log: TrainingLog, settings: PolicySettings, say: Progress
 ) -> tuple[ValidationPoint, bool]:
     """Load the best validation checkpoint (``keep_best``) into ``model``; returns the kept point
-    and whether the policy falls back to the initial prompt (no checkpoint beat it)."""
+    and whether the policy falls back to its start config (no checkpoint beat it)."""
     last = log.validation[-1]
     if settings.keep_best and log.best_weights is not None and log.best is not None:
         # the policy kept is the one that did best on validation patients (early stopping)
@@ -368,8 +417,8 @@ def keep_checkpoint(
     falls_back = settings.keep_best and kept.validation_reward <= 0
     if falls_back:
         say(
-            f"no checkpoint beat the initial prompt on validation (best "
-            f"{kept.validation_reward:+.4f}): the policy keeps the initial prompt (no edit)"
+            f"no checkpoint beat the start prompt on validation (best "
+            f"{kept.validation_reward:+.4f}): the policy keeps the start prompt (no edit)"
         )
     return kept, falls_back
 
@@ -396,7 +445,7 @@ def summarize(
         final_validation_reward=log.validation[-1].validation_reward,
         kept_timesteps=kept.timesteps,
         kept_validation_reward=kept.validation_reward,
-        falls_back_to_initial=falls_back,
+        falls_back_to_start=falls_back,
         llm_calls_to_kept_validation_reward=kept.llm_calls,
         llm_calls_to_final_validation_reward=calls_to_final(log.validation),
         seconds=round(seconds, 1),
@@ -424,9 +473,16 @@ def train_policy(
     say = progress or (lambda _m: None)
     started = time.perf_counter()
     episodes = prepare_episodes(client, tables, signals_for, settings, say, calibration)
-    env = PromptEditEnv(episodes.train, episodes.reward, max_edits=settings.max_edits)
+    start = choose_start(episodes, say)
+    env = PromptEditEnv(
+        episodes.train, episodes.reward, max_edits=settings.max_edits, initial=start.config
+    )
     eval_env = PromptEditEnv(
-        episodes.validation, episodes.reward, max_edits=settings.max_edits, sequential=True
+        episodes.validation,
+        episodes.reward,
+        max_edits=settings.max_edits,
+        initial=start.config,
+        sequential=True,
     )
     model = make_model(env, settings)
     log = learn(model, episodes, eval_env, settings, say, show_bar)
@@ -442,6 +498,7 @@ def train_policy(
             versions=dict(versions or {}),
         ),
         training=summarize(log, episodes.reward, kept, falls_back, time.perf_counter() - started),
+        start=start,
     )
     policy = save_policy(model, info, folder)
     say(f"policy {policy.version} saved to {folder}")
@@ -452,7 +509,13 @@ def _final_validation(
     model: Any, env: PromptEditEnv, reward: AnswerReward, timesteps: int, say: Progress
 ) -> ValidationPoint:
     """Score the final policy on the validation encounters (when the last eval was earlier)."""
-    policy = Policy(model, PolicyInfo(settings=PolicySettings(max_edits=env.max_edits)))
+    policy = Policy(
+        model,
+        PolicyInfo(
+            settings=PolicySettings(max_edits=env.max_edits),
+            start=StartConfig(config=env.initial),
+        ),
+    )
     total = 0.0
     for case, (config, _) in zip(env.cases, policy.edit_many(env.cases), strict=True):
         total += reward(case, config) - reward(case, env.initial)
@@ -472,11 +535,13 @@ __all__ = [
     "Policy",
     "PolicyInfo",
     "PolicySettings",
+    "StartConfig",
     "TrainedPolicy",
     "TrainedWith",
     "TrainingSummary",
     "ValidationPoint",
     "calls_to_final",
+    "choose_start",
     "load_policy",
     "pick_training_encounters",
     "policy_dir",

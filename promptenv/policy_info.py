@@ -4,7 +4,7 @@
 was trained on, what it was trained with (`TrainedWith`: data and recommender
 versions, the LLM, the matching threshold) and what training cost
 (`TrainingSummary`: episodes, LLM calls, the validation curve, the kept
-checkpoint). Each record turns into the JSON of ``policy.json`` with
+checkpoint) and where its episodes start (`StartConfig`). Each record turns into the JSON of ``policy.json`` with
 ``to_json`` and back with ``from_json``; keys a record does not know are
 ignored and missing ones take their defaults, so older files still load.
 """
@@ -166,8 +166,9 @@ class TrainingSummary:
     final_validation_reward: float = 0.0
     kept_timesteps: float = 0.0
     kept_validation_reward: float = 0.0
-    #: no checkpoint beat the episodes' starting prompt on validation: the policy makes no edit
-    falls_back_to_initial: bool = False
+    #: no checkpoint beat the start config (`StartConfig`) on validation: the policy makes no
+    #: edit ("falls_back_to_initial" in files written before the start was chosen)
+    falls_back_to_start: bool = False
     llm_calls_to_kept_validation_reward: float = 0.0
     llm_calls_to_final_validation_reward: float = 0.0
     seconds: float = 0.0
@@ -180,8 +181,37 @@ class TrainingSummary:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TrainingSummary:
         known = _known(cls, data)
+        if "falls_back_to_initial" in data and "falls_back_to_start" not in data:
+            known["falls_back_to_start"] = bool(data["falls_back_to_initial"])
         curve: Sequence[Mapping[str, Any]] = known.pop("validation_curve", ())
         return cls(**known, validation_curve=tuple(ValidationPoint.from_json(p) for p in curve))
+
+
+@dataclass(frozen=True)
+class StartConfig:
+    """The config every episode starts from, and a policy that beat nothing falls back to: the
+    fixed method (`promptenv.prompts.CONFIG_METHODS`) with the best mean reward on the
+    validation encounters (``validation_rewards``). Files written before it was chosen
+    started from the initial config."""
+
+    method: str = "pmlm_initial"
+    config: PromptConfig = INITIAL_CONFIG
+    validation_rewards: Mapping[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "config": self.config.as_dict(),
+            "validation_rewards": dict(self.validation_rewards),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> StartConfig:
+        return cls(
+            method=str(data.get("method", "pmlm_initial")),
+            config=PromptConfig.from_dict(data.get("config", {})),
+            validation_rewards={k: float(v) for k, v in data.get("validation_rewards", {}).items()},
+        )
 
 
 @dataclass(frozen=True)
@@ -191,7 +221,8 @@ class PolicyInfo:
     settings: PolicySettings = field(default_factory=PolicySettings)
     trained_with: TrainedWith = field(default_factory=TrainedWith)
     training: TrainingSummary = field(default_factory=TrainingSummary)
-    #: sha256 prefix of the saved weights (and of the fall-back flag); "" before saving
+    start: StartConfig = field(default_factory=StartConfig)
+    #: sha256 prefix of the saved weights, the start config and the fall-back flag; "" before saving
     version: str = ""
     edit_space_version: int = EDIT_SPACE_VERSION
     edits: tuple[str, ...] = tuple(e.label for e in EDITS)
@@ -216,6 +247,7 @@ class PolicyInfo:
             "initial_config": self.initial_config.as_dict(),
             "trained_with": self.trained_with.to_json(),
             "training": self.training.to_json(),
+            "start": self.start.to_json(),
             "version": self.version,
         }
 
@@ -225,6 +257,7 @@ class PolicyInfo:
             settings=PolicySettings.from_json(data.get("settings", {})),
             trained_with=TrainedWith.from_json(data.get("trained_with", {})),
             training=TrainingSummary.from_json(data.get("training", {})),
+            start=StartConfig.from_json(data.get("start", {})),
             version=str(data.get("version", "")),
             edit_space_version=int(data.get("edit_space_version", -1)),
             edits=tuple(data.get("edits", ())),
@@ -238,6 +271,7 @@ __all__ = [
     "POLICY_FILE",
     "PolicyInfo",
     "PolicySettings",
+    "StartConfig",
     "TrainedWith",
     "TrainingSummary",
     "ValidationPoint",

@@ -113,6 +113,19 @@ class PromptConfig:
 
 INITIAL_CONFIG = PromptConfig()
 
+#: The fixed methods that are a `PromptConfig` (a policy's episodes may start from any of them).
+CONFIG_METHODS = ("pmlm_initial", "self", "peer")
+
+
+def fixed_config(method: str, base: PromptConfig = INITIAL_CONFIG) -> PromptConfig:
+    """The config of a fixed method of `CONFIG_METHODS`: ``base`` itself for ``pmlm_initial``,
+    its one list fragment for ``self`` and ``peer`` (with ``base``'s k and budget)."""
+    if method == "pmlm_initial":
+        return base
+    if method in ("self", "peer"):
+        return replace(base, fragments=(method,))
+    raise ValueError(f"{method!r} is not a config method; known: {', '.join(CONFIG_METHODS)}")
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -286,10 +299,6 @@ def method_prompt(
         return retrieval(ctx, budget)
     if method == "oracle":
         return oracle(reference_items, budget)
-    if method == "self":
-        return assemble(ctx, signals, replace(config, fragments=("self",)), "self")
-    if method == "peer":
-        return assemble(ctx, signals, replace(config, fragments=("peer",)), "peer")
-    if method == "pmlm_initial":
-        return assemble(ctx, signals, config, "pmlm_initial")
+    if method in CONFIG_METHODS:
+        return assemble(ctx, signals, fixed_config(method, config), method)
     raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")

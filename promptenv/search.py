@@ -6,7 +6,8 @@ case: the final config, the edit trace, and the LLM calls it spent to choose.
 
 - `PolicyEdits` ("pmlm"): the trained policy; no LLM call.
 - `RandomEdits` ("random_edits"): the same number of uniformly drawn valid
-  edits as the policy made for that case (or a fixed number); no LLM call.
+  edits as the policy made for that case, from the policy's start config (or a
+  fixed number from the initial config); no LLM call.
 - `PerPatientSearch` ("search_N"): black-box random search with N LLM calls per
   patient: the initial config and N − 1 random edit sequences (1 to
   ``max_edits`` edits, seeded per encounter) are each answered and scored
@@ -53,7 +54,8 @@ class PolicyEdits:
 
 @dataclass(frozen=True)
 class RandomEdits:
-    """Random valid edits: as many as ``like`` (a policy) made for the case, else ``n_edits``."""
+    """Random valid edits: as many as ``like`` (a policy) made for the case, from the same start
+    config, else ``n_edits`` from the initial config."""
 
     n_edits: int = 3
     like: Policy | None = None
@@ -65,10 +67,11 @@ class RandomEdits:
             if self.like is not None
             else [self.n_edits] * len(cases)
         )
+        start = self.like.start if self.like is not None else INITIAL_CONFIG
         out = []
         for case, n in zip(cases, counts, strict=True):
             rng = np.random.default_rng(case_seed(case.encounter_id, self.seed))
-            cfg, trace = random_edits(INITIAL_CONFIG, n, rng)
+            cfg, trace = random_edits(start, n, rng)
             out.append(EditChoice(cfg, tuple(trace), 0))
         return out
 

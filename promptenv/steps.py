@@ -32,6 +32,7 @@ from pipelines.export import ExportResult
 from pipelines.ingest import load_tables
 from pipelines.schemas import PATIENT_TABLES
 from pipelines.workspace import MissingTableError, Workspace, atomic_write_bytes
+from promptenv.encounters import CALIBRATION_ENCOUNTERS
 from promptenv.evaluate import EvalSettings, Evaluation
 from promptenv.fragments import PatientSignals
 from promptenv.llm import LLMClient
@@ -142,28 +143,37 @@ def train_workspace_policy(
     show_bar: bool = True,
 ) -> TrainedPolicy:
     """Train the workspace's policy (`promptenv.policy.train_policy`) on its tables and signals,
-    answers from ``backend`` through the workspace's cached LLM client; saved in ``models/policy``."""
+    answers from ``backend`` through the workspace's cached LLM client, scored with the
+    workspace's calibration for that LLM (`promptenv.calibration.workspace_calibration`);
+    saved in ``models/policy``."""
+    from promptenv.calibration import workspace_calibration
     from promptenv.policy import train_policy
 
+    client, tables = LLMClient(backend, workspace=ws), load_tables(ws)
+    calibration = workspace_calibration(
+        ws, client, tables, settings.n_calibration, params=settings.params, progress=progress
+    )
     return train_policy(
-        LLMClient(backend, workspace=ws),
-        load_tables(ws),
+        client,
+        tables,
         WorkspaceSignals(ws),
         policy_dir(ws),
         settings,
         versions={**workspace_versions(ws), **(extra_versions or {})},
         progress=progress,
         show_bar=show_bar,
+        calibration=calibration,
     )
 
 
-def quick_policy_settings(timesteps: int, n_calibration: int, n_train: int = 8) -> PolicySettings:
+def quick_policy_settings(
+    timesteps: int, n_calibration: int = CALIBRATION_ENCOUNTERS, n_train: int = 8
+) -> PolicySettings:
     """The main job's short training run: a few hundred edits on ``n_train`` training and
     ``n_train // 2`` validation encounters, at most ``4 * n_train`` LLM calls (the
     initial prompts' answers included), so that the main job stays within minutes.
-    `pmlm policy train` trains longer (see BENCHMARKS.md); the calibration uses
-    the same validation encounters as the main job's evaluation, so their answers
-    are asked once.
+    `pmlm policy train` trains longer (see BENCHMARKS.md); the matching threshold
+    is the workspace's calibration, which the main job's evaluation reuses.
     """
     if n_train < 2:
         raise InputError(f"the policy needs at least 2 training encounters, got {n_train}")
@@ -247,20 +257,25 @@ def evaluate_workspace(
 ) -> tuple[Evaluation, EvaluationFiles]:
     """The methods ``names`` (fixed prompts, pmlm, random_edits, search_N) on the same
     test encounters with ``client``; writes reports/ and returns the result and its files.
-    ``policy``: the workspace's, for pmlm and random_edits (`policy_if_needed`).
+    ``policy``: the workspace's, for pmlm and random_edits (`policy_if_needed`). Answers are
+    scored with the workspace's calibration for ``client``'s LLM (the one training used).
     """
+    from promptenv.calibration import evaluation_calibration
     from promptenv.evaluate import evaluate_methods
     from promptenv.search import edit_methods, is_edit_method
 
+    tables = load_tables(ws)
+    calibration = evaluation_calibration(client, tables, settings, ws, progress)
     result = evaluate_methods(
         client,
-        load_tables(ws),
+        tables,
         WorkspaceSignals(ws),
         [m for m in names if not is_edit_method(m)],
         settings,
         progress=progress,
         edit_methods=edit_methods([m for m in names if is_edit_method(m)], policy),
         judge=judge,
+        calibration=calibration,
     )
     return result, write_evaluation(ws, result, client)
 

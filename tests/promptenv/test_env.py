@@ -173,3 +173,26 @@ def test_the_edit_that_undoes_the_previous_one_is_masked(cases: list[EditCase]) 
     _, trace = random_edits(INITIAL_CONFIG, 6, np.random.default_rng(5))
     for a, b in itertools.pairwise(trace):
         assert EDITS[inverse(action(a)) or 0].label != b
+
+
+def test_every_fixed_config_reaches_every_other_within_the_edit_limit() -> None:
+    """A policy may start from any fixed method's config: the edit space must reach each of
+    the others within the default 6 edits."""
+    from collections import deque
+
+    from promptenv.prompts import CONFIG_METHODS, fixed_config
+
+    configs = {m: fixed_config(m) for m in CONFIG_METHODS}
+    for start in configs.values():
+        depth = {start: 0}
+        queue = deque([start])
+        while queue:
+            cfg = queue.popleft()
+            if depth[cfg] == 6:
+                continue
+            for a in np.flatnonzero(edit_mask(cfg)):
+                nxt = apply_edit(cfg, int(a))
+                if nxt not in depth:
+                    depth[nxt] = depth[cfg] + 1
+                    queue.append(nxt)
+        assert all(target in depth for target in configs.values())

@@ -193,7 +193,8 @@ def test_training_stops_at_the_llm_budget(
     )
     training = result.policy.info.training
     assert training.stopped_by_budget
-    assert 30 <= training.llm_calls <= 32
+    # the step that reaches it asks at most 2 answers, the final validation one per encounter
+    assert 30 <= training.llm_calls <= 32 + settings.n_validation
     assert training.timesteps < 2000
 
 
@@ -227,7 +228,7 @@ def test_training_keeps_the_policy_that_did_best_on_validation(
     assert training.final_validation_reward == curve[-1].validation_reward
 
 
-def test_a_policy_that_beat_no_checkpoint_keeps_the_initial_prompt(
+def test_a_policy_that_beat_no_checkpoint_keeps_its_start_prompt(
     trained: tuple[TrainedPolicy, LLMClient, EchoBackend],
     default_tables: dict[str, pd.DataFrame],
     tmp_path: Path,
@@ -252,7 +253,7 @@ def test_a_policy_that_beat_no_checkpoint_keeps_the_initial_prompt(
     assert all(len(trace) == 3 for _, trace in eager.edit_many(cases))
     lazy = Policy(
         FirstEdit(),
-        PolicyInfo(settings=settings, training=TrainingSummary(falls_back_to_initial=True)),
+        PolicyInfo(settings=settings, training=TrainingSummary(falls_back_to_start=True)),
     )
     assert lazy.edit_many(cases) == [(INITIAL_CONFIG, [])] * len(cases)
 
@@ -260,17 +261,71 @@ def test_a_policy_that_beat_no_checkpoint_keeps_the_initial_prompt(
     info = dataclasses.replace(
         result.policy.info,
         training=dataclasses.replace(
-            result.policy.info.training, kept_validation_reward=-0.1, falls_back_to_initial=True
+            result.policy.info.training, kept_validation_reward=-0.1, falls_back_to_start=True
         ),
     )
     fallback = save_policy(result.policy.model, info, tmp_path / "fallback")
     reloaded = load_policy(tmp_path / "fallback")
-    assert reloaded.falls_back_to_initial and reloaded.version == fallback.version
-    assert reloaded.edit_many(cases) == [(INITIAL_CONFIG, [])] * len(cases)
+    assert reloaded.falls_back_to_start and reloaded.version == fallback.version
+    assert reloaded.edit_many(cases) == [(fallback.start, [])] * len(cases)
     assert fallback.version != result.policy.version  # same weights, other behaviour
-    assert "keeps the initial prompt" in training_summary(fallback)
-    assert not result.policy.falls_back_to_initial  # trained with keep_best=False
+    assert "so it keeps that prompt" in training_summary(fallback)
+    assert not result.policy.falls_back_to_start  # trained with keep_best=False
     assert "kept the weights of step" in training_summary(result.policy)
+
+
+#: A few PPO steps on 8 + 4 encounters: enough to decide the fall-back rule.
+TINY = PolicySettings(
+    n_train=8,
+    n_validation=4,
+    timesteps=64,
+    n_steps=32,
+    batch_size=32,
+    n_epochs=1,
+    eval_freq=32,
+    n_calibration=4,
+)
+
+
+class AnswersOnly(EchoBackend):
+    """Echoes the prompts in ``good`` and the calibration's oracle prompts; answers every other
+    prompt with a word that matches no plan."""
+
+    def __init__(self, good: set[str]) -> None:
+        super().__init__()
+        self.good = good
+
+    def complete(self, messages, params):  # type: ignore[no-untyped-def]
+        reply = super().complete(messages, params)
+        system = messages[0].content
+        if system not in self.good and not system.startswith("At the next visit"):
+            return type(reply)(**{**reply.__dict__, "text": "Rest."})
+        return reply
+
+
+def tiny_cases(tables: dict[str, pd.DataFrame]) -> list[EditCase]:
+    """The training and validation encounters `TINY` trains on, as edit cases."""
+    from promptenv.policy import pick_episodes
+
+    episodes = pd.concat(pick_episodes(tables["index_encounters"], TINY))
+    return build_cases(tables, episodes, history_signals(tables))  # type: ignore[arg-type]
+
+
+def train_tiny(
+    tables: dict[str, pd.DataFrame], good: PromptConfig, tmp_path: Path
+) -> TrainedPolicy:
+    """`TINY` training with a backend that answers only ``good``'s prompts well."""
+    from promptenv.prompts import assemble
+
+    systems = {assemble(c.context, c.signals, good).system for c in tiny_cases(tables)}
+    return train_policy(
+        LLMClient(AnswersOnly(systems), workspace=tmp_path / "ws"),
+        tables,
+        history_signals(tables),  # type: ignore[arg-type]
+        tmp_path / "p",
+        TINY,
+        show_bar=False,
+    )
 
 
 def test_the_initial_prompt_competes_with_the_checkpoints(
@@ -279,51 +334,10 @@ def test_the_initial_prompt_competes_with_the_checkpoints(
     """Training decides the fall-back from the validation curve: it falls back exactly when
     the best validation reward is not above 0 (here forced by a backend that answers the
     initial prompts well and every edited one badly)."""
-
-    class InitialOnly(EchoBackend):
-        def complete(self, messages, params):  # type: ignore[no-untyped-def]
-            reply = super().complete(messages, params)
-            system = messages[0].content
-            # the threshold's calibration asks oracle prompts: answer those well too
-            if system not in initial_systems and not system.startswith("At the next visit"):
-                return type(reply)(**{**reply.__dict__, "text": "Rest."})
-            return reply
-
-    from promptenv.prompts import assemble
-
-    settings = PolicySettings(
-        n_train=8,
-        n_validation=4,
-        timesteps=64,
-        n_steps=32,
-        batch_size=32,
-        n_epochs=1,
-        eval_freq=32,
-        n_calibration=4,
-    )
-    idx = default_tables["index_encounters"]
-    signals = history_signals(default_tables)
-    episodes = pd.concat(
-        pick_training_encounters(
-            idx, split, n, settings.obstetric_share, settings.max_per_patient, settings.seed
-        )
-        for split, n in (("train", settings.n_train), ("validation", settings.n_validation))
-    )
-    initial_systems = {
-        assemble(c.context, c.signals, INITIAL_CONFIG).system
-        for c in build_cases(default_tables, episodes, signals)  # type: ignore[arg-type]
-    }
-    result = train_policy(
-        LLMClient(InitialOnly(), workspace=tmp_path / "ws"),
-        default_tables,
-        signals,  # type: ignore[arg-type]
-        tmp_path / "p",
-        settings,
-        show_bar=False,
-    )
+    result = train_tiny(default_tables, INITIAL_CONFIG, tmp_path)
     training = result.policy.info.training
     assert training.kept_validation_reward <= 0
-    assert training.falls_back_to_initial and result.policy.falls_back_to_initial
+    assert training.falls_back_to_start and result.policy.falls_back_to_start
 
 
 def test_calls_to_final_reward() -> None:
@@ -486,12 +500,45 @@ def test_policy_json_keeps_its_keys_and_reads_back_into_the_same_info(
         "final_validation_reward",
         "kept_timesteps",
         "kept_validation_reward",
-        "falls_back_to_initial",
+        "falls_back_to_start",
         "llm_calls_to_kept_validation_reward",
         "llm_calls_to_final_validation_reward",
         "seconds",
     }
     assert set(saved["trained_with"]) >= {"llm", "threshold", "calibration", "data_hash"}
+    assert set(saved["start"]) == {"method", "config", "validation_rewards"}
     info = PolicyInfo.from_json(saved)
     assert info == load_policy(result.path).info == result.policy.info
     assert json.loads(json.dumps(info.to_json(), default=str)) == saved
+    # a file from before the start was chosen: episodes started from the initial config
+    old = {k: v for k, v in saved.items() if k != "start"}
+    old["training"] = {
+        **{k: v for k, v in saved["training"].items() if k != "falls_back_to_start"},
+        "falls_back_to_initial": True,
+    }
+    legacy = PolicyInfo.from_json(old)
+    assert legacy.start.config == INITIAL_CONFIG and legacy.training.falls_back_to_start
+
+
+def test_a_policy_that_beats_no_fixed_prompt_falls_back_to_the_best_one(
+    default_tables: dict[str, pd.DataFrame], tmp_path: Path
+) -> None:
+    """Episodes start from the fixed config that does best on validation (here peer-only, the
+    only prompts this backend answers well), and a policy that beats it on validation keeps
+    it, not the hand-written initial config."""
+    from promptenv.prompts import CONFIG_METHODS, fixed_config
+
+    peer = fixed_config("peer")
+    result = train_tiny(default_tables, peer, tmp_path)
+    start = result.policy.info.start
+    assert set(start.validation_rewards) == set(CONFIG_METHODS)
+    assert start.method == "peer" and start.config == peer
+    assert start.validation_rewards["peer"] > start.validation_rewards["pmlm_initial"]
+    assert result.policy.info.training.kept_validation_reward <= 0
+    assert result.policy.falls_back_to_start
+    reloaded = load_policy(tmp_path / "p")
+    cases = tiny_cases(default_tables)
+    assert reloaded.edit_many(cases) == [(peer, [])] * len(cases)
+    prompts = reloaded.prompts(cases[:2])
+    assert [p.provenance["start"] for p in prompts] == ["peer", "peer"]
+    assert "keeps that prompt" in training_summary(reloaded)
