@@ -30,6 +30,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.errors import MissingStepError
 from pipelines.schemas import SCHEMA_VERSION, TABLES
 
 DEFAULT_WORKSPACE = Path("pmlm-workspace")
@@ -40,7 +41,7 @@ def default_workspace() -> Path:
     return Path(os.environ.get("PMLM_WORKSPACE", DEFAULT_WORKSPACE))
 
 
-class MissingTableError(FileNotFoundError):
+class MissingTableError(MissingStepError):
     """A step asked for a table that no earlier step has written."""
 
 
