@@ -21,14 +21,7 @@ from typing import Any
 import typer
 
 from pipelines.errors import ConfigError, InputError, MissingStepError, PMLMError, StaleStateError
-from promptenv.llm.errors import (
-    BudgetExceeded,
-    LLMError,
-    PermanentBackendError,
-    PrivacyViolation,
-    RetriesExhausted,
-    TransientBackendError,
-)
+from promptenv.llm import errors as llm
 
 #: Exit code → what it means (README, "Errors and exit codes").
 EXIT_CODES = {
@@ -36,21 +29,21 @@ EXIT_CODES = {
     MissingStepError.exit_code: "a step has not run yet: the message names the command",
     ConfigError.exit_code: "a bad setting (backend, key, URL, config file)",
     StaleStateError.exit_code: "the workspace changed under the run: run it again",
-    LLMError.exit_code: "the LLM failed (retries exhausted)",
-    BudgetExceeded.exit_code: "the LLM budget is spent",
-    PermanentBackendError.exit_code: "the LLM backend refused the request",
-    PrivacyViolation.exit_code: "the privacy guard refused a prompt",
+    llm.LLMError.exit_code: "the LLM failed (retries exhausted)",
+    llm.BudgetExceeded.exit_code: "the LLM budget is spent",
+    llm.PermanentBackendError.exit_code: "the LLM backend refused the request",
+    llm.PrivacyViolation.exit_code: "the privacy guard refused a prompt",
 }
 #: What to do from the command line, beyond what the package's message says.
 CLI_HINTS: dict[type[PMLMError], str] = {
-    BudgetExceeded: "raise --max-calls (or max-calls in pmlm.toml) and run the command again: "
+    llm.BudgetExceeded: "raise --max-calls (or max-calls in pmlm.toml) and run the command again: "
     "the answers already received come from the cache",
-    PermanentBackendError: "check --backend (or backend in pmlm.toml / PMLM_BACKEND), "
+    llm.PermanentBackendError: "check --backend (or backend in pmlm.toml / PMLM_BACKEND), "
     "the model name and the API key",
-    PrivacyViolation: "use a local backend, or remove the identifiers from the source",
-    RetriesExhausted: "run the command again later: the answers already received come from "
+    llm.PrivacyViolation: "use a local backend, or remove the identifiers from the source",
+    llm.RetriesExhausted: "run the command again later: the answers already received come from "
     "the cache",
-    TransientBackendError: "run the command again later: the answers already received come "
+    llm.TransientBackendError: "run the command again later: the answers already received come "
     "from the cache",
 }
 
