@@ -21,7 +21,10 @@ from flows.cli_policy import policy_app
 from flows.cli_prompts import evaluate_cmd, prompts_app
 from flows.cli_recsys import recsys_app
 from flows.cli_serve import serve_cmd
+from flows.config import config_app
+from flows.errors import Debug, run_app
 from flows.options import WorkspaceOpt
+from flows.progress import LOG_LEVELS, configure_output
 from pipelines.workspace import Workspace
 
 app = typer.Typer(
@@ -46,8 +49,36 @@ app.add_typer(policy_app, name="policy")
 app.command("evaluate")(evaluate_cmd)
 app.command("export")(export_cmd)
 app.command("serve")(serve_cmd)
+app.add_typer(config_app, name="config")
 
 console = Console()
+
+
+@app.callback()
+def output_options(
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bars (none off a terminal either).")
+    ] = False,
+    log_level: Annotated[
+        str | None,
+        typer.Option(
+            help=f"Level of PMLM's and Prefect's log lines: {', '.join(LOG_LEVELS)} "
+            "(default: Prefect's own, INFO).",
+            show_default=False,
+        ),
+    ] = None,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the traceback of an error, not one line.")
+    ] = False,
+) -> None:
+    """Options of every command; the others may also come from PMLM_* variables or pmlm.toml
+    (`pmlm config show`)."""
+    try:
+        configure_output(quiet, log_level)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--log-level") from exc
+    Debug.enabled = debug
+
 
 SplitSeedOpt = Annotated[
     int, typer.Option(help="Seed of the per-patient train/validation/test split.")
@@ -296,5 +327,5 @@ def run_cmd(
 
 
 def main() -> None:
-    """Entry point of the ``pmlm`` console script."""
-    app()
+    """Entry point of the ``pmlm`` console script: errors end in one line and their exit code."""
+    run_app(app)

@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     llm_parallel: int = 2
     cron: str = "0 2 * * *"
     timezone: str = "UTC"
-    log_level: str = "INFO"
+    log_level: str | None = None
     quiet: bool = False
 
 
@@ -188,6 +188,7 @@ config_app = typer.Typer(help="The config file (pmlm.toml or [tool.pmlm]).", no_
 
 @config_app.command("show")
 def config_show_cmd(
+    ctx: typer.Context,
     backend: Annotated[str | None, typer.Option(help="As for any command.")] = None,
     workspace: Annotated[Path | None, typer.Option("--workspace", "-w")] = None,
     source: Annotated[str | None, typer.Option()] = None,
@@ -203,7 +204,14 @@ def config_show_cmd(
 
     Flags given here show how they would override the rest.
     """
-    flags = {k: v for k, v in locals().items() if k in Settings.model_fields}
+    # only what this command line says: the file's and environment's values reach these
+    # options too, as defaults (`command_defaults`), and must keep their own origin
+    flags = {
+        k: v
+        for k, v in locals().items()
+        if k in Settings.model_fields
+        and getattr(ctx.get_parameter_source(k), "name", None) == "COMMANDLINE"
+    }
     try:
         loaded = load_settings(flags)
     except ConfigError as exc:

@@ -56,15 +56,19 @@ class Output:
 OUTPUT = Output()
 
 
-def configure_output(quiet: bool = False, log_level: str = "INFO") -> None:
+def configure_output(quiet: bool = False, log_level: str | None = None) -> None:
     """Set the bars and log level of this process (``pmlm --quiet --log-level``).
 
+    ``log_level`` None leaves the levels as they are (Prefect's own settings).
     Raises ValueError for a level not in `LOG_LEVELS`.
     """
+    OUTPUT.quiet = quiet
+    if log_level is None:
+        return
     level = log_level.upper()
     if level not in LOG_LEVELS:
         raise ValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {log_level!r}")
-    OUTPUT.quiet, OUTPUT.log_level = quiet, level
+    OUTPUT.log_level = level
     # the flows' run loggers read this when Prefect loads its settings (later in this process)
     os.environ["PREFECT_LOGGING_LEVEL"] = level
     for name in ("pmlm", "prefect", "flows", "pipelines", "recsys", "promptenv"):

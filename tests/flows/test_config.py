@@ -8,7 +8,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from flows.config import ENV_PREFIX, Settings, command_defaults, config_app, load_settings
+from flows.config import ENV_PREFIX, Settings, cli_defaults, command_defaults, load_settings
 from pipelines.errors import ConfigError
 
 FILE = """
@@ -32,10 +32,13 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def show(*args: str) -> dict[str, tuple[str, str]]:
-    """`pmlm config show` as {key: (value, from)}."""
-    app = typer.Typer()
-    app.add_typer(config_app, name="config")
-    result = CliRunner().invoke(app, ["config", "show", *args], env={"COLUMNS": "250"})
+    """`pmlm config show` as {key: (value, from)}, with the defaults `pmlm` gives every command."""
+    from flows.cli import app
+
+    defaults = cli_defaults(typer.main.get_command(app))
+    result = CliRunner().invoke(
+        app, ["config", "show", *args], env={"COLUMNS": "250"}, default_map=defaults
+    )
     assert result.exit_code == 0, result.output
     rows = {}
     for line in result.output.splitlines():

@@ -52,3 +52,16 @@ def test_the_log_level_reaches_prefect_and_the_packages() -> None:
     assert logging.getLogger("prefect").level == logging.WARNING
     with pytest.raises(ValueError, match="--log-level must be one of DEBUG, INFO"):
         configure_output(log_level="loud")
+
+
+def test_every_command_takes_quiet_and_log_level() -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    runner = CliRunner()
+    shown = runner.invoke(app, ["--quiet", "--log-level", "error", "config", "show"])
+    assert shown.exit_code == 0, shown.output
+    assert OUTPUT.quiet and OUTPUT.log_level == "ERROR"
+    bad = runner.invoke(app, ["--log-level", "loud", "config", "show"])
+    assert bad.exit_code == 2 and "--log-level must be one of" in bad.output
