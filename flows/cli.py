@@ -24,7 +24,7 @@ from flows.cli_serve import serve_cmd
 from flows.config import config_app
 from flows.errors import Debug, run_app
 from flows.options import WorkspaceOpt
-from flows.progress import LOG_LEVELS, configure_output
+from flows.progress import LOG_LEVELS, bar, configure_output
 from pipelines.workspace import Workspace
 
 app = typer.Typer(
@@ -147,7 +147,8 @@ def ingest_fhir_cmd(
 
     ws = Workspace.at(workspace)
     started = time.perf_counter()
-    summary = ingest_fhir(ws, folder, split_seed=split_seed, workers=workers)
+    with bar("ingest: bundles read") as tick:
+        summary = ingest_fhir(ws, folder, split_seed=split_seed, workers=workers, progress=tick)
     print_summary(summary, f"FHIR ingest of {folder} ({time.perf_counter() - started:.1f} s)")
     console.print(f"Tables written to {ws.tables_dir}")
 

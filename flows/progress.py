@@ -98,8 +98,9 @@ def bar(
         MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"),
         TimeElapsedColumn(),
-        TextColumn("left"),
+        TextColumn("elapsed,"),
         TimeRemainingColumn(),
+        TextColumn("left"),
         TextColumn("{task.fields[status]}"),
     )
     with Progress(*columns, console=OUTPUT.terminal(), transient=False) as progress:
