@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from flows.options import WorkspaceOpt
+from flows.progress import bar
 from pipelines.ingest import load_tables
 from pipelines.workspace import Workspace, atomic_write_bytes
 from promptenv.evaluate import EvalSettings, Evaluation
@@ -140,6 +141,9 @@ def evaluate_cmd(
     max_calls: Annotated[
         int | None, typer.Option(help="Hard budget on LLM calls for this run.")
     ] = None,
+    llm_parallel: Annotated[
+        int, typer.Option(min=1, help="LLM requests in flight at once.")
+    ] = EvalSettings.concurrency,
     judge: Annotated[
         str | None,
         typer.Option(
@@ -181,11 +185,27 @@ def evaluate_cmd(
         except (BackendConfigError, BackendSpecError) as exc:
             raise typer.BadParameter(str(exc), param_hint="--judge") from exc
     settings = EvalSettings(
-        n_obstetric=n_obstetric, n_adult=n_adult, n_calibration=n_calibration, seed=seed
+        n_obstetric=n_obstetric,
+        n_adult=n_adult,
+        n_calibration=n_calibration,
+        seed=seed,
+        concurrency=llm_parallel,
     )
-    result, report = evaluate_workspace(
-        ws, client, names, settings, progress=console.print, policy=policy, judge=grader
-    )
+
+    def hits() -> str:
+        return f"cache hits {client.cache_stats.hits}"
+
+    with bar("evaluation: LLM answers", status=hits) as tick:
+        result, report = evaluate_workspace(
+            ws,
+            client,
+            names,
+            settings,
+            progress=console.print,
+            policy=policy,
+            judge=grader,
+            tick=tick,
+        )
     console.print(markdown_table(result.table), markup=False)
     if grader is not None:
         console.print(f"Judge {grader.label}: {grader.stats.summary()}")
@@ -210,6 +230,7 @@ def evaluate_workspace(
     progress: Callable[[str], None],
     policy: Policy | None = None,
     judge: PlanJudge | None = None,
+    tick: Callable[[int, int], None] | None = None,
 ) -> tuple[Evaluation, Path]:
     """The methods ``names`` (fixed prompts, pmlm, random_edits, search_N) on the same
     test encounters with ``client``; writes reports/ and returns the result and the
@@ -228,6 +249,7 @@ def evaluate_workspace(
         progress=progress,
         edit_methods=edit_methods([m for m in names if is_edit_method(m)], policy),
         judge=judge,
+        tick=tick,
     )
     return result, write_evaluation(ws, result, client)
 
@@ -257,7 +279,9 @@ def write_evaluation(ws: Workspace, result: Evaluation, client: LLMClient) -> Pa
         markdown_table,
         paired_differences,
     )
+    from promptenv.policy import policy_dir
     from promptenv.report import write_report
+    from promptenv.report_html import write_html_report
 
     ws.reports_dir.mkdir(parents=True, exist_ok=True)
     result.results.to_parquet(ws.reports_dir / "evaluation_results.parquet", index=False)
@@ -293,4 +317,8 @@ def write_evaluation(ws: Workspace, result: Evaluation, client: LLMClient) -> Pa
     recsys = pd.read_csv(recsys_csv) if recsys_csv.exists() else None
     report = write_report(ws.reports_dir, result, recsys, (stats.hits, stats.misses))
     console.print(f"Report with plots: {report}")
+    info = policy_dir(ws) / "policy.json"
+    policy = json.loads(info.read_text()) if info.exists() else None
+    html = write_html_report(ws.reports_dir, result, recsys, policy, (stats.hits, stats.misses))
+    console.print(f"Report to open in a browser: {html}")
     return path

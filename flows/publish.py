@@ -21,6 +21,7 @@ from promptenv.artifacts import (
     manifest_rows,
     report_link,
     summary_key,
+    summary_markdown,
 )
 
 
@@ -31,6 +32,11 @@ def publish_summary(flow_name: str, markdown: str) -> None:
     create_markdown_artifact(
         markdown=markdown, key=summary_key(flow_name), description=f"Summary of {flow_name}"
     )
+
+
+def publish_flow_summary(flow_name: str, **content: Any) -> None:
+    """`publish_summary` of `summary_markdown(flow_name, **content)`."""
+    publish_summary(flow_name, summary_markdown(flow_name, **content))
 
 
 def publish_manifest(manifest: Path) -> None:
@@ -57,4 +63,4 @@ def publish_report_link(report: Path) -> None:
     )
 
 
-__all__ = ["publish_manifest", "publish_report_link", "publish_summary"]
+__all__ = ["publish_flow_summary", "publish_manifest", "publish_report_link", "publish_summary"]

@@ -34,6 +34,7 @@ from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from prefect.states import State
 from prefect.tasks import Task
 
+from flows.publish import publish_manifest, publish_report_link
 from pipelines.workspace import Workspace
 from promptenv.policy import PolicySettings
 from promptenv.refresh import (
@@ -312,6 +313,9 @@ def evaluate_with_llm(
     )
     stats = client.cache_stats
     _say(f"{client.label}: {stats.hits} answers from the cache, {stats.misses} asked → {report}")
+    from promptenv.report_html import HTML_FILE
+
+    publish_report_link(ws.reports_dir / HTML_FILE)
     return EvaluationOutcome(
         report=report,
         table=result.table.to_dict(orient="records"),
@@ -375,4 +379,5 @@ def export_prompts(
         },
     )
     _say(f"{result.rows} prompts exported → {target} (manifest {result.manifest_path.name})")
+    publish_manifest(result.manifest_path)
     return ExportOutcome(dict(result.files), result.manifest_path, result.rows)

@@ -100,9 +100,13 @@ def summary_markdown(
     methods: pd.DataFrame | None = None,
     llm: str | None = None,
     report: Path | None = None,
+    notes: Sequence[str] = (),
 ) -> str:
-    """A flow run's summary; sections without input are left out."""
+    """A flow run's summary; sections without input are left out. ``notes``: sentences on
+    what the run did (prompts written, the export, the policy's training)."""
     lines = [f"# {title}", ""]
+    for note in notes:
+        lines += [note, ""]
     if cohort is not None:
         lines += ["## Cohort", "", *_cohort_lines(cohort), ""]
     if recommender is not None or recommender_rows:

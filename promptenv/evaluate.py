@@ -15,6 +15,7 @@ results, with the share of told items the answers cover at that cut.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -268,6 +269,7 @@ def evaluate_methods(
     progress: Progress | None = None,
     edit_methods: Mapping[str, EditMethod] | None = None,
     judge: PlanJudge | None = None,
+    tick: Callable[[int, int], None] | None = None,
 ) -> Evaluation:
     """Run every method on the same chosen test encounters with the same LLM; score and aggregate.
 
@@ -279,6 +281,7 @@ def evaluate_methods(
     search); one more call answers it (free for search: its best answer is cached).
     ``judge`` (`promptenv.judge`) also grades every answer: a ``judge`` column in
     [0, 1], NaN when there is no judge or its reply broke the rubric.
+    ``tick(done, total)`` follows the answers (a progress bar).
     """
     settings = settings or EvalSettings()
     say = progress or (lambda _m: None)
@@ -334,10 +337,17 @@ def evaluate_methods(
                     )
                 )
     say(f"asking {client.label} for {len(prompts)} answers ({len(chosen)} encounters × methods)")
+    lines = progress_lines(say, "answers")
+
+    def answered(done: int, total: int) -> None:
+        lines(done, total)
+        if tick is not None:
+            tick(done, total)
+
     completions = client.generate_many(
         [GenerationRequest(p.system, p.user, settings.params) for _, p, _ in prompts],
         concurrency=settings.concurrency,
-        progress=progress_lines(say, "answers"),
+        progress=answered,
     )
     say("scoring")
     answers = [c.text for c in completions]
@@ -376,6 +386,12 @@ def evaluate_methods(
                 "cached": completion.cached,
                 "answer": completion.text,
                 "reference_items": len(refs[eid][0]),
+                # what the report's patient pages show (`promptenv.report_html`)
+                "system": prompt.system,
+                "question": prompt.user,
+                "provenance": json.dumps(prompt.provenance, default=str),
+                "plan_items": json.dumps(refs[eid][0]),
+                "covered": json.dumps(list(score.covered)),
             }
         )
     results = pd.DataFrame(rows)

@@ -77,7 +77,8 @@ def test_export_and_evaluate_publish_their_artifacts(
     assert "## Methods compared" in summary and "| pmlm_initial |" in summary
     assert "pmlm_initial: on " in summary  # the closing sentence
     html = ws / "reports" / "report.html"
-    assert published[REPORT_KEY].data == html.resolve().as_uri()
+    # a link artifact is stored as the Markdown link the UI shows
+    assert published[REPORT_KEY].data == f"[Evaluation report (report.html)]({html.as_uri()})"
     page = html.read_text()
     assert '<section class="patient"' in page and evaluated.llm in page
 

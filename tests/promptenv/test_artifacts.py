@@ -57,8 +57,9 @@ def test_the_summary_has_the_cohort_the_recommenders_and_the_methods(tmp_path: P
     assert "**als**" in text and "| als | 0.4123 |" in text
     assert "| obstetric | pmlm |" in text and closing_sentence(evaluation.table) in text
     assert str(tmp_path / "report.html") in text
-    alone = summary_markdown("pmlm-build", cohort=COHORT)
+    alone = summary_markdown("pmlm-build", cohort=COHORT, notes=["320 prompts written."])
     assert "## Cohort" in alone and "Methods" not in alone and "Recommenders" not in alone
+    assert alone.startswith("# pmlm-build\n\n320 prompts written.\n")
 
 
 def test_manifest_rows_flatten_every_field() -> None:
