@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import typer
 from rich.console import Console
 
+from flows.errors import exit_for as _fail
 from flows.options import WorkspaceOpt
 from pipelines.schemas import PATIENT_TABLES
 from pipelines.workspace import MissingTableError, Workspace
@@ -113,11 +114,6 @@ def export_manifest_fields(ws: Workspace, table: pa.Table) -> dict[str, Any]:
         "pmlm_version": metadata.version("pmlm"),
         "workspace": str(ws.root.resolve()),
     }
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    typer.echo(f"error: {exc}", err=True)
-    return typer.Exit(code=1)
 
 
 def export_cmd(

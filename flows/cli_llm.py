@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from flows.errors import exit_for as _fail
 from flows.options import WorkspaceOpt
 from pipelines.workspace import Workspace
 
@@ -21,11 +22,6 @@ llm_app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    typer.echo(f"error: {exc}", err=True)
-    return typer.Exit(code=1)
 
 
 @llm_app.command()

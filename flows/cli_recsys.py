@@ -10,7 +10,9 @@ from typing import Annotated
 
 import typer
 
+from flows.errors import exit_for as _fail
 from flows.options import WorkspaceOpt
+from flows.progress import bar
 from pipelines.workspace import MissingTableError, Workspace
 
 recsys_app = typer.Typer(
@@ -21,11 +23,6 @@ recsys_app = typer.Typer(
 )
 
 KOpt = Annotated[int, typer.Option("--k", help="Cut-off of the ranking metrics.", min=1)]
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    typer.echo(f"error: {exc}", err=True)
-    return typer.Exit(code=1)
 
 
 @recsys_app.command()
@@ -50,9 +47,15 @@ def fit(
     from recsys.steps import fit_models
 
     try:
-        summary = fit_models(
-            Workspace.at(workspace), model, k=k, select_on=select_on, progress=typer.echo
-        )
+        with bar("recommender fit: settings tried") as tick:
+            summary = fit_models(
+                Workspace.at(workspace),
+                model,
+                k=k,
+                select_on=select_on,
+                progress=typer.echo,
+                tick=tick,
+            )
     except (MissingTableError, ValueError) as exc:
         raise _fail(exc) from exc
     typer.echo(to_markdown(summary.validation))

@@ -61,6 +61,18 @@ def error_line(exc: PMLMError) -> str:
     return f"error: {message}" + (f" ({hint})" if hint else "")
 
 
+def exit_for(exc: Exception) -> typer.Exit:
+    """Print ``exc`` as one error line; the `typer.Exit` to raise (a `PMLMError`'s exit code, else 1).
+
+    For commands that catch an error to add where it happened (``raise exit_for(exc) from exc``).
+    """
+    if isinstance(exc, PMLMError):
+        typer.echo(error_line(exc), err=True)
+        return typer.Exit(code=exc.exit_code)
+    typer.echo("error: " + " ".join(str(exc).split()), err=True)
+    return typer.Exit(code=1)
+
+
 def run_app(app: typer.Typer, args: list[str] | None = None, **extra: Any) -> None:
     """Run ``app`` with the config file's defaults; exit with one line on a `PMLMError`.
 
@@ -79,4 +91,4 @@ def run_app(app: typer.Typer, args: list[str] | None = None, **extra: Any) -> No
         sys.exit(exc.exit_code)
 
 
-__all__ = ["CLI_HINTS", "EXIT_CODES", "Debug", "error_line", "run_app"]
+__all__ = ["CLI_HINTS", "EXIT_CODES", "Debug", "error_line", "exit_for", "run_app"]

@@ -41,7 +41,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
 
 def test_without_a_prompt_table_it_says_what_to_run(tmp_path: Path) -> None:
     result = runner.invoke(app, ["export", "-w", str(tmp_path)])
-    assert result.exit_code == 1
+    assert result.exit_code == 3  # a missing step
     assert "prompts.parquet does not exist" in result.output
     assert "pmlm prompts build" in result.output and "pmlm run" in result.output
     assert not (tmp_path / "export").exists()
