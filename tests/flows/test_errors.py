@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import typer
@@ -41,6 +42,13 @@ def app_raising() -> typer.Typer:
         typer.echo("fine")
 
     return app
+
+
+def stub_action(status: int) -> Any:
+    """The stub LLM server's scripted response (tests/promptenv/llm_stub_server.py)."""
+    import sys
+
+    return sys.modules["llm_stub_server"].Action(status)
 
 
 def run(app: typer.Typer, *args: str) -> int:
@@ -112,3 +120,34 @@ def test_a_bad_config_file_is_a_config_error(
     (tmp_path / "pmlm.toml").write_text("backnd = 'local'\n")
     assert run(app_raising(), "ok") == 4
     assert "unknown key(s) ['backnd']" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_pmlm_evaluate_with_a_spent_budget_or_a_refusing_backend(
+    built_workspace: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    stub_llm_server: Any,
+) -> None:
+    import shutil
+
+    from flows.cli import app
+
+    ws = str(shutil.copytree(built_workspace, tmp_path / "ws"))
+    stub = stub_llm_server().start()
+    monkeypatch.setenv("OPENAI_API_KEY", "stub-key")
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    backend = f"openai:stub-model@{stub.url}/v1"
+    small = ["--methods", "general", "--n-obstetric", "1", "--n-adult", "1"]
+    try:
+        code = run(app, "evaluate", "-w", ws, "--backend", backend, *small, "--max-calls", "1")
+        spent = capsys.readouterr().err.strip().splitlines()
+        stub.script(*[stub_action(401)] * 8)
+        refused = run(app, "evaluate", "-w", ws, "--backend", backend, *small)
+        said = capsys.readouterr().err.strip().splitlines()
+    finally:
+        stub.stop()
+    assert code == 7 and spent[-1].startswith("error: budget exceeded"), spent
+    assert "raise --max-calls" in spent[-1]
+    assert refused == 8 and "check --backend" in said[-1] and "OPENAI_API_KEY" in said[-1], said
