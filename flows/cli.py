@@ -22,23 +22,59 @@ from flows.cli_prompts import evaluate_cmd, prompts_app
 from flows.cli_recsys import recsys_app
 from flows.cli_serve import serve_cmd
 from flows.config import config_app
-from flows.errors import Debug, run_app
-from flows.options import WorkspaceOpt
+from flows.errors import run_app
+from flows.options import DEBUG_ENV, PMLMGroup, WorkspaceOpt
 from flows.progress import LOG_LEVELS, bar, configure_output
 from pipelines.workspace import Workspace
 
 app = typer.Typer(
+    cls=PMLMGroup,
     help="PMLM: personalized hard prompts for LLMs from patient records.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
+
+
+@app.callback()
+def _options(
+    ctx: typer.Context,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bars (none off a terminal either).")
+    ] = False,
+    log_level: Annotated[
+        str | None,
+        typer.Option(
+            help=f"Level of PMLM's and Prefect's log lines: {', '.join(LOG_LEVELS)} "
+            "(default: Prefect's own, INFO).",
+            show_default=False,
+        ),
+    ] = None,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the traceback behind an error.")
+    ] = False,
+) -> None:
+    """Options of every command; the others may also come from PMLM_* variables or pmlm.toml
+    (`pmlm config show`)."""
+    ctx.meta[DEBUG_ENV] = debug
+    try:
+        configure_output(quiet, log_level)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--log-level") from exc
+
+
 ingest_app = typer.Typer(
-    help="Read a data source into the workspace's canonical tables.", no_args_is_help=True
+    cls=PMLMGroup,
+    help="Read a data source into the workspace's canonical tables.",
+    no_args_is_help=True,
 )
 cohort_app = typer.Typer(
-    help="Generated cohorts (Synthea) and the built-in default cohort.", no_args_is_help=True
+    cls=PMLMGroup,
+    help="Generated cohorts (Synthea) and the built-in default cohort.",
+    no_args_is_help=True,
 )
-data_app = typer.Typer(help="Inspect the workspace's canonical tables.", no_args_is_help=True)
+data_app = typer.Typer(
+    cls=PMLMGroup, help="Inspect the workspace's canonical tables.", no_args_is_help=True
+)
 app.add_typer(ingest_app, name="ingest")
 app.add_typer(cohort_app, name="cohort")
 app.add_typer(data_app, name="data")
@@ -52,32 +88,6 @@ app.command("serve")(serve_cmd)
 app.add_typer(config_app, name="config")
 
 console = Console()
-
-
-@app.callback()
-def output_options(
-    quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="No progress bars (none off a terminal either).")
-    ] = False,
-    log_level: Annotated[
-        str | None,
-        typer.Option(
-            help=f"Level of PMLM's and Prefect's log lines: {', '.join(LOG_LEVELS)} "
-            "(default: Prefect's own, INFO).",
-            show_default=False,
-        ),
-    ] = None,
-    debug: Annotated[
-        bool, typer.Option("--debug", help="Show the traceback of an error, not one line.")
-    ] = False,
-) -> None:
-    """Options of every command; the others may also come from PMLM_* variables or pmlm.toml
-    (`pmlm config show`)."""
-    try:
-        configure_output(quiet, log_level)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--log-level") from exc
-    Debug.enabled = debug
 
 
 SplitSeedOpt = Annotated[

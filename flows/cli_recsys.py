@@ -10,12 +10,12 @@ from typing import Annotated
 
 import typer
 
-from flows.errors import exit_for as _fail
-from flows.options import WorkspaceOpt
+from flows.options import PMLMGroup, WorkspaceOpt
 from flows.progress import bar
-from pipelines.workspace import MissingTableError, Workspace
+from pipelines.workspace import Workspace
 
 recsys_app = typer.Typer(
+    cls=PMLMGroup,
     help="Recommenders: fit (tuned on validation patients), evaluate on test patients, "
     "explain one patient's self and peer signals.",
     no_args_is_help=True,
@@ -46,18 +46,10 @@ def fit(
     from recsys.evaluate import to_markdown
     from recsys.steps import fit_models
 
-    try:
-        with bar("recommender fit: settings tried") as tick:
-            summary = fit_models(
-                Workspace.at(workspace),
-                model,
-                k=k,
-                select_on=select_on,
-                progress=typer.echo,
-                tick=tick,
-            )
-    except (MissingTableError, ValueError) as exc:
-        raise _fail(exc) from exc
+    with bar("recommender fit: settings tried") as tick:
+        summary = fit_models(
+            Workspace.at(workspace), model, k=k, select_on=select_on, progress=typer.echo, tick=tick
+        )
     typer.echo(to_markdown(summary.validation))
     typer.echo(f"best on validation: {summary.best}")
 
@@ -69,10 +61,7 @@ def evaluate(workspace: WorkspaceOpt = None, k: KOpt = 10) -> None:
     from recsys.steps import evaluate_models
 
     ws = Workspace.at(workspace)
-    try:
-        table = evaluate_models(ws, k=k, progress=typer.echo)
-    except (MissingTableError, ValueError) as exc:
-        raise _fail(exc) from exc
+    table = evaluate_models(ws, k=k, progress=typer.echo)
     typer.echo(to_markdown(table))
     typer.echo(f"written: {ws.reports_dir / 'recsys_comparison.csv'} (and .md)")
 
@@ -96,16 +85,13 @@ def explain(
     """One patient's self and peer signals, with the reasons behind each."""
     from recsys.steps import explain_patient
 
-    try:
-        explanation = explain_patient(
-            patient,
-            Workspace.at(workspace),
-            model_name=model,
-            encounter_id=encounter,
-            k=k,
-            n_peers=peers,
-            min_support=min_support,
-        )
-    except (MissingTableError, FileNotFoundError, KeyError, ValueError) as exc:
-        raise _fail(exc) from exc
+    explanation = explain_patient(
+        patient,
+        Workspace.at(workspace),
+        model_name=model,
+        encounter_id=encounter,
+        k=k,
+        n_peers=peers,
+        min_support=min_support,
+    )
     typer.echo(explanation.render())

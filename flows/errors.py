@@ -3,24 +3,28 @@
 The packages raise `pipelines.errors.PMLMError` subclasses whose message says
 what was wrong and where; `error_line` adds what to do from the command line
 for the LLM's errors (which flag raises the budget, what to check when the
-backend refuses). `run_app` runs the Typer app with the config file's defaults
-(`flows.config`) and turns those errors into that line on stderr and the
-error's ``exit_code``; with ``pmlm --debug`` the traceback is shown instead.
+backend refuses); `flows.options.PMLMGroup` prints that line on stderr and exits
+with the error's ``exit_code`` (``pmlm --debug`` or ``PMLM_DEBUG=1``: the
+traceback instead). `run_app` runs the Typer app with the config file's
+defaults (`flows.config`).
 
 Exit codes (`EXIT_CODES`): 0 done; 1 other errors; 2 bad input (also click's
 usage errors); 3 a missing step; 4 a bad setting; 5 the workspace changed
 under the run; 6 the LLM failed (retries exhausted); 7 the LLM budget is spent;
-8 the backend refused the request; 9 the privacy guard refused a prompt.
+8 the backend refused the request; 9 the privacy guard refused a prompt; 10 the
+SQL target refused the export.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
 import typer
 
 from pipelines.errors import ConfigError, InputError, MissingStepError, PMLMError, StaleStateError
+from pipelines.export import ExportFailed
 from promptenv.llm import errors as llm
 
 #: Exit code → what it means (README, "Errors and exit codes").
@@ -33,6 +37,7 @@ EXIT_CODES = {
     llm.BudgetExceeded.exit_code: "the LLM budget is spent",
     llm.PermanentBackendError.exit_code: "the LLM backend refused the request",
     llm.PrivacyViolation.exit_code: "the privacy guard refused a prompt",
+    ExportFailed.exit_code: "the SQL target refused the export (rolled back)",
 }
 #: What to do from the command line, beyond what the package's message says.
 CLI_HINTS: dict[type[PMLMError], str] = {
@@ -48,12 +53,6 @@ CLI_HINTS: dict[type[PMLMError], str] = {
 }
 
 
-class Debug:
-    """``pmlm --debug``: show tracebacks instead of one line."""
-
-    enabled = False
-
-
 def error_line(exc: PMLMError) -> str:
     """``error: MESSAGE; WHAT TO DO`` on one line."""
     message = " ".join(str(exc).split())
@@ -61,34 +60,24 @@ def error_line(exc: PMLMError) -> str:
     return f"error: {message}" + (f" ({hint})" if hint else "")
 
 
-def exit_for(exc: Exception) -> typer.Exit:
-    """Print ``exc`` as one error line; the `typer.Exit` to raise (a `PMLMError`'s exit code, else 1).
-
-    For commands that catch an error to add where it happened (``raise exit_for(exc) from exc``).
-    """
-    if isinstance(exc, PMLMError):
-        typer.echo(error_line(exc), err=True)
-        return typer.Exit(code=exc.exit_code)
-    typer.echo("error: " + " ".join(str(exc).split()), err=True)
-    return typer.Exit(code=1)
-
-
 def run_app(app: typer.Typer, args: list[str] | None = None, **extra: Any) -> None:
-    """Run ``app`` with the config file's defaults; exit with one line on a `PMLMError`.
+    """Run ``app`` with the config file's defaults (`flows.config`).
 
-    ``extra`` goes to click (a test passes ``standalone_mode``). A bad config file
-    is itself a `ConfigError`, reported the same way.
+    The commands' own errors are reported by `flows.options.PMLMGroup`; a bad
+    config file is a `ConfigError` reported here the same way, before any command runs.
+    ``extra`` goes to click (e.g. ``standalone_mode``).
     """
     from flows.config import cli_defaults
+    from flows.options import DEBUG_ENV
 
     try:
         defaults = cli_defaults(typer.main.get_command(app))
-        app(args, default_map=defaults, **extra)
     except PMLMError as exc:
-        if Debug.enabled:
+        if os.environ.get(DEBUG_ENV):
             raise
         typer.echo(error_line(exc), err=True)
         sys.exit(exc.exit_code)
+    app(args, default_map=defaults, **extra)
 
 
-__all__ = ["CLI_HINTS", "EXIT_CODES", "Debug", "error_line", "exit_for", "run_app"]
+__all__ = ["CLI_HINTS", "EXIT_CODES", "error_line", "run_app"]

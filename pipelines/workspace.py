@@ -87,6 +87,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def write_frame(path: Path, frame: pd.DataFrame) -> None:
+    """Write ``frame`` as parquet to ``path`` atomically (fsynced, then renamed; `atomic_write_bytes`)."""
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), buffer)
+    atomic_write_bytes(path, buffer.getvalue().to_pybytes())
+
+
 @dataclass(frozen=True)
 class Workspace:
     """A workspace folder. Cheap to create; nothing is read until asked."""

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 import typer
 
-from flows.errors import EXIT_CODES, Debug, error_line, run_app
+from flows.errors import EXIT_CODES, error_line, run_app
+from flows.options import DEBUG_ENV, PMLMGroup
 from pipelines.errors import ConfigError, InputError, MissingStepError, PMLMError
 from promptenv.llm import BackendSpecError
 from promptenv.llm.errors import (
@@ -31,7 +32,7 @@ ERRORS: dict[str, PMLMError] = {
 
 
 def app_raising() -> typer.Typer:
-    app = typer.Typer()
+    app = typer.Typer(cls=PMLMGroup)
 
     @app.command()
     def fail(kind: str) -> None:
@@ -95,13 +96,10 @@ def test_the_line_says_what_to_do_from_the_command_line() -> None:
     assert error_line(ERRORS["missing"]) == "error: no fitted recommender: run `pmlm recsys fit`"
 
 
-def test_debug_shows_the_traceback_instead() -> None:
-    Debug.enabled = True
-    try:
-        with pytest.raises(BudgetExceeded):
-            run_app(app_raising(), ["fail", "budget"])
-    finally:
-        Debug.enabled = False
+def test_debug_shows_the_traceback_instead(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(DEBUG_ENV, "1")
+    with pytest.raises(BudgetExceeded):
+        run_app(app_raising(), ["fail", "budget"])
 
 
 def test_a_real_command_on_an_empty_workspace_says_which_step_to_run(
