@@ -21,7 +21,10 @@ from flows.cli_policy import policy_app
 from flows.cli_prompts import evaluate_cmd, prompts_app
 from flows.cli_recsys import recsys_app
 from flows.cli_serve import serve_cmd
+from flows.config import config_app
+from flows.errors import run_app
 from flows.options import DEBUG_ENV, PMLMGroup, WorkspaceOpt
+from flows.progress import LOG_LEVELS, bar, configure_output
 from pipelines.workspace import Workspace
 
 app = typer.Typer(
@@ -35,11 +38,28 @@ app = typer.Typer(
 @app.callback()
 def _options(
     ctx: typer.Context,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bars (none off a terminal either).")
+    ] = False,
+    log_level: Annotated[
+        str | None,
+        typer.Option(
+            help=f"Level of PMLM's and Prefect's log lines: {', '.join(LOG_LEVELS)} "
+            "(default: Prefect's own, INFO).",
+            show_default=False,
+        ),
+    ] = None,
     debug: Annotated[
         bool, typer.Option("--debug", help="Show the traceback behind an error.")
     ] = False,
 ) -> None:
+    """Options of every command; the others may also come from PMLM_* variables or pmlm.toml
+    (`pmlm config show`)."""
     ctx.meta[DEBUG_ENV] = debug
+    try:
+        configure_output(quiet, log_level)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--log-level") from exc
 
 
 ingest_app = typer.Typer(
@@ -65,8 +85,10 @@ app.add_typer(policy_app, name="policy")
 app.command("evaluate")(evaluate_cmd)
 app.command("export")(export_cmd)
 app.command("serve")(serve_cmd)
+app.add_typer(config_app, name="config")
 
 console = Console()
+
 
 SplitSeedOpt = Annotated[
     int, typer.Option(help="Seed of the per-patient train/validation/test split.")
@@ -135,7 +157,8 @@ def ingest_fhir_cmd(
 
     ws = Workspace.at(workspace)
     started = time.perf_counter()
-    summary = ingest_fhir(ws, folder, split_seed=split_seed, workers=workers)
+    with bar("ingest: bundles read") as tick:
+        summary = ingest_fhir(ws, folder, split_seed=split_seed, workers=workers, progress=tick)
     print_summary(summary, f"FHIR ingest of {folder} ({time.perf_counter() - started:.1f} s)")
     console.print(f"Tables written to {ws.tables_dir}")
 
@@ -315,5 +338,5 @@ def run_cmd(
 
 
 def main() -> None:
-    """Entry point of the ``pmlm`` console script."""
-    app()
+    """Entry point of the ``pmlm`` console script: errors end in one line and their exit code."""
+    run_app(app)

@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 
 from flows.options import PMLMGroup, WorkspaceOpt
+from flows.progress import bar
 from pipelines.workspace import Workspace
 from promptenv.encounters import CALIBRATION_ENCOUNTERS
 from promptenv.prompts import METHODS
@@ -97,6 +98,7 @@ def evaluate_cmd(
     max_calls: Annotated[
         int | None, typer.Option(help="Hard budget on LLM calls for this run.")
     ] = None,
+    llm_parallel: Annotated[int, typer.Option(min=1, help="LLM requests in flight at once.")] = 2,
     judge: Annotated[
         str | None,
         typer.Option(
@@ -137,13 +139,30 @@ def evaluate_cmd(
         except (BackendConfigError, BackendSpecError) as exc:
             raise typer.BadParameter(str(exc), param_hint="--judge") from exc
     settings = EvalSettings(
-        n_obstetric=n_obstetric, n_adult=n_adult, n_calibration=n_calibration, seed=seed
+        n_obstetric=n_obstetric,
+        n_adult=n_adult,
+        n_calibration=n_calibration,
+        seed=seed,
+        concurrency=llm_parallel,
     )
-    result, files = evaluate_workspace(
-        ws, client, names, settings, progress=console.print, policy=policy, judge=grader
-    )
+
+    def hits() -> str:
+        return f"cache hits {client.cache_stats.hits}"
+
+    with bar("evaluation: LLM answers", status=hits) as tick:
+        result, files = evaluate_workspace(
+            ws,
+            client,
+            names,
+            settings,
+            progress=console.print,
+            policy=policy,
+            judge=grader,
+            tick=tick,
+        )
     console.print(markdown_table(result.table), markup=False)
     if grader is not None:
         console.print(f"Judge {grader.label}: {grader.stats.summary()}")
     console.print(f"Report with plots: {files.report}", markup=False)
+    console.print(f"Report to open in a browser: {files.html}", markup=False)
     console.print(f"Written: {files.table}", markup=False)

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from flows.options import PMLMGroup, WorkspaceOpt
+from flows.progress import bar
 from pipelines.workspace import Workspace
 
 recsys_app = typer.Typer(
@@ -45,9 +46,10 @@ def fit(
     from recsys.evaluate import to_markdown
     from recsys.steps import fit_models
 
-    summary = fit_models(
-        Workspace.at(workspace), model, k=k, select_on=select_on, progress=typer.echo
-    )
+    with bar("recommender fit: settings tried") as tick:
+        summary = fit_models(
+            Workspace.at(workspace), model, k=k, select_on=select_on, progress=typer.echo, tick=tick
+        )
     typer.echo(to_markdown(summary.validation))
     typer.echo(f"best on validation: {summary.best}")
 

@@ -2,7 +2,9 @@
 
 `deployments` builds them (nothing runs, nothing is sent); ``pmlm serve``
 registers them with the Prefect API (``PREFECT_API_URL``) and runs their flow
-runs in this process until it is stopped (Ctrl-C pauses their schedules).
+runs in this process until it is stopped. Stopping it (Ctrl-C, or SIGTERM from
+systemd or a container runtime) leaves the schedules active (Prefect's default
+pauses them), so a restarted ``pmlm serve`` carries on with the nightly refresh.
 Mounted by ``flows.cli`` as ``app.command("serve")(serve_cmd)``.
 """
 
@@ -117,4 +119,5 @@ def serve_cmd(
         f"Run the evaluation with: prefect deployment run 'pmlm-evaluate/{ON_DEMAND}'",
         markup=False,
     )
-    serve(*served)
+    # not paused on shutdown: a restart by systemd or the container runtime resumes the schedule
+    serve(*served, pause_on_shutdown=False)

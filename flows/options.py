@@ -33,10 +33,12 @@ class PMLMGroup(TyperGroup):
     traceback."""
 
     def invoke(self, ctx: Any) -> Any:  # typer.Context (a subclass of its vendored click one)
+        from flows.errors import error_line
+
         try:
             return super().invoke(ctx)
         except PMLMError as exc:
             if ctx.meta.get(DEBUG_ENV) or os.environ.get(DEBUG_ENV):
                 raise
-            typer.echo(f"error: {exc}", err=True)
+            typer.echo(error_line(exc), err=True)  # with what to do from the command line
             raise typer.Exit(exc.exit_code) from None

@@ -29,9 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from prefect import flow, get_run_logger, unmapped
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from flows.publish import publish_flow_summary
 from flows.tasks import (
     EvaluationOutcome,
     ExportOutcome,
@@ -56,6 +58,7 @@ from promptenv.policy import PolicySettings
 from promptenv.policy_info import policy_dir, policy_info_path, saved_policy_version
 from promptenv.prompt_table import PromptTableSpec, RefreshResult
 from promptenv.prompts import METHODS
+from promptenv.report_html import HTML_FILE
 from promptenv.steps import EXPORT_FORMATS, quick_policy_settings
 from recsys.steps import QUICK_GRIDS
 
@@ -107,6 +110,25 @@ def prefect_destination() -> str:
 
 def _workspace(workspace: str | None) -> str:
     return str(Workspace.at(workspace).root.resolve())
+
+
+def _prompts_note(result: RefreshResult) -> str:
+    return (
+        f"{result.rows} prompts in `{result.path}`; signals and prompts computed for "
+        f"{result.recomputed_patients} of {result.patients} patients in this run."
+    )
+
+
+def _export_note(result: ExportOutcome) -> str:
+    return f"{result.rows} prompts exported; manifest `{result.manifest}`."
+
+
+def _policy_note(result: PolicyOutcome) -> str:
+    training = result.training
+    return (
+        f"Policy {result.version}: {training.episodes} training episodes, "
+        f"{training.llm_calls} LLM calls."
+    )
 
 
 @dataclass(frozen=True)
@@ -166,9 +188,19 @@ def build(
     )
     log.info(f"  selected: {fit.best}")
     if not with_prompts:
+        publish_flow_summary(
+            "pmlm-build", cohort=summary, recommender=fit.best, recommender_rows=fit.validation
+        )
         return BuildOutcome(Path(ws), summary, fit, fit.best, None)
     log.info("Step 3/3: signals and personalized prompts, per batch of patients")
     prompts = _prompt_table(ws, spec, full)
+    publish_flow_summary(
+        "pmlm-build",
+        cohort=summary,
+        recommender=prompts.recommender,
+        recommender_rows=fit.validation,
+        notes=[_prompts_note(prompts)],
+    )
     return BuildOutcome(Path(ws), summary, fit, prompts.recommender, prompts)
 
 
@@ -223,6 +255,13 @@ def refresh(
     )
     prompts = _prompt_table(ws, spec, False)
     exported = export_prompts(ws, chosen, list(export_formats or EXPORT_FORMATS), sql_url)
+    publish_flow_summary(
+        "pmlm-refresh",
+        cohort=summary,
+        recommender=prompts.recommender,
+        recommender_rows=fit.validation if fit is not None else None,
+        notes=[_prompts_note(prompts), _export_note(exported)],
+    )
     return RefreshOutcome(
         BuildOutcome(Path(ws), summary, fit, prompts.recommender, prompts), exported
     )
@@ -251,6 +290,13 @@ def evaluate(
         seed,
         max_calls,
     )
+    publish_flow_summary(
+        "pmlm-evaluate",
+        methods=pd.DataFrame(outcome.table),
+        llm=outcome.llm,
+        report=outcome.report.parent / HTML_FILE,
+        notes=[f"LLM cache: {outcome.cache_hits} hits, {outcome.cache_misses} misses."],
+    )
     return outcome
 
 
@@ -270,6 +316,7 @@ def export(
         sql_url,
         out,
     )
+    publish_flow_summary("pmlm-export", notes=[_export_note(outcome)])
     return outcome
 
 
@@ -326,6 +373,16 @@ def pmlm_pipeline(
         n_adult=n_eval,
     )
     exported = export(ws, [*prompt_methods, "pmlm"])
+    publish_flow_summary(
+        "pmlm-pipeline",
+        cohort=built.summary,
+        recommender=built.recommender,
+        recommender_rows=built.fit.validation if built.fit is not None else None,
+        methods=pd.DataFrame(evaluation.table),
+        llm=evaluation.llm,
+        report=evaluation.report.parent / HTML_FILE,
+        notes=[_policy_note(policy), _prompts_note(refined), _export_note(exported)],
+    )
     return PipelineOutcome(built, policy, refined, evaluation, exported)
 
 
@@ -349,6 +406,7 @@ def train_policy(
         outcome = in_workspace(train_policy_task, ws, refresh=True)(
             ws, backend, fingerprint, recommender, settings
         )
+    publish_flow_summary("pmlm-train-policy", notes=[_policy_note(outcome)])
     return outcome
 
 
@@ -364,4 +422,6 @@ def refine(
     ws = _workspace(workspace)
     chosen = tuple(dict.fromkeys([*(methods or ["pmlm_initial"]), "pmlm"]))
     spec = PromptTableSpec(chosen, which, batch_size=batch_size, policy_version=policy_version)  # type: ignore[arg-type]
-    return _prompt_table(ws, spec, False)
+    refined = _prompt_table(ws, spec, False)
+    publish_flow_summary("pmlm-refine", notes=[_prompts_note(refined)])
+    return refined

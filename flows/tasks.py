@@ -35,6 +35,7 @@ from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from prefect.states import State
 from prefect.tasks import Task
 
+from flows.publish import publish_manifest, publish_report_link
 from pipelines.workspace import Workspace
 from promptenv.policy import PolicySettings, TrainingSummary
 from promptenv.prompt_table import (
@@ -292,7 +293,8 @@ def evaluate_with_llm(
     _say(
         f"{client.label}: {stats.hits} answers from the cache, {stats.misses} asked → {files.table}"
     )
-    _say(f"Report with plots: {files.report}")
+    _say(f"Report with plots: {files.report}; to open in a browser: {files.html}")
+    publish_report_link(files.html)
     return EvaluationOutcome(
         report=files.table,
         table=result.table.to_dict(orient="records"),
@@ -338,4 +340,5 @@ def export_prompts(
     _say(
         f"{result.rows} prompts exported → {written.target} (manifest {result.manifest_path.name})"
     )
+    publish_manifest(result.manifest_path)
     return ExportOutcome(dict(result.files), result.manifest_path, result.rows)

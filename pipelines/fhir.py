@@ -672,19 +672,39 @@ def file_chunks(files: list[Path], size: int | None = None) -> list[tuple[int, l
 
 
 def map_chunks(
-    fn: Callable[..., T], chunks: list[tuple[int, list[Path]]], *args: Any, workers: int | None
+    fn: Callable[..., T],
+    chunks: list[tuple[int, list[Path]]],
+    *args: Any,
+    workers: int | None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[T]:
     """``fn(paths, *args, first_file)`` for every chunk, in order, in ``workers`` processes.
 
     Chunks are small and handed out one at a time, so a worker holds one chunk's
     tables at a time (memory). With one worker or one chunk, runs here.
+    ``progress(files_done, files)`` is called as each chunk's result comes back.
     """
     workers = min(workers or os.cpu_count() or 1, len(chunks))
+    total = sum(len(paths) for _, paths in chunks)
+    results: list[T] = []
+    done = 0
+
+    def collect(result: T, files: int) -> None:
+        nonlocal done
+        results.append(result)
+        done += files
+        if progress is not None:
+            progress(done, total)
+
     if workers <= 1:
-        return [fn(paths, *args, first) for first, paths in chunks]
+        for first, paths in chunks:
+            collect(fn(paths, *args, first), len(paths))
+        return results
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
         columns = list(zip(*[(paths, *args, first) for first, paths in chunks], strict=True))
-        return list(pool.map(fn, *columns))
+        for (_, paths), result in zip(chunks, pool.map(fn, *columns), strict=True):
+            collect(result, len(paths))
+    return results
 
 
 #: Record tables: id column and FHIR resource type (None: events, from their kind).

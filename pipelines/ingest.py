@@ -8,7 +8,7 @@ same way for both and writes all canonical tables.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -192,15 +192,19 @@ def ingest_fhir(
     folder: Path,
     split_seed: int = DEFAULT_SPLIT_SEED,
     workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Read a folder of FHIR R4 bundles into the workspace; returns the summary.
 
     Staged (`pipelines.staged`): each worker process holds one chunk of bundles;
     this process about two copies of the largest table (events), not the cohort.
+    ``progress(files_read, files)`` follows the reading.
     """
     from pipelines.staged import ingest_fhir_staged
 
-    return ingest_fhir_staged(workspace, folder, split_seed=split_seed, workers=workers)
+    return ingest_fhir_staged(
+        workspace, folder, split_seed=split_seed, workers=workers, progress=progress
+    )
 
 
 def ingest_omop(

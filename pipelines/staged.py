@@ -30,6 +30,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -266,9 +267,11 @@ def ingest_fhir_staged(
     salt: str | None = None,
     workers: int | None = None,
     chunk_files: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Read a folder of FHIR R4 bundles into ``workspace`` (every canonical table);
-    record the step and return the ingest summary.
+    record the step and return the ingest summary. ``progress(files_read, files)``
+    follows the reading (`pipelines.fhir.map_chunks`).
 
     ``workers`` processes (default: the number of CPUs) stage chunks of
     ``chunk_files`` bundles (default ``fhir.CHUNK_FILES``); neither changes the
@@ -291,6 +294,7 @@ def ingest_fhir_staged(
             split_seed,
             staging,
             workers=workers,
+            progress=progress,
         )
         summary = merge_summaries([c.summary for c in chunks])
         quarantines = [c.quarantine for c in chunks]

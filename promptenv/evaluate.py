@@ -12,6 +12,7 @@ The matching threshold is chosen on VALIDATION patients
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -145,6 +146,7 @@ def evaluate_methods(
     edit_methods: Mapping[str, EditMethod] | None = None,
     judge: PlanJudge | None = None,
     calibration: Calibration | None = None,
+    tick: Callable[[int, int], None] | None = None,
 ) -> Evaluation:
     """Run every method on the same chosen test encounters with the same LLM; score and aggregate.
 
@@ -159,6 +161,7 @@ def evaluate_methods(
     ``calibration``: the matching threshold to score with (a workspace's,
     `promptenv.calibration.workspace_calibration`); without it the threshold is
     calibrated here on ``settings.n_calibration`` validation encounters.
+    ``tick(done, total)`` follows the answers (a progress bar).
     """
     settings = settings or EvalSettings()
     say = progress or (lambda _m: None)
@@ -202,10 +205,17 @@ def evaluate_methods(
                     )
                 )
     say(f"asking {client.label} for {len(prompts)} answers ({len(chosen)} encounters × methods)")
+    lines = progress_lines(say, "answers")
+
+    def answered(done: int, total: int) -> None:
+        lines(done, total)
+        if tick is not None:
+            tick(done, total)
+
     completions = client.generate_many(
         [GenerationRequest(p.system, p.user, settings.params) for _, p, _ in prompts],
         concurrency=settings.concurrency,
-        progress=progress_lines(say, "answers"),
+        progress=answered,
     )
     say("scoring")
     answers = [c.text for c in completions]
@@ -244,6 +254,12 @@ def evaluate_methods(
                 "cached": completion.cached,
                 "answer": completion.text,
                 "reference_items": len(refs[eid].items),
+                # what the report's patient pages show (`promptenv.report_html`)
+                "system": prompt.system,
+                "question": prompt.user,
+                "provenance": json.dumps(prompt.provenance, default=str),
+                "plan_items": json.dumps(list(refs[eid].items)),
+                "covered": json.dumps(list(score.covered)),
             }
         )
     results = pd.DataFrame(rows)

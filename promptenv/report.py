@@ -44,11 +44,16 @@ NDCG_COLUMN = re.compile(r"ndcg@(\d+)")
 DPI = 110
 
 
-def _save(fig: Figure, path: Path) -> None:
+def png_bytes(fig: Figure) -> bytes:
+    """The figure as PNG bytes (same figure, same bytes)."""
     FigureCanvasAgg(fig)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)
-    atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def _save(fig: Figure, path: Path) -> None:
+    atomic_write_bytes(path, png_bytes(fig))
 
 
 def _subsets(table: pd.DataFrame) -> list[str]:
@@ -79,6 +84,11 @@ def _colours(methods: Sequence[str]) -> dict[str, Any]:
 
 def recall_plot(table: pd.DataFrame, path: Path) -> None:
     """Plan-item recall per method with 95% CI error bars, one panel per subset."""
+    _save(recall_figure(table), path)
+
+
+def recall_figure(table: pd.DataFrame) -> Figure:
+    """The figure of `recall_plot`."""
     subsets, methods = _subsets(table), _methods(table)
     fig = Figure(figsize=(4.6 * len(subsets), 0.45 * len(methods) + 1.6), layout="constrained")
     axes = fig.subplots(1, len(subsets), squeeze=False, sharey=True)[0]
@@ -102,11 +112,16 @@ def recall_plot(table: pd.DataFrame, path: Path) -> None:
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(range(len(methods)), methods)
     axes[0].invert_yaxis()
-    _save(fig, path)
+    return fig
 
 
 def calls_plot(table: pd.DataFrame, path: Path) -> None:
     """Recall and reward (95% CI) against LLM calls per patient; rows = metric, columns = subset."""
+    _save(calls_figure(table), path)
+
+
+def calls_figure(table: pd.DataFrame) -> Figure:
+    """The figure of `calls_plot`."""
     subsets, methods = _subsets(table), _methods(table)
     colours = _colours(methods)
     calls = table["llm_calls_per_patient"].fillna(0.0).astype(float)
@@ -161,7 +176,7 @@ def calls_plot(table: pd.DataFrame, path: Path) -> None:
         loc="outside right center",
         title="method",
     )
-    _save(fig, path)
+    return fig
 
 
 def ndcg_column(table: pd.DataFrame) -> str:
@@ -191,6 +206,13 @@ def recsys_rows(table: pd.DataFrame) -> pd.DataFrame:
 
 def recsys_plot(table: pd.DataFrame, path: Path) -> str:
     """Grouped bars of nDCG@k per model for the `RECSYS_SUBSETS`; returns the column plotted."""
+    fig, column = recsys_figure(table)
+    _save(fig, path)
+    return column
+
+
+def recsys_figure(table: pd.DataFrame) -> tuple[Figure, str]:
+    """The figure of `recsys_plot` and the nDCG column it shows."""
     column = ndcg_column(table)
     shown = recsys_rows(table)
     models = list(dict.fromkeys(shown["model"]))
@@ -212,8 +234,7 @@ def recsys_plot(table: pd.DataFrame, path: Path) -> str:
     ax.set_ylim(0, 1)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(title="subset")
-    _save(fig, path)
-    return column
+    return fig, column
 
 
 def _image(alt: str, name: str) -> str:

@@ -16,7 +16,7 @@ Usage::
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -220,6 +220,7 @@ class EvaluationFiles:
 
     table: Path  # evaluation.md: the methods table and the paired differences
     report: Path  # report.md, with plots
+    html: Path  # report.html: the same, self-contained, with a page per sampled patient
 
 
 def budgeted_client(backend: str, ws: Workspace, max_calls: int | None) -> LLMClient:
@@ -254,11 +255,13 @@ def evaluate_workspace(
     progress: Progress,
     policy: Policy | None = None,
     judge: PlanJudge | None = None,
+    tick: Callable[[int, int], None] | None = None,
 ) -> tuple[Evaluation, EvaluationFiles]:
     """The methods ``names`` (fixed prompts, pmlm, random_edits, search_N) on the same
     test encounters with ``client``; writes reports/ and returns the result and its files.
     ``policy``: the workspace's, for pmlm and random_edits (`policy_if_needed`). Answers are
     scored with the workspace's calibration for ``client``'s LLM (the one training used).
+    ``tick(done, total)`` follows the LLM's answers.
     """
     from promptenv.calibration import evaluation_calibration
     from promptenv.evaluate import evaluate_methods
@@ -276,6 +279,7 @@ def evaluate_workspace(
         edit_methods=edit_methods([m for m in names if is_edit_method(m)], policy),
         judge=judge,
         calibration=calibration,
+        tick=tick,
     )
     return result, write_evaluation(ws, result, client)
 
@@ -283,12 +287,13 @@ def evaluate_workspace(
 def write_evaluation(ws: Workspace, result: Evaluation, client: LLMClient) -> EvaluationFiles:
     """Write the evaluation's rows (parquet), table (Markdown, JSON) and report with plots to reports/.
 
-    The report (`promptenv.report`) carries the recommender comparison of
-    `pmlm recsys evaluate` when there is one.
+    The reports (`promptenv.report`, `promptenv.report_html`) carry the recommender
+    comparison of `pmlm recsys evaluate` and the policy's training curve when there are.
     """
     from promptenv.evaluate import markdown_table
     from promptenv.paired import paired_section
     from promptenv.report import write_report
+    from promptenv.report_html import write_html_report
 
     ws.reports_dir.mkdir(parents=True, exist_ok=True)
     result.results.to_parquet(ws.reports_dir / "evaluation_results.parquet", index=False)
@@ -318,7 +323,10 @@ def write_evaluation(ws: Workspace, result: Evaluation, client: LLMClient) -> Ev
     recsys_csv = ws.reports_dir / "recsys_comparison.csv"
     recsys = pd.read_csv(recsys_csv) if recsys_csv.exists() else None
     report = write_report(ws.reports_dir, result, recsys, (stats.hits, stats.misses))
-    return EvaluationFiles(path, report)
+    info = policy_info_path(policy_dir(ws))
+    trained = _read_json(info) if info.exists() else None
+    html = write_html_report(ws.reports_dir, result, recsys, trained, (stats.hits, stats.misses))
+    return EvaluationFiles(path, report, html)
 
 
 # --------------------------------------------------------------------------- export

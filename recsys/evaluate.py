@@ -227,9 +227,11 @@ def tune(
     select_on: str = "all",
     fixed: Mapping[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
+    on_point: Callable[[], None] | None = None,
 ) -> tuple[TuningResult, Recommender]:
     """Fit ``name`` on train for each grid point, keep the best on VALIDATION patients.
 
+    ``progress`` is told each point's score; ``on_point()`` is called after each point.
     Returns: the tuning result and the best model (fitted on train).
     """
     points = grid_points(grid if grid is not None else DEFAULT_GRIDS.get(name, {}))
@@ -243,6 +245,8 @@ def tune(
         trials.append({**point, f"{metric}@{k}": value})
         if progress:
             progress(f"{name} {point}: {metric}@{k} = {value:.4f}")
+        if on_point:
+            on_point()
         if best is None or value > best[0]:
             best = (value, model, params)
     assert best is not None

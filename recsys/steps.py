@@ -10,7 +10,7 @@ to ``WORKSPACE/reports/``.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from recsys.evaluate import (
     DEFAULT_GRIDS,
     PERSONALIZED_MODELS,
     comparison_table,
+    grid_points,
     selection_mask,
     state_metrics,
     summarize,
@@ -118,8 +119,11 @@ def fit_models(
     grids: dict[str, dict[str, list[Any]]] | None = None,
     blend: bool = True,
     progress: Progress | None = None,
+    tick: Callable[[int, int], None] | None = None,
 ) -> FitSummary:
     """Tune each model on validation patients, fit it on train patients, save it.
+
+    ``tick(settings_tried, settings)`` follows the tuning of the models' grids.
 
     Args:
         names: models to fit (default: both baselines and every personalized model).
@@ -153,9 +157,26 @@ def fit_models(
     chosen = selection.setdefault("models", {})
     fitted: dict[str, Recommender] = {}
     tuning_parts = []
-    for name in (n for n in names if n != BLEND):
+    tuned = [n for n in names if n != BLEND]
+    settings = sum(len(grid_points(grids.get(n, {}))) for n in tuned)
+    tried = 0
+
+    def one_more() -> None:
+        nonlocal tried
+        tried += 1
+        if tick is not None:
+            tick(tried, settings)
+
+    for name in tuned:
         result, model = tune(
-            name, train, validation, grids.get(name, {}), k, select_on=select_on, progress=say
+            name,
+            train,
+            validation,
+            grids.get(name, {}),
+            k,
+            select_on=select_on,
+            progress=say,
+            on_point=one_more,
         )
         model.save(root / name)
         fitted[name] = model

@@ -10,6 +10,10 @@ Accepted forms::
                                         optional ANTHROPIC_BASE_URL)
     anthropic:MODEL@http://host:port    an Anthropic-compatible server
 
+``openai/MODEL`` and ``anthropic/MODEL`` (the form DSPy and LiteLLM users type,
+URL suffix included) name the same backends as ``openai:MODEL`` and
+``anthropic:MODEL``; ``str(spec)`` gives the colon form, so both share one cache.
+
 Example::
 
     >>> parse_backend_spec("openai:gpt-4o-mini@http://127.0.0.1:8080/v1")
@@ -31,11 +35,15 @@ SPEC_FORMS = (
     "openai:MODEL@http://HOST:PORT/v1",
     "anthropic:MODEL",
     "anthropic:MODEL@http://HOST:PORT",
+    "openai/MODEL",
+    "anthropic/MODEL",
 )
 
 # The model may itself contain ':' (OpenAI fine-tunes: ft:gpt-4o:org:id), so the
 # URL is split off at the last '@http://' or '@https://'.
 _REMOTE = re.compile(r"^(?P<model>[^\s@]+?)(?:@(?P<url>https?://\S+))?$")
+# LiteLLM's provider/model form; the model may hold '/' or ':' itself
+_SLASHED = re.compile(r"^(?P<kind>openai|anthropic)/(?P<rest>.*)$", re.IGNORECASE)
 
 
 def _error(spec: str, why: str) -> BackendSpecError:
@@ -52,7 +60,11 @@ def parse_backend_spec(spec: str) -> BackendSpec:
     text = spec.strip()
     if not text:
         raise _error(spec, "it is empty")
-    kind, sep, rest = text.partition(":")
+    slashed = _SLASHED.match(text)
+    if slashed:
+        kind, sep, rest = slashed["kind"], "/", slashed["rest"]
+    else:
+        kind, sep, rest = text.partition(":")
     kind = kind.lower()
     if kind == "local":
         if not sep:
@@ -65,7 +77,7 @@ def parse_backend_spec(spec: str) -> BackendSpec:
         return BackendSpec(kind="local", model=path.stem, model_path=path)
     if kind in ("openai", "anthropic"):
         if not sep or not rest:
-            raise _error(spec, f"{kind} needs a model name: {kind}:MODEL")
+            raise _error(spec, f"{kind} needs a model name: {kind}:MODEL or {kind}/MODEL")
         match = _REMOTE.match(rest)
         if match is None:
             raise _error(

@@ -142,3 +142,21 @@ def test_staging_is_removed_on_error_and_after_a_killed_ingest(
     assert not (root / ".staging").exists()
     monkeypatch.undo()
     staged(folder, root, workers=1)
+
+
+def test_progress_counts_the_files_read_in_one_or_two_processes(tmp_path: Path) -> None:
+    folder = tmp_path / "fhir"
+    for i in range(3):
+        bundle = json.loads(json.dumps(tiny_bundle()).replace("1111", f"{5555 + i}"))
+        write(folder, f"b{i}.json", bundle)
+    for workers in (1, 2):
+        ticks: list[tuple[int, int]] = []
+        ws = Workspace.at(tmp_path / f"ws-{workers}")
+        ingest_fhir_staged(
+            ws,
+            folder,
+            workers=workers,
+            chunk_files=2,
+            progress=lambda d, t, seen=ticks: seen.append((d, t)),
+        )
+        assert ticks == [(2, 3), (3, 3)], workers  # one tick per chunk of two bundles

@@ -93,8 +93,11 @@ def test_grid_points_cover_every_combination() -> None:
 
 def test_tuning_keeps_the_best_validation_point(states: PatientStates) -> None:
     train, validation = states.split("train"), states.split("validation")
-    result, model = tune("item_knn", train, validation, {"K": [1, 50]})
-    assert len(result.trials) == 2
+    points: list[int] = []
+    result, model = tune(
+        "item_knn", train, validation, {"K": [1, 50]}, on_point=lambda: points.append(1)
+    )
+    assert len(result.trials) == 2 == len(points)
     assert result.score == pytest.approx(result.trials["ndcg@10"].max())
     assert model.params["K"] == result.params["K"]
 
@@ -136,3 +139,22 @@ def test_comparison_table_and_reports(
     text = md_path.read_text()
     assert text.startswith("| subset | model |") and text.count("\n") == len(table) + 2
     assert to_markdown(table) == text
+
+
+def test_fit_models_ticks_once_per_setting_of_every_grid(tmp_path: Path) -> None:
+    from pipelines.cohort import prepare_default_cohort
+    from pipelines.workspace import Workspace
+    from recsys.steps import fit_models
+
+    ws = Workspace.at(tmp_path)
+    prepare_default_cohort(ws)
+    ticks: list[tuple[int, int]] = []
+    grids = {"item_knn": {"K": [5, 50]}, "popularity": {}}
+    fit_models(
+        ws,
+        ["item_knn", "popularity"],
+        grids=grids,
+        blend=False,
+        tick=lambda d, t: ticks.append((d, t)),
+    )
+    assert ticks == [(1, 3), (2, 3), (3, 3)]
