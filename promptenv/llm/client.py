@@ -223,6 +223,11 @@ class LLMClient:
     ) -> list[Completion]:
         """Answer every request with up to ``concurrency`` calls in flight; results in request order.
 
+        A local backend with ``parallel`` > 1 (``ClientConfig.local_parallel``)
+        runs at least that many calls at once and generates them together in
+        one llama.cpp context (`promptenv.llm.backends.local_batch`); each
+        answer still goes through the cache, budget and ledger on its own.
+
         ``progress(done, total)`` is called after each answered request (see
         `progress_lines` for one that says it every tenth).
 
@@ -257,6 +262,8 @@ class LLMClient:
                     answered[0] += 1
                     progress(answered[0], len(requests))
 
+        # a batching local backend answers as many requests together as run at once
+        concurrency = max(concurrency, getattr(self.backend, "parallel", 1))
         workers = max(1, min(concurrency, len(requests)))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pmlm-llm") as pool:
             list(pool.map(answer, range(len(requests))))

@@ -35,6 +35,8 @@ class ClientConfig:
     #: Context window of the local model, in tokens (SmolLM2 supports 8192).
     local_n_ctx: int = 4096
     local_n_threads: int = 2
+    #: Answers the local model generates together (``LLMClient.generate_many``); 1 = one at a time.
+    local_parallel: int = 1
     prices_path: Path | None = None
 
 

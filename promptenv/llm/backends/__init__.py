@@ -18,7 +18,10 @@ def make_backend(spec: BackendSpec, config: ClientConfig) -> Backend:
         from promptenv.llm.backends.local import LocalBackend
 
         return LocalBackend(
-            spec.model_path, n_ctx=config.local_n_ctx, n_threads=config.local_n_threads
+            spec.model_path,
+            n_ctx=config.local_n_ctx,
+            n_threads=config.local_n_threads,
+            parallel=config.local_parallel,
         )
     assert spec.model is not None  # parse_backend_spec guarantees it for remote kinds
     if spec.kind == "openai":

@@ -30,11 +30,12 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from promptenv.llm.backends.base import BackendReply
+from promptenv.llm.backends.local_batch import DEFAULT_BATCH_CTX, BatchScheduler, prepare
 from promptenv.llm.errors import BackendConfigError, PermanentBackendError
 from promptenv.llm.types import ChatMessage, GenerationParams
 
@@ -122,6 +123,8 @@ def disable_extra_buffers_for_process() -> None:
 class _LoadedModel:
     llama: Any
     lock: threading.Lock
+    #: Batch schedulers on this model, by (parallel, n_ctx_seq).
+    batches: dict[tuple[int, int], BatchScheduler] = field(default_factory=dict)
 
 
 _LOADED: dict[tuple[Path, int, int], _LoadedModel] = {}
@@ -134,6 +137,8 @@ def _close_models() -> None:
     # finalizers would find the library already unloaded
     with _LOADING_LOCK:
         for loaded in _LOADED.values():
+            for scheduler in loaded.batches.values():
+                scheduler.close()
             loaded.llama.close()
         _LOADED.clear()
 
@@ -171,6 +176,12 @@ class LocalBackend:
     of ``GenerationParams`` may hold any keyword of
     ``llama_cpp.Llama.create_chat_completion`` (``repeat_penalty``, ``top_k``,
     ``top_p``, ``min_p``...).
+
+    ``parallel``: how many answers are generated together when several threads
+    call ``complete`` at once (``local_batch``; ``LLMClient.generate_many``
+    runs that many threads). ``1`` answers one call at a time through
+    ``create_chat_completion``. ``batch_ctx``: tokens of prompt and answer one
+    batched sequence may hold; longer requests are answered one at a time.
     """
 
     kind: Literal["local"] = "local"
@@ -182,7 +193,11 @@ class LocalBackend:
         *,
         n_ctx: int = DEFAULT_N_CTX,
         n_threads: int = DEFAULT_N_THREADS,
+        parallel: int = 1,
+        batch_ctx: int = DEFAULT_BATCH_CTX,
     ) -> None:
+        if parallel < 1:
+            raise BackendConfigError(f"parallel must be at least 1 (got {parallel})")
         self.model_path = model_path or default_model_path()
         if not self.model_path.is_file():
             raise BackendConfigError(f"local model file {self.model_path} does not exist")
@@ -190,6 +205,8 @@ class LocalBackend:
         self.endpoint = str(self.model_path)
         self.n_ctx = n_ctx
         self.n_threads = n_threads
+        self.parallel = parallel
+        self.batch_ctx = batch_ctx
 
     @property
     def identity(self) -> Mapping[str, object]:
@@ -202,26 +219,17 @@ class LocalBackend:
 
     def complete(self, messages: Sequence[ChatMessage], params: GenerationParams) -> BackendReply:
         """Generate with the model's chat template; ``PermanentBackendError`` on bad input."""
-        allowed = _sampling_options()
-        unknown = sorted(set(params.extras) - allowed)
-        if unknown:
-            raise PermanentBackendError(
-                f"unknown llama.cpp option(s) {unknown} in GenerationParams.extras; "
-                f"allowed: {sorted(allowed)}"
-            )
-        options: dict[str, Any] = {"repeat_penalty": DEFAULT_REPEAT_PENALTY, **params.extras}
+        arguments = self._chat_arguments(messages, params)
         loaded = load_model(self.model_path, n_ctx=self.n_ctx, n_threads=self.n_threads)
+        if self.parallel > 1:
+            with loaded.lock:
+                prepared = prepare(loaded.llama, arguments, self.batch_ctx)
+            if prepared is not None:
+                return self._scheduler(loaded).submit(prepared).result()
         with loaded.lock:
             loaded.llama.reset()
             try:
-                result = loaded.llama.create_chat_completion(
-                    messages=[{"role": m.role, "content": m.content} for m in messages],
-                    max_tokens=params.max_tokens,
-                    temperature=params.temperature,
-                    seed=params.seed,
-                    stop=list(params.stop) or None,
-                    **options,
-                )
+                result = loaded.llama.create_chat_completion(**arguments)
             except ValueError as exc:
                 # llama-cpp-python raises ValueError when the prompt does not fit n_ctx
                 raise PermanentBackendError(
@@ -237,3 +245,40 @@ class LocalBackend:
             output_tokens=int(usage.get("completion_tokens", 0)),
             finish_reason=choice.get("finish_reason"),
         )
+
+    def _chat_arguments(
+        self, messages: Sequence[ChatMessage], params: GenerationParams
+    ) -> dict[str, Any]:
+        """The keywords of ``create_chat_completion`` for one request (both paths use them)."""
+        allowed = _sampling_options()
+        unknown = sorted(set(params.extras) - allowed)
+        if unknown:
+            raise PermanentBackendError(
+                f"unknown llama.cpp option(s) {unknown} in GenerationParams.extras; "
+                f"allowed: {sorted(allowed)}"
+            )
+        return {
+            "messages": [{"role": m.role, "content": m.content} for m in messages],
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "seed": params.seed,
+            "stop": list(params.stop) or None,
+            "repeat_penalty": DEFAULT_REPEAT_PENALTY,
+            **params.extras,
+        }
+
+    def _scheduler(self, loaded: _LoadedModel) -> BatchScheduler:
+        key = (self.parallel, self.batch_ctx)
+        with _LOADING_LOCK:
+            scheduler = loaded.batches.get(key)
+            if scheduler is None:
+                scheduler = BatchScheduler(
+                    loaded.llama,
+                    loaded.lock,
+                    model_name=self.model,
+                    parallel=self.parallel,
+                    n_ctx_seq=self.batch_ctx,
+                    n_threads=self.n_threads,
+                )
+                loaded.batches[key] = scheduler
+        return scheduler
