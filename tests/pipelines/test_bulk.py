@@ -157,7 +157,7 @@ def test_format_is_detected_or_chosen(tmp_path: Path) -> None:
     assert detect_format(tmp_path / "bulk") == "bulk"
     assert detect_format(tmp_path / "bulk" / "Patient.ndjson") == "bulk"
     assert detect_format(tmp_path / "bundles") == "bundles"
-    with pytest.raises(FhirInputError, match="holds no \\*.json FHIR bundles"):
+    with pytest.raises(FhirInputError, match=r"holds no \*\.json FHIR bundles"):
         read_fhir_folder(tmp_path / "bulk", fmt="bundles")
     with pytest.raises(FhirInputError, match="unknown FHIR format 'xml'"):
         read_fhir_folder(tmp_path / "bulk", fmt="xml")
