@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from pipelines.fhir.reader import FILE_COLUMN, SOURCE_ID_COLUMN, FhirReader, origin_name
 from pipelines.fhir.resources import KIND_RESOURCE, SOURCE
@@ -50,14 +51,23 @@ SORT_KEYS: dict[str, list[str]] = {
     name: ROW_ORDER[name] for name in ("patients", "encounters", "events", "notes", "quarantine")
 }
 SHARED_PART = "shared.part"
+_NOT_CONTENT = ("source_file", "recorded_time")
 
 
 def content_hashes(name: str, df: pd.DataFrame) -> np.ndarray:
-    """A 64-bit hash of each row's canonical content (not the file it came from)."""
-    columns = [c for c in TABLES[name].names if c != "source_file" and c in df.columns]
+    """A 64-bit hash of each row's canonical content (not the file it came from).
+
+    The values are hashed in their canonical types, so a column that a chunk
+    holds as objects (all missing) hashes as it does where it holds numbers.
+    """
     if not len(df):
         return np.zeros(0, dtype=np.uint64)
-    return pd.util.hash_pandas_object(df[columns], index=False).to_numpy()
+    schema = pa.schema(
+        # not the file it came from, nor what is derived from its encounter
+        [f for f in TABLES[name] if f.name not in _NOT_CONTENT and f.name in df.columns]
+    )
+    table = pa.Table.from_pandas(df[schema.names], schema=schema, preserve_index=False)
+    return pd.util.hash_pandas_object(table.to_pandas(), index=False).to_numpy()
 
 
 def later_occurrences(
