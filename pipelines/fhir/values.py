@@ -157,4 +157,6 @@ def has_code(concept: Any, codes: frozenset[str]) -> bool:
     raw = concept.get("coding")
     if not isinstance(raw, list):
         return False
-    return any(isinstance(c, dict) and c.get("code") in codes for c in raw)
+    return any(
+        isinstance(c, dict) and isinstance(c.get("code"), str) and c["code"] in codes for c in raw
+    )

@@ -45,7 +45,8 @@ def export_bulk(
         }
         for entry in entries:
             resource = _rewrite(entry["resource"], targets)
-            by_type.setdefault(resource["resourceType"], []).append(
+            rtype = resource.get("resourceType")  # damaged resources go to a file of their own
+            by_type.setdefault(rtype if isinstance(rtype, str) else "Damaged", []).append(
                 json.dumps(resource, separators=(",", ":")).encode()
             )
     output = []
