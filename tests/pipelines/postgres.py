@@ -39,14 +39,11 @@ def postgres_server(binaries: Path, port: int = 54329) -> Iterator[str]:
     data = folder / "data"
     if os.geteuid() == 0:
         shutil.chown(folder, "postgres", "postgres")
-    run = (
-        lambda *cmd: subprocess.run(  # noqa: E731
-            _as_server_user([str(binaries / cmd[0]), *cmd[1:]]),
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-    )
+
+    def run(*cmd: str) -> None:
+        command = _as_server_user([str(binaries / cmd[0]), *cmd[1:]])
+        subprocess.run(command, check=True, capture_output=True, text=True)
+
     try:
         run("initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
         options = f"-k {folder} -c listen_addresses='' -p {port} -c fsync=off"
