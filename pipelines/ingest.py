@@ -16,10 +16,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from pipelines.identity import workspace_salt, write_crosswalk
 from pipelines.index import DEFAULT_SPLIT_SEED, index_encounters
 from pipelines.plans import plans_from_notes, plans_from_orders
 from pipelines.schemas import EVENT_KINDS, ROW_ORDER, SPLITS, TABLES
-from pipelines.sources import SourceTables
+from pipelines.sources import SOURCE_ID_COLUMN, SourceTables
 from pipelines.workspace import Workspace, to_arrow
 
 #: ``--plans`` choices → ``derive``'s ``plans_from``.
@@ -144,6 +145,12 @@ def write_cohort(
     ``plans``: where reference plans come from (`PLAN_SOURCES`: notes, orders, auto).
     """
     tables = derive(source, split_seed=split_seed, plans_from=plan_choice(plans))
+    if SOURCE_ID_COLUMN in source.patients.columns:
+        crosswalk = source.patients[["patient_id", SOURCE_ID_COLUMN]].rename(
+            columns={SOURCE_ID_COLUMN: "source_id"}
+        )
+        system = source.summary.source
+        write_crosswalk(workspace, crosswalk.assign(source_system=system), None, None)
     hashes = {}
     for name in TABLES:
         table = to_arrow(name, tables[name])
@@ -260,11 +267,21 @@ def ingest_fhir(
 
 
 def ingest_omop(
-    workspace: Workspace, path: Path | None, split_seed: int = DEFAULT_SPLIT_SEED
+    workspace: Workspace,
+    path: Path | str | None,
+    split_seed: int = DEFAULT_SPLIT_SEED,
+    cdm_schema: str | None = None,
+    plans: str = "auto",
 ) -> dict[str, Any]:
-    """Read an OMOP CDM (DuckDB file or CSV folder; None → Eunomia) into the workspace."""
-    from pipelines.omop import eunomia_path, read_omop
+    """Read an OMOP CDM (DuckDB file, CSV folder or database URL with its ``cdm_schema``;
+    None → Eunomia) into the workspace; returns the summary."""
+    from pipelines.omop import eunomia_path, is_url, read_omop
 
-    path = path if path is not None else eunomia_path()
-    source = read_omop(path)
-    return write_cohort(workspace, source, input_description=f"omop:{path}", split_seed=split_seed)
+    where = path if path is not None else eunomia_path()
+    source = read_omop(where, salt=workspace_salt(workspace), cdm_schema=cdm_schema)
+    shown = (
+        source.patients["source_file"].iloc[0] if is_url(where) and len(source.patients) else where
+    )
+    return write_cohort(
+        workspace, source, input_description=f"omop:{shown}", split_seed=split_seed, plans=plans
+    )

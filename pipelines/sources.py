@@ -19,6 +19,9 @@ import pandas as pd
 #: Salt of the patient pseudonyms. Set PMLM_PSEUDONYM_SALT to a secret of the
 #: hospital's own so that pseudonyms cannot be recomputed from source ids.
 DEFAULT_SALT = "pmlm"
+#: Internal column of ``patients`` as a reader returns it: the source id (for the
+#: crosswalk, `pipelines.identity`); never written to a table.
+SOURCE_ID_COLUMN = "_source_id"
 
 
 def pseudonym(source: str, source_id: str, salt: str | None = None) -> str:

@@ -53,6 +53,7 @@ from pipelines.fhir import (
     typed,
 )
 from pipelines.fhir.merge import FIRST_COLUMN, REPEAT_COLUMN, content_hashes, resolve_duplicates
+from pipelines.identity import workspace_salt, write_crosswalk
 from pipelines.index import DEFAULT_SPLIT_SEED
 from pipelines.ingest import (
     HASHED_TABLES,
@@ -322,6 +323,7 @@ def ingest_fhir_staged(
     removed by the next.
     """
     plans_from = plan_choice(plans)
+    salt = salt if salt is not None else workspace_salt(workspace)
     root = workspace.root / ".staging"
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob("ingest-*"):  # left by a killed ingest (one ingest per workspace)
@@ -365,6 +367,10 @@ def ingest_fhir_staged(
             )
             if name in HASHED_TABLES:
                 hashes[name] = table[HASH_COLUMN].to_numpy()
+            if name == "patients":
+                crosswalk = table.select(["patient_id", SOURCE_ID_COLUMN]).to_pandas()
+                crosswalk = crosswalk.rename(columns={SOURCE_ID_COLUMN: "source_id"})
+                write_crosswalk(workspace, crosswalk.assign(source_system="fhir"), file_names, salt)
             table = table.select(TABLES[name].names)
             workspace.write_table(name, table)
             columns = _SUMMARY_COLUMNS[name]

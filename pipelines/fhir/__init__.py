@@ -155,6 +155,9 @@ def read_fhir_folder(
 ) -> SourceTables:
     """Read every resource of a FHIR input into record-level canonical tables, in memory.
 
+    ``patients`` carries ``SOURCE_ID_COLUMN`` (the source id, for the crosswalk:
+    `pipelines.identity`); writing a table drops it.
+
     Units are read in chunks by ``workers`` processes (default: the number of
     CPUs; 1 reads in this process); the result does not depend on either. For a
     large cohort, `pipelines.staged.ingest_fhir_staged` writes a workspace

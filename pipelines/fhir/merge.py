@@ -249,8 +249,7 @@ def merge_chunks(
         for p in parts:  # free each chunk's copy as soon as it is merged
             setattr(p, name, None)
     tables = dedupe(SourceTables(summary=summary, **merged), names)
-    for name in ID_COLUMNS:
-        df = getattr(tables, name)
-        setattr(tables, name, df.drop(columns=[FILE_COLUMN, SOURCE_ID_COLUMN], errors="ignore"))
+    for name in ID_COLUMNS:  # patients keep SOURCE_ID_COLUMN for the crosswalk
+        setattr(tables, name, getattr(tables, name).drop(columns=[FILE_COLUMN]))
     del merged, parts
     return sorted_tables(tables)

@@ -22,13 +22,12 @@ import simdjson
 
 from pipelines.fhir.resources import RESOURCE_PARSERS, SOURCE, Filtered
 from pipelines.fhir.values import Coding, Rejected, reference_id, reference_target
+from pipelines.identity import file_id
 from pipelines.schemas import ENCOUNTERS, EVENTS, NOTES, PATIENTS, QUARANTINE
-from pipelines.sources import IngestSummary, SourceTables, frame
+from pipelines.sources import SOURCE_ID_COLUMN, IngestSummary, SourceTables, frame
 
 #: Internal column: the origin of a row (file number × 2**32 + line), dropped before writing.
 FILE_COLUMN = "_file"
-#: Internal column of patients: the source id (for the quarantine rows of duplicates).
-SOURCE_ID_COLUMN = "_source_id"
 LINE_BITS = 32
 #: Bundle types that are read: every one whose entries are resources of record.
 BUNDLE_TYPES = frozenset({"document", "collection", "transaction", "batch", "searchset"})
@@ -142,7 +141,7 @@ class FhirReader:
         self.rows[table].append(row)
 
     def add_patient(self, source_id: str, row: dict[str, Any]) -> None:
-        row["source_file"] = self.names[self.origin >> LINE_BITS]
+        row["source_file"] = file_id(self.names[self.origin >> LINE_BITS], self.salt)
         row[SOURCE_ID_COLUMN] = source_id
         self.add("patients", row)
         self.patient_ids[source_id] = row["patient_id"]

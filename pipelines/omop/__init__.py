@@ -35,7 +35,7 @@ from pipelines.fhir import sorted_tables, typed
 from pipelines.omop.access import OmopInputError, is_url, open_cdm
 from pipelines.omop.tables import SOURCE, TABLE_READERS, Cdm, OmopSchemaError
 from pipelines.schemas import ENCOUNTERS, EVENTS, NOTES, PATIENTS, QUARANTINE
-from pipelines.sources import SourceTables
+from pipelines.sources import SOURCE_ID_COLUMN, SourceTables
 
 __all__ = ["SOURCE", "OmopInputError", "OmopSchemaError", "eunomia_path", "is_url", "read_omop"]
 
@@ -173,7 +173,7 @@ def read_omop(
     notes = cdm.notes if cdm.notes is not None else pd.DataFrame(columns=NOTES.names)
     return sorted_tables(
         SourceTables(
-            patients=typed(patients[PATIENTS.names].reset_index(drop=True)),
+            patients=typed(patients[[*PATIENTS.names, SOURCE_ID_COLUMN]].reset_index(drop=True)),
             encounters=typed(encounters[ENCOUNTERS.names].copy()),
             events=typed(events[EVENTS.names].copy()),
             notes=typed(notes[NOTES.names].reset_index(drop=True)),

@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from pipelines.omop.access import TableAccess
-from pipelines.sources import IngestError, IngestSummary, pseudonym
+from pipelines.sources import SOURCE_ID_COLUMN, IngestError, IngestSummary, pseudonym
 
 SOURCE = "omop"
 
@@ -212,6 +212,7 @@ def read_person(cdm: Cdm) -> None:
             "ethnicity": df.get("ethnicity_source_value"),
             "source": SOURCE,
             "source_file": cdm.access.origins["person"],
+            SOURCE_ID_COLUMN: pid.astype(str),
         }
     )
 

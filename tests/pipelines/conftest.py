@@ -32,3 +32,10 @@ def postgres_url() -> Iterator[str]:
         pytest.skip(message)
     with postgres_server(binaries) as url:
         yield url
+
+
+@pytest.fixture(autouse=True)
+def shared_salt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One pseudonym salt for every workspace of a test, so that the tables of two
+    workspaces (in memory and staged, say) can be compared. `test_identity` unsets it."""
+    monkeypatch.setenv("PMLM_PSEUDONYM_SALT", "pmlm-tests")

@@ -13,6 +13,7 @@ from test_fhir import tiny_bundle, write
 from test_staged import assert_same_workspaces
 
 from pipelines.fhir import FhirInputError, detect_format, read_fhir_folder
+from pipelines.identity import file_id, workspace_salt
 from pipelines.ingest import derive, write_cohort
 from pipelines.staged import ingest_fhir_staged
 from pipelines.workspace import Workspace
@@ -51,15 +52,14 @@ def test_bulk_export_gives_the_tables_of_its_bundles(
     for name in want:
         pd.testing.assert_frame_equal(got[name], want[name], obj=name)
     assert len(want["index_encounters"]) > 100
-    assert set(bulk.patients["source_file"]) == {"Patient.ndjson"}
+    assert set(bulk.patients["source_file"]) == {file_id("Patient.ndjson")}
 
 
 @pytest.mark.slow
 def test_bulk_staged_equals_in_memory(bulk_cohort: Path, tmp_path: Path) -> None:
     memory = Workspace.at(tmp_path / "memory")
-    write_cohort(
-        memory, read_fhir_folder(bulk_cohort, workers=1), input_description=f"fhir:{bulk_cohort}"
-    )
+    source = read_fhir_folder(bulk_cohort, salt=workspace_salt(memory), workers=1)
+    write_cohort(memory, source, input_description=f"fhir:{bulk_cohort}")
     staged = Workspace.at(tmp_path / "staged")
     ingest_fhir_staged(staged, bulk_cohort, workers=2)
     assert not (tmp_path / "staged" / ".staging").exists()

@@ -16,7 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipelines.fhir import FhirInputError, read_fhir_folder
+from pipelines.identity import file_id
 from pipelines.ingest import derive, ingest_fhir
+from pipelines.schemas import PATIENTS
 from pipelines.workspace import Workspace
 
 PATIENT_ID = "11111111-1111-1111-1111-111111111111"
@@ -111,8 +113,8 @@ def test_tiny_bundle_reads_every_resource_type(tmp_path: Path) -> None:
     assert (s.read, s.kept, s.quarantined, s.skipped) == (5, 4, 0, 1)
     assert s.skipped_by_type == {"Claim": 1}
     assert t.patients["patient_id"].str.match(r"^p[0-9a-f]{16}$").all()
-    # the source id never appears in the canonical tables
-    assert PATIENT_ID not in t.patients.to_string()
+    # the source id never appears in the canonical columns (only in the crosswalk's)
+    assert PATIENT_ID not in t.patients[PATIENTS.names].to_string()
     assert t.events.iloc[0]["code"] == "252160004"
     assert "standard pregnancy test" in t.notes.iloc[0]["text"]
 
@@ -205,7 +207,7 @@ def test_identical_repeats_across_files_are_merged_and_counted(tmp_path: Path) -
     assert t.summary.quarantined == 0 and t.quarantine.empty
     assert t.summary.skipped_by_reason == {"identical repeat": 19 * 4}
     assert sum(t.summary.kept_by_type.values()) == t.summary.kept
-    assert t.patients["source_file"].tolist() == ["sub0/copy00.json"]
+    assert t.patients["source_file"].tolist() == [file_id("sub0/copy00.json")]
 
 
 def test_conflicting_repeats_across_files_name_both_files(tmp_path: Path) -> None:
@@ -355,7 +357,7 @@ def test_mutated_real_bundles_never_crash_and_reconcile(
     assert len(t.quarantine) == s.quarantined + s.files_quarantined
     assert t.quarantine["reason"].str.len().gt(0).all()
     # the intact file is always fully kept
-    assert (t.patients["source_file"] == "intact.json").sum() == 1
+    assert (t.patients["source_file"] == file_id("intact.json")).sum() == 1
     tables = derive(t)  # derived tables never fail on what the reader kept
     assert set(tables["index_encounters"]["patient_id"]) <= set(t.patients["patient_id"])
     shutil.rmtree(folder)

@@ -15,6 +15,7 @@ from test_fhir import tiny_bundle, write
 
 from pipelines.cohort import CohortSpec, _synthea_executable
 from pipelines.fhir import read_fhir_folder
+from pipelines.identity import file_id
 from pipelines.ingest import ingest_fhir
 from pipelines.workspace import Workspace
 
@@ -66,7 +67,7 @@ def test_every_bundle_type_is_read(tmp_path: Path, btype: str) -> None:
     t = read_fhir_folder(tmp_path)
     assert t.summary.reconciles() and t.quarantine.empty
     assert (len(t.patients), len(t.encounters), len(t.events), len(t.notes)) == (1, 1, 1, 1)
-    assert t.patients["source_file"].tolist() == ["a/b/x.json"]
+    assert t.patients["source_file"].tolist() == [file_id("a/b/x.json")]
 
 
 def test_history_bundles_are_quarantined_with_what_to_do(tmp_path: Path) -> None:

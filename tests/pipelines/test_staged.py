@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from test_fhir import ENCOUNTER_ID, MUTATIONS, _mutate, tiny_bundle, write
 
 from pipelines.fhir import read_fhir_folder
+from pipelines.identity import workspace_salt
 from pipelines.ingest import write_cohort
 from pipelines.schemas import TABLES
 from pipelines.staged import ingest_fhir_staged
@@ -31,7 +32,8 @@ def assert_same_workspaces(a: Workspace, b: Workspace) -> None:
 
 def in_memory(folder: Path, root: Path) -> Workspace:
     ws = Workspace.at(root)
-    write_cohort(ws, read_fhir_folder(folder, workers=1), input_description=f"fhir:{folder}")
+    source = read_fhir_folder(folder, salt=workspace_salt(ws), workers=1)
+    write_cohort(ws, source, input_description=f"fhir:{folder}")
     return ws
 
 
