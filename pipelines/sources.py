@@ -16,6 +16,8 @@ from typing import Any
 
 import pandas as pd
 
+from pipelines.errors import InputError
+
 #: Salt of the patient pseudonyms. Set PMLM_PSEUDONYM_SALT to a secret of the
 #: hospital's own so that pseudonyms cannot be recomputed from source ids.
 DEFAULT_SALT = "pmlm"
@@ -31,7 +33,7 @@ def pseudonym(source: str, source_id: str, salt: str | None = None) -> str:
     return "p" + digest[:16]
 
 
-class IngestError(ValueError):
+class IngestError(InputError):
     """An input that cannot be ingested at all; the message says what is wrong, where,
     and what to do (one line, for the command line to print without a traceback)."""
 
