@@ -34,8 +34,15 @@ def postgres_url() -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(autouse=True)
-def shared_salt(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One pseudonym salt for every workspace of a test, so that the tables of two
-    workspaces (in memory and staged, say) can be compared. `test_identity` unsets it."""
-    monkeypatch.setenv("PMLM_PSEUDONYM_SALT", "pmlm-tests")
+@pytest.fixture(autouse=True, scope="session")
+def shared_salt() -> Iterator[None]:
+    """One pseudonym salt for every workspace of the data-layer tests, so that the
+    tables of two workspaces (in memory and staged, say) can be compared, set before
+    any module fixture reads. `test_identity` unsets it where it tests the secret."""
+    before = os.environ.get("PMLM_PSEUDONYM_SALT")
+    os.environ["PMLM_PSEUDONYM_SALT"] = "pmlm-tests"
+    yield
+    if before is None:
+        del os.environ["PMLM_PSEUDONYM_SALT"]
+    else:
+        os.environ["PMLM_PSEUDONYM_SALT"] = before
