@@ -16,11 +16,40 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from pipelines.identity import workspace_salt, write_crosswalk
 from pipelines.index import DEFAULT_SPLIT_SEED, index_encounters
 from pipelines.plans import plans_from_notes, plans_from_orders
 from pipelines.schemas import EVENT_KINDS, ROW_ORDER, SPLITS, TABLES
-from pipelines.sources import SourceTables
+from pipelines.sources import SOURCE_ID_COLUMN, SourceTables
 from pipelines.workspace import Workspace, to_arrow
+
+#: ``--plans`` choices → ``derive``'s ``plans_from``.
+PLAN_SOURCES: dict[str, str] = {"notes": "note", "orders": "events", "auto": "auto"}
+
+
+def plan_choice(plans: str) -> str:
+    """``derive``'s ``plans_from`` for a ``--plans`` choice (notes, orders, auto)."""
+    if plans not in PLAN_SOURCES:
+        raise ValueError(f"--plans must be one of {', '.join(PLAN_SOURCES)}, not {plans!r}")
+    return PLAN_SOURCES[plans]
+
+
+def _plans(source: SourceTables, plans_from: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    if plans_from == "note":
+        return plans_from_notes(source.notes, source.events)
+    if plans_from == "events":
+        return plans_from_orders(source.events, source.encounters)
+    if plans_from != "auto":
+        raise ValueError(f"plans_from must be 'note', 'events' or 'auto', not {plans_from!r}")
+    noted, noted_items = plans_from_notes(source.notes, source.events)
+    ordered, ordered_items = plans_from_orders(source.events, source.encounters)
+    extra = ~ordered["encounter_id"].isin(noted["encounter_id"])
+    extra_items = ordered_items["encounter_id"].isin(ordered.loc[extra, "encounter_id"])
+    frames = [noted, ordered[extra]]
+    plans = pd.concat([f for f in frames if len(f)] or frames[:1], ignore_index=True)
+    item_frames = [noted_items, ordered_items[extra_items]]
+    items = pd.concat([f for f in item_frames if len(f)] or item_frames[:1], ignore_index=True)
+    return plans, items
 
 
 def derive(
@@ -28,19 +57,16 @@ def derive(
 ) -> dict[str, pd.DataFrame]:
     """All canonical tables from record-level tables.
 
-    Reference plans come from the notes (``plans_from="note"``) or from the orders
-    recorded at each encounter (``"events"``); by default from the notes when the
-    source has any. Every derived row depends on one patient's records only, so a
-    cohort can be derived in parts (`pipelines.staged`).
+    Reference plans come from the notes (``plans_from="note"``), from the orders
+    recorded at each encounter (``"events"``), or per encounter from its note
+    where the parser finds a plan there, else from its orders (``"auto"``); by
+    default (None) from the notes when the source has any, else from the orders.
+    Every derived row depends on one patient's records only, so a cohort can be
+    derived in parts (`pipelines.staged`).
     """
     if plans_from is None:
         plans_from = "note" if len(source.notes) else "events"
-    if plans_from == "note":
-        plans, items = plans_from_notes(source.notes, source.events)
-    elif plans_from == "events":
-        plans, items = plans_from_orders(source.events, source.encounters)
-    else:
-        raise ValueError(f"plans_from must be 'note' or 'events', not {plans_from!r}")
+    plans, items = _plans(source, plans_from)
     plans, items = (
         df.sort_values(ROW_ORDER[name], kind="stable", na_position="first").reset_index(drop=True)
         for name, df in (("reference_plans", plans), ("plan_items", items))
@@ -112,9 +138,19 @@ def write_cohort(
     *,
     input_description: str,
     split_seed: int = DEFAULT_SPLIT_SEED,
+    plans: str = "auto",
 ) -> dict[str, Any]:
-    """Derive and write every canonical table, record the step, and return the summary."""
-    tables = derive(source, split_seed=split_seed)
+    """Derive and write every canonical table, record the step, and return the summary.
+
+    ``plans``: where reference plans come from (`PLAN_SOURCES`: notes, orders, auto).
+    """
+    tables = derive(source, split_seed=split_seed, plans_from=plan_choice(plans))
+    if SOURCE_ID_COLUMN in source.patients.columns:
+        crosswalk = source.patients[["patient_id", SOURCE_ID_COLUMN]].rename(
+            columns={SOURCE_ID_COLUMN: "source_id"}
+        )
+        system = source.summary.source
+        write_crosswalk(workspace, crosswalk.assign(source_system=system), None, None)
     hashes = {}
     for name in TABLES:
         table = to_arrow(name, tables[name])
@@ -167,9 +203,31 @@ def summarize(
             "this source has no clinical notes: reference plans are the orders recorded "
             "at the next encounter (plan_source = 'events'), not a physician's written plan"
         )
+    if len(tables["reference_plans"]) == 0:
+        summary["remark"] = no_plan_reason(tables)
     if ingest is not None:
         summary["ingest"] = ingest
     return summary
+
+
+def no_plan_reason(tables: dict[str, pd.DataFrame]) -> str:
+    """Why no reference plan was derived (a summary never shows a silent zero)."""
+    events = tables["events"]
+    orders = events["encounter_id"].notna() & events["kind"].isin(
+        ["procedure", "medication", "immunization", "careplan", "observation"]
+    )
+    notes = tables["notes"]
+    return (
+        f"no reference plan could be derived: {len(notes)} notes, none with an "
+        f"'Assessment and Plan' section the parser knows (pipelines/plans.py), and "
+        f"{int(orders.sum())} orders recorded at an encounter"
+        + (": choose --plans orders" if orders.any() and len(notes) else "")
+        + (
+            "; every index encounter needs a next encounter with a plan"
+            if not orders.any() and not len(notes)
+            else ""
+        )
+    )
 
 
 def _reason_counts(quarantine: pd.DataFrame) -> dict[str, int]:
@@ -193,8 +251,11 @@ def ingest_fhir(
     split_seed: int = DEFAULT_SPLIT_SEED,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    fmt: str = "auto",
+    plans: str = "auto",
 ) -> dict[str, Any]:
-    """Read a folder of FHIR R4 bundles into the workspace; returns the summary.
+    """Read a FHIR input (bundles, or a Bulk Data export: ``fmt``) into the workspace;
+    returns the summary.
 
     Staged (`pipelines.staged`): each worker process holds one chunk of bundles;
     this process about two copies of the largest table (events), not the cohort.
@@ -203,16 +264,32 @@ def ingest_fhir(
     from pipelines.staged import ingest_fhir_staged
 
     return ingest_fhir_staged(
-        workspace, folder, split_seed=split_seed, workers=workers, progress=progress
+        workspace,
+        folder,
+        split_seed=split_seed,
+        workers=workers,
+        fmt=fmt,
+        plans=plans,
+        progress=progress,
     )
 
 
 def ingest_omop(
-    workspace: Workspace, path: Path | None, split_seed: int = DEFAULT_SPLIT_SEED
+    workspace: Workspace,
+    path: Path | str | None,
+    split_seed: int = DEFAULT_SPLIT_SEED,
+    cdm_schema: str | None = None,
+    plans: str = "auto",
 ) -> dict[str, Any]:
-    """Read an OMOP CDM (DuckDB file or CSV folder; None → Eunomia) into the workspace."""
-    from pipelines.omop import eunomia_path, read_omop
+    """Read an OMOP CDM (DuckDB file, CSV folder or database URL with its ``cdm_schema``;
+    None → Eunomia) into the workspace; returns the summary."""
+    from pipelines.omop import eunomia_path, is_url, read_omop
 
-    path = path if path is not None else eunomia_path()
-    source = read_omop(path)
-    return write_cohort(workspace, source, input_description=f"omop:{path}", split_seed=split_seed)
+    where = path if path is not None else eunomia_path()
+    source = read_omop(where, salt=workspace_salt(workspace), cdm_schema=cdm_schema)
+    shown = (
+        source.patients["source_file"].iloc[0] if is_url(where) and len(source.patients) else where
+    )
+    return write_cohort(
+        workspace, source, input_description=f"omop:{shown}", split_seed=split_seed, plans=plans
+    )

@@ -16,9 +16,14 @@ from typing import Any
 
 import pandas as pd
 
+from pipelines.errors import InputError
+
 #: Salt of the patient pseudonyms. Set PMLM_PSEUDONYM_SALT to a secret of the
 #: hospital's own so that pseudonyms cannot be recomputed from source ids.
 DEFAULT_SALT = "pmlm"
+#: Internal column of ``patients`` as a reader returns it: the source id (for the
+#: crosswalk, `pipelines.identity`); never written to a table.
+SOURCE_ID_COLUMN = "_source_id"
 
 
 def pseudonym(source: str, source_id: str, salt: str | None = None) -> str:
@@ -28,13 +33,21 @@ def pseudonym(source: str, source_id: str, salt: str | None = None) -> str:
     return "p" + digest[:16]
 
 
+class IngestError(InputError):
+    """An input that cannot be ingested at all; the message says what is wrong, where,
+    and what to do (one line, for the command line to print without a traceback)."""
+
+
 @dataclass
 class IngestSummary:
-    """Counts that reconcile: ``read == kept + quarantined + skipped_by_type``.
+    """Counts that reconcile: ``read == kept + quarantined + skipped``.
 
     ``read`` counts records (FHIR resources, OMOP rows) found in readable files;
     ``files_quarantined`` counts files that could not be read at all (their
-    records cannot be counted and are not in ``read``).
+    records cannot be counted and are not in ``read``). ``skipped`` is the sum of
+    ``skipped_by_type`` (types that are not read) and ``skipped_by_reason``
+    (records that are read but hold no fact: an identical repeat of a record
+    already kept, a status such as entered-in-error, refuted or cancelled).
     """
 
     source: str
@@ -45,11 +58,24 @@ class IngestSummary:
     quarantined: int = 0
     skipped_by_type: Counter[str] = field(default_factory=Counter)
     kept_by_type: Counter[str] = field(default_factory=Counter)
+    skipped_by_reason: Counter[str] = field(default_factory=Counter)
     notes: list[str] = field(default_factory=list)
 
     @property
     def skipped(self) -> int:
-        return sum(self.skipped_by_type.values())
+        return sum(self.skipped_by_type.values()) + sum(self.skipped_by_reason.values())
+
+    def add(self, other: IngestSummary) -> None:
+        """Add the counts of ``other`` (another part of the same input) to these."""
+        self.files_read += other.files_read
+        self.files_quarantined += other.files_quarantined
+        self.read += other.read
+        self.kept += other.kept
+        self.quarantined += other.quarantined
+        self.skipped_by_type.update(other.skipped_by_type)
+        self.kept_by_type.update(other.kept_by_type)
+        self.skipped_by_reason.update(other.skipped_by_reason)
+        self.notes.extend(n for n in other.notes if n not in self.notes)
 
     def reconciles(self) -> bool:
         return self.read == self.kept + self.quarantined + self.skipped
@@ -65,6 +91,7 @@ class IngestSummary:
             "skipped": self.skipped,
             "skipped_by_type": dict(sorted(self.skipped_by_type.items())),
             "kept_by_type": dict(sorted(self.kept_by_type.items())),
+            "skipped_by_reason": dict(sorted(self.skipped_by_reason.items())),
             "notes": list(self.notes),
         }
 

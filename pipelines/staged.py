@@ -27,6 +27,7 @@ The written tables, the data hash and the summary equal those of
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 import warnings
@@ -44,20 +45,22 @@ from pipelines.fhir import (
     FILE_COLUMN,
     ID_COLUMNS,
     SOURCE_ID_COLUMN,
-    bundle_files,
-    file_chunks,
+    dedupe,
     map_chunks,
     merge_summaries,
-    quarantine_duplicates,
+    prepare_input,
     read_chunk,
     sorted_tables,
     typed,
 )
+from pipelines.fhir.merge import FIRST_COLUMN, REPEAT_COLUMN, content_hashes, resolve_duplicates
+from pipelines.identity import workspace_salt, write_crosswalk
 from pipelines.index import DEFAULT_SPLIT_SEED
 from pipelines.ingest import (
     HASHED_TABLES,
     content_hash,
     derive,
+    plan_choice,
     record_ingest,
     row_hashes,
     summarize,
@@ -92,8 +95,9 @@ class StagedChunk:
     summary: IngestSummary
     quarantine: pd.DataFrame
     n_notes: int
-    #: record table → ``h1``, ``h2`` (hash of the id) and ``patient`` (a number in
-    #: ``patient_ids``), one row per staged row, in order
+    #: record table → ``h1``, ``h2`` (hash of the id), ``content`` (hash of the row),
+    #: ``file`` (its origin) and ``patient`` (a number in ``patient_ids``), one row per
+    #: staged row, in order
     ids: dict[str, pd.DataFrame]
     patient_ids: np.ndarray
 
@@ -109,7 +113,7 @@ def _part_table(name: str, frame: pd.DataFrame) -> pa.Table:
     if name in HASHED_TABLES:
         table = table.append_column(HASH_COLUMN, pa.array(row_hashes(table), pa.uint64()))
     if name in RECORD_TABLES:
-        table = table.append_column(FILE_COLUMN, pa.array(frame[FILE_COLUMN], pa.int32()))
+        table = table.append_column(FILE_COLUMN, pa.array(frame[FILE_COLUMN], pa.int64()))
     if name == "patients":
         table = table.append_column(
             SOURCE_ID_COLUMN, pa.array(frame[SOURCE_ID_COLUMN], pa.string())
@@ -135,13 +139,23 @@ def _read_part(staging: Path, name: str, first_file: int) -> pa.Table:
 
 
 def stage_chunk(
-    paths: list[Path], salt: str | None, split_seed: int, staging: Path, first_file: int
+    paths: list[Path],
+    salt: str | None,
+    names: list[str],
+    split_seed: int,
+    plans_from: str | None,
+    staging: Path,
+    first_file: int,
 ) -> StagedChunk:
-    """Read, sort, derive, hash and stage one chunk of bundles (runs in a worker)."""
-    source = sorted_tables(read_chunk(paths, salt, first_file))
-    derived = derive(source, split_seed=split_seed)
+    """Read, sort, derive, hash and stage one chunk of units (runs in a worker)."""
+    source = sorted_tables(read_chunk(paths, salt, names, first_file))
+    # Every row is staged; the derived rows of a chunk with repeated ids are replaced
+    # later (`_rederive`), but they are derived from one occurrence of each.
+    unique = dedupe(dataclasses.replace(source, summary=IngestSummary(source="fhir")), names)
+    derived = derive(unique, split_seed=split_seed, plans_from=plans_from)
+    del unique
     ids = {}
-    patient_ids = source.patients["patient_id"].to_numpy(dtype=object)
+    patient_ids = pd.unique(source.patients["patient_id"].to_numpy(dtype=object))
     for name in RECORD_TABLES:
         frame: pd.DataFrame = getattr(source, name)
         key = ID_COLUMNS[name][0]
@@ -149,7 +163,11 @@ def stage_chunk(
         patient = pd.Index(patient_ids).get_indexer(frame["patient_id"]).astype(np.int32)
         if (patient < 0).any():  # cannot happen while references resolve within a file
             raise RuntimeError(f"{name} rows of a patient not read in files {paths[0]}…")
-        ids[name] = _id_hashes(frame[key]).assign(patient=patient)
+        ids[name] = _id_hashes(frame[key]).assign(
+            content=content_hashes(name, frame),
+            file=frame[FILE_COLUMN].to_numpy(dtype=np.int64),
+            patient=patient,
+        )
         _write_part(staging, name, first_file, _part_table(name, frame))
         setattr(source, name, None)  # memory: one table's copy at a time
     for name in DERIVED_TABLES:
@@ -164,10 +182,14 @@ def stage_chunk(
     )
 
 
-def _duplicates(chunks: list[StagedChunk]) -> tuple[dict[str, set[tuple[int, int]]], set[str]]:
-    """Rows to drop (later occurrences of an id, as (first file of chunk, row)) per record
-    table, and the patients holding a repeated id (all occurrences)."""
-    drops: dict[str, set[tuple[int, int]]] = {}
+Drops = dict[str, dict[tuple[int, int], tuple[bool, int]]]
+
+
+def _duplicates(chunks: list[StagedChunk]) -> tuple[Drops, set[str]]:
+    """Rows to drop per record table: later occurrences of an id, as (first file of
+    chunk, row) → (an identical repeat?, origin of the first occurrence); and the
+    patients holding a repeated id (all occurrences)."""
+    drops: Drops = {}
     affected: set[str] = set()
     for name in RECORD_TABLES:
         ids = pd.concat(
@@ -177,14 +199,26 @@ def _duplicates(chunks: list[StagedChunk]) -> tuple[dict[str, set[tuple[int, int
             ],
             ignore_index=True,
         )
+        # the input order decides which occurrence is first (staged rows are sorted)
+        ids = ids.sort_values("file", kind="stable", ignore_index=True)
         later = ids.duplicated(["h1", "h2"], keep="first")
         if later.any():
             every = ids[ids.duplicated(["h1", "h2"], keep=False)]
             for i, patient in zip(every["chunk"], every["patient"], strict=True):
                 affected.add(str(chunks[i].patient_ids[patient]))
+            by_id = [ids["h1"].to_numpy(), ids["h2"].to_numpy()]
+            first_content = ids["content"].groupby(by_id, sort=False).transform("first")
+            first_file = ids["file"].groupby(by_id, sort=False).transform("first")
+            repeat = ids["content"] == first_content
             drops[name] = {
-                (chunks[i].first_file, int(row))
-                for i, row in zip(ids.loc[later, "chunk"], ids.loc[later, "row"], strict=True)
+                (chunks[i].first_file, int(row)): (bool(same), int(first))
+                for i, row, same, first in zip(
+                    ids.loc[later, "chunk"],
+                    ids.loc[later, "row"],
+                    repeat[later],
+                    first_file[later],
+                    strict=True,
+                )
             }
     return drops, affected
 
@@ -192,7 +226,7 @@ def _duplicates(chunks: list[StagedChunk]) -> tuple[dict[str, set[tuple[int, int
 def _rederive(
     staging: Path,
     chunks: list[StagedChunk],
-    drops: dict[str, set[tuple[int, int]]],
+    drops: Drops,
     affected: pa.Array,
     file_names: list[str],
     summary: IngestSummary,
@@ -210,10 +244,18 @@ def _rederive(
             rows = pc.indices_nonzero(pc.is_in(part["patient_id"], value_set=affected))
             piece = part.take(rows).drop_columns([HASH_COLUMN] if name in HASHED_TABLES else [])
             piece = piece.to_pandas()
-            dropped = drops.get(name, set())
-            later = np.array([(c.first_file, r) in dropped for r in rows.to_numpy()], dtype=bool)
+            dropped = drops.get(name, {})
+            marks = [dropped.get((c.first_file, r)) for r in rows.to_numpy()]
+            later = np.array([m is not None for m in marks], dtype=bool)
             if later.any():
-                quarantine.extend(quarantine_duplicates(name, piece[later], file_names, summary))
+                found = [m for m in marks if m is not None]
+                rows_later = piece[later].assign(
+                    **{
+                        REPEAT_COLUMN: [m[0] for m in found],
+                        FIRST_COLUMN: [m[1] for m in found],
+                    }
+                )
+                quarantine.extend(resolve_duplicates(name, rows_later, file_names, summary))
             pieces.append(piece[~later])
         kept = pd.concat(pieces, ignore_index=True)
         # An empty Arrow-backed string column has no chunks, which pandas' merges
@@ -267,41 +309,46 @@ def ingest_fhir_staged(
     salt: str | None = None,
     workers: int | None = None,
     chunk_files: int | None = None,
+    fmt: str = "auto",
+    plans: str = "auto",
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Read a folder of FHIR R4 bundles into ``workspace`` (every canonical table);
-    record the step and return the ingest summary. ``progress(files_read, files)``
-    follows the reading (`pipelines.fhir.map_chunks`).
+    """Read a FHIR input (bundles or a Bulk Data export, `pipelines.fhir`) into
+    ``workspace`` (every canonical table); record the step and return the summary.
+    ``progress(files_read, files)`` follows the reading (`pipelines.fhir.map_chunks`).
 
     ``workers`` processes (default: the number of CPUs) stage chunks of
-    ``chunk_files`` bundles (default ``fhir.CHUNK_FILES``); neither changes the
-    result. The staging folder, ``WORKSPACE/.staging/ingest-*``, is removed at the
-    end, also on error (and ``.staging`` when empty); one left by a killed ingest
-    is removed by the next.
+    ``chunk_files`` bundles (default ``fhir.CHUNK_FILES``; a Bulk Data export: one
+    part of ``bulk.PATIENTS_PER_PART`` patients); neither changes the result.
+    ``plans``: where reference plans come from (`pipelines.ingest.PLAN_SOURCES`).
+    The staging folder, ``WORKSPACE/.staging/ingest-*``, is removed at the end,
+    also on error (and ``.staging`` when empty); one left by a killed ingest is
+    removed by the next.
     """
-    files = bundle_files(folder)
-    file_names = [p.name for p in files]
+    plans_from = plan_choice(plans)
+    salt = salt if salt is not None else workspace_salt(workspace)
     root = workspace.root / ".staging"
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob("ingest-*"):  # left by a killed ingest (one ingest per workspace)
         shutil.rmtree(stale)
     staging = Path(tempfile.mkdtemp(dir=root, prefix="ingest-"))
     try:
+        prepared = prepare_input(Path(folder), fmt, staging / "bulk")
+        file_names = prepared.names
         chunks = map_chunks(
             stage_chunk,
-            file_chunks(files, chunk_files),
+            prepared.chunks(chunk_files),
             salt,
+            file_names,
             split_seed,
+            plans_from,
             staging,
             workers=workers,
             progress=progress,
         )
-        summary = merge_summaries([c.summary for c in chunks])
-        quarantines = [c.quarantine for c in chunks]
-        # As for the whole cohort: plans from notes when any chunk has notes. A
-        # chunk without notes then has no plans (it derived them from orders).
-        plans_from = "note" if any(c.n_notes for c in chunks) else "events"
-        derived_chunks = [c for c in chunks if plans_from == "events" or c.n_notes]
+        summary = merge_summaries([prepared.before.summary] + [c.summary for c in chunks])
+        quarantines = [prepared.before.quarantine] + [c.quarantine for c in chunks]
+        derived_chunks = chunks
 
         drops, held = _duplicates(chunks)
         affected = pa.array(sorted(held), pa.string()) if held else None
@@ -324,6 +371,10 @@ def ingest_fhir_staged(
             )
             if name in HASHED_TABLES:
                 hashes[name] = table[HASH_COLUMN].to_numpy()
+            if name == "patients":
+                crosswalk = table.select(["patient_id", SOURCE_ID_COLUMN]).to_pandas()
+                crosswalk = crosswalk.rename(columns={SOURCE_ID_COLUMN: "source_id"})
+                write_crosswalk(workspace, crosswalk.assign(source_system="fhir"), file_names, salt)
             table = table.select(TABLES[name].names)
             workspace.write_table(name, table)
             columns = _SUMMARY_COLUMNS[name]

@@ -15,8 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipelines.fhir import read_fhir_folder
+from pipelines.fhir import FhirInputError, read_fhir_folder
+from pipelines.identity import file_id
 from pipelines.ingest import derive, ingest_fhir
+from pipelines.schemas import PATIENTS
 from pipelines.workspace import Workspace
 
 PATIENT_ID = "11111111-1111-1111-1111-111111111111"
@@ -111,8 +113,8 @@ def test_tiny_bundle_reads_every_resource_type(tmp_path: Path) -> None:
     assert (s.read, s.kept, s.quarantined, s.skipped) == (5, 4, 0, 1)
     assert s.skipped_by_type == {"Claim": 1}
     assert t.patients["patient_id"].str.match(r"^p[0-9a-f]{16}$").all()
-    # the source id never appears in the canonical tables
-    assert PATIENT_ID not in t.patients.to_string()
+    # the source id never appears in the canonical columns (only in the crosswalk's)
+    assert PATIENT_ID not in t.patients[PATIENTS.names].to_string()
     assert t.events.iloc[0]["code"] == "252160004"
     assert "standard pregnancy test" in t.notes.iloc[0]["text"]
 
@@ -134,8 +136,10 @@ def test_tiny_bundle_reads_every_resource_type(tmp_path: Path) -> None:
             "references absent Patient ghost",
         ),
         (
-            lambda b: b["entry"].append({"resource": dict(b["entry"][2]["resource"])}),
-            "duplicate Procedure id",
+            lambda b: b["entry"].append(
+                {"resource": {**b["entry"][2]["resource"], "performedDateTime": "2020-01-01"}}
+            ),
+            "conflicting duplicate Procedure id: differs from the occurrence kept, read from 'bad.json'",
         ),
         (
             lambda b: b["entry"][3]["resource"]["content"][0]["attachment"].update(data="%%%"),
@@ -185,23 +189,40 @@ def test_unreadable_files_are_quarantined_not_fatal(
 
 
 def test_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FhirInputError, match="does not exist"):
         read_fhir_folder(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"no \*\.json FHIR bundles"):
+    with pytest.raises(FhirInputError, match=r"no \*\.json FHIR bundles"):
         read_fhir_folder(tmp_path / "empty")
 
 
-def test_duplicate_ids_across_files_are_quarantined_once(tmp_path: Path) -> None:
-    # ten copies force the multi-process path; every copy after the first is a duplicate
-    for i in range(10):
-        write(tmp_path, f"copy{i}.json", tiny_bundle())
+def test_identical_repeats_across_files_are_merged_and_counted(tmp_path: Path) -> None:
+    # 20 copies force the multi-process path; every copy after the first is a repeat
+    for i in range(20):
+        write(tmp_path / f"sub{i % 3}", f"copy{i:02d}.json", tiny_bundle())
     t = read_fhir_folder(tmp_path, workers=2)
     assert t.summary.reconciles()
     assert len(t.patients) == 1 and len(t.encounters) == 1 and len(t.events) == 1
     assert t.summary.kept == 4
-    assert t.summary.quarantined == 9 * 4
+    assert t.summary.quarantined == 0 and t.quarantine.empty
+    assert t.summary.skipped_by_reason == {"identical repeat": 19 * 4}
     assert sum(t.summary.kept_by_type.values()) == t.summary.kept
+    assert t.patients["source_file"].tolist() == [file_id("sub0/copy00.json")]
+
+
+def test_conflicting_repeats_across_files_name_both_files(tmp_path: Path) -> None:
+    for i in range(20):
+        bundle = tiny_bundle()
+        if i == 17:  # another date for the same Encounter id
+            bundle["entry"][1]["resource"]["period"]["start"] = "2020-01-01T09:00:00+00:00"
+        write(tmp_path, f"copy{i:02d}.json", bundle)
+    t = read_fhir_folder(tmp_path, workers=2)
+    assert t.summary.reconciles()
+    assert t.summary.quarantined == 1
+    row = t.quarantine.iloc[0]
+    assert (row["source_file"], row["resource_type"]) == ("copy17.json", "Encounter")
+    assert row["reason"].endswith("read from 'copy00.json'")
+    assert t.encounters["start"].dt.hour.tolist() == [10]
 
 
 # ---------------------------------------------------------------- real generated cohort
@@ -336,7 +357,7 @@ def test_mutated_real_bundles_never_crash_and_reconcile(
     assert len(t.quarantine) == s.quarantined + s.files_quarantined
     assert t.quarantine["reason"].str.len().gt(0).all()
     # the intact file is always fully kept
-    assert (t.patients["source_file"] == "intact.json").sum() == 1
+    assert (t.patients["source_file"] == file_id("intact.json")).sum() == 1
     tables = derive(t)  # derived tables never fail on what the reader kept
     assert set(tables["index_encounters"]["patient_id"]) <= set(t.patients["patient_id"])
     shutil.rmtree(folder)

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from pipelines.ingest import derive, ingest_omop, load_tables
-from pipelines.omop import OmopSchemaError, eunomia_path, read_omop
+from pipelines.omop import OmopInputError, OmopSchemaError, eunomia_path, read_omop
 from pipelines.schemas import TABLES
 from pipelines.workspace import Workspace
 
@@ -121,8 +121,8 @@ def test_rows_of_absent_persons_are_quarantined(tmp_path: Path) -> None:
 
 
 def test_not_a_cdm_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(OmopInputError, match="does not exist"):
         read_omop(tmp_path / "missing.duckdb")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no CDM"):
+    with pytest.raises(OmopInputError, match="no CDM"):
         read_omop(tmp_path / "empty")

@@ -1,0 +1,247 @@
+"""A FHIR Bulk Data export → parts that the reader reads like bundles.
+
+An export holds one NDJSON file per resource type, and its references cross
+files (``Patient/ID``). One pass over every line, holding no resource, routes
+each line to the *part* of its patient: a part holds ``PATIENTS_PER_PART``
+patients and everything that references them, so that references resolve
+within a part as they do within a bundle, and a reader process holds one part
+at a time (memory stays bounded by the part, not the export).
+
+- A resource's patient is its ``subject`` or ``patient`` reference (a Patient:
+  itself). A line whose patient comes later in the export waits in a pending
+  file and is routed at the end; a line whose patient never comes goes to the
+  first part, where the reader quarantines it (absent Patient).
+- Medications (referenced from MedicationRequests) are shared by every part;
+  a Binary goes to the part of the DocumentReference that points at it.
+- Types that are not read are counted here and never written to a part.
+- A line that is not UTF-8, not JSON, not a resource or over the size limit is
+  quarantined here, named ``FILE:LINE``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import simdjson
+
+from pipelines.fhir.merge import SHARED_PART
+from pipelines.fhir.reader import LINE_BITS, first_bad_byte, max_file_bytes, origin_name
+from pipelines.fhir.resources import RESOURCE_PARSERS, SOURCE, read_medication
+from pipelines.fhir.values import Coding, Rejected, reference_id, reference_target
+from pipelines.schemas import QUARANTINE
+from pipelines.sources import IngestSummary, SourceTables, frame
+
+#: Patients per part (a reader process reads one part at a time).
+PATIENTS_PER_PART = 16
+#: Bytes buffered for all parts before they are appended to their files.
+_BUFFER_BYTES = 32 * 2**20
+
+
+def _lines(path: Path) -> Iterator[bytes]:
+    opener: Any = gzip.open if path.name.endswith(".gz") else open
+    handle: IO[bytes]
+    with opener(path, "rb") as handle:
+        yield from handle
+
+
+class _Medications:
+    """The `Context` a Medication parser needs."""
+
+    salt = None
+
+    def __init__(self) -> None:
+        self.medications: dict[str, Coding] = {}
+
+
+@dataclass
+class Partition:
+    """The parts of an export, and the counts and quarantine of the pass that made them."""
+
+    parts: list[Path]
+    summary: IngestSummary
+    quarantine: list[dict[str, Any]] = field(default_factory=list)
+
+    def before(self) -> SourceTables:
+        """The counts and quarantine rows of the pass, as tables to merge first."""
+        empty = frame([], [])
+        return SourceTables(
+            patients=empty,
+            encounters=empty,
+            events=empty,
+            notes=empty,
+            quarantine=frame(self.quarantine, QUARANTINE.names),
+            summary=self.summary,
+        )
+
+
+class _Router:
+    def __init__(self, staging: Path, names: list[str]) -> None:
+        self.staging = staging
+        self.names = names
+        self.parser = simdjson.Parser()
+        self.summary = IngestSummary(source=SOURCE)
+        self.quarantine: list[dict[str, Any]] = []
+        self.patient_part: dict[str, int] = {}
+        self.binary_part: dict[str, int] = {}
+        self.medications = _Medications()
+        self.buffers: dict[int, list[bytes]] = {}
+        self.buffered = 0
+        self.pending: list[bytes] = []
+        self.limit = max_file_bytes()
+
+    def reject(self, origin: int, rtype: str | None, rid: str | None, reason: str) -> None:
+        self.summary.quarantined += 1
+        self.quarantine.append(
+            {
+                "source": SOURCE,
+                "source_file": origin_name(origin, self.names),
+                "resource_type": rtype,
+                "resource_id": rid,
+                "reason": reason,
+            }
+        )
+
+    def part_path(self, part: int) -> Path:
+        return self.staging / f"{part:08d}.part"
+
+    def write(self, part: int, origin: int, raw: bytes) -> None:
+        line = b"%d\t%s\n" % (origin, raw.rstrip(b"\r\n"))
+        self.buffers.setdefault(part, []).append(line)
+        self.buffered += len(line)
+        if self.buffered > _BUFFER_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        for part, lines in self.buffers.items():
+            with self.part_path(part).open("ab") as handle:
+                handle.writelines(lines)
+        self.buffers.clear()
+        self.buffered = 0
+
+    def route(self, origin: int, raw: bytes, final: bool) -> None:
+        """Send one line to its part; ``final``: the last chance (pending lines)."""
+        try:
+            doc = self.parser.parse(raw)
+        except UnicodeDecodeError:
+            self.summary.read += 1
+            self.reject(
+                origin, None, None, f"not UTF-8: invalid byte at offset {first_bad_byte(raw)}"
+            )
+            return
+        except (ValueError, RuntimeError) as exc:
+            self.summary.read += 1
+            self.reject(origin, None, None, f"malformed JSON: {exc}")
+            return
+        rtype = doc.get("resourceType") if isinstance(doc, simdjson.Object) else None
+        if not isinstance(doc, simdjson.Object) or not isinstance(rtype, str):
+            self.summary.read += 1
+            self.reject(origin, None, None, "not a FHIR resource (no resourceType)")
+            return
+        if rtype not in RESOURCE_PARSERS:
+            self.summary.read += 1
+            self.summary.skipped_by_type[rtype] += 1
+            return
+        rid = doc.get("id")
+        rid = rid if isinstance(rid, str) and rid else None
+        if rtype == "Medication":
+            self.read_medication(origin, rid, doc)
+            return
+        if rtype == "Patient":
+            part = (
+                self.patient_part.setdefault(rid, len(self.patient_part) // PATIENTS_PER_PART)
+                if rid
+                else 0
+            )
+        elif rtype == "Binary":
+            found = self.binary_part.get(rid or "")
+            if found is None and not final:
+                self.pending.append(b"%d\t%s" % (origin, raw))
+                return
+            part = found or 0
+        else:
+            subject = doc.get("subject") or doc.get("patient")
+            sid = reference_id(subject.as_dict()) if isinstance(subject, simdjson.Object) else None
+            found = self.patient_part.get(sid or "")
+            if found is None and sid is not None and not final:
+                self.pending.append(b"%d\t%s" % (origin, raw))
+                return
+            part = found or 0
+            if rtype == "DocumentReference":
+                self.note_binaries(doc, part)
+        self.write(part, origin, raw)
+
+    def note_binaries(self, doc: Any, part: int) -> None:
+        contents = doc.get("content")
+        if not isinstance(contents, simdjson.Array):
+            return
+        for content in contents:
+            attachment = content.get("attachment") if isinstance(content, simdjson.Object) else None
+            url = attachment.get("url") if isinstance(attachment, simdjson.Object) else None
+            target = reference_target(url)
+            if target is not None:
+                self.binary_part.setdefault(target, part)
+
+    def read_medication(self, origin: int, rid: str | None, doc: Any) -> None:
+        self.summary.read += 1
+        try:
+            if rid is None:
+                raise Rejected("missing id")
+            read_medication(self.medications, rid, doc.as_dict())  # type: ignore[arg-type]
+        except Rejected as why:
+            self.reject(origin, "Medication", rid, str(why))
+            return
+        self.summary.kept += 1
+        self.summary.kept_by_type["Medication"] += 1
+
+    def read_file(self, number: int, path: Path) -> None:
+        self.summary.files_read += 1
+        for i, raw in enumerate(_lines(path), start=1):
+            if not raw.strip():
+                continue
+            origin = (number << LINE_BITS) | i
+            if len(raw) > self.limit:
+                self.summary.read += 1
+                self.reject(
+                    origin,
+                    None,
+                    None,
+                    f"line of {len(raw) / 2**20:.0f} MB is over the {self.limit / 2**20:.0f} MB "
+                    "limit: raise PMLM_MAX_FILE_MB",
+                )
+                continue
+            self.route(origin, raw, final=False)
+
+
+def partition_export(files: list[Path], names: list[str], staging: Path) -> Partition:
+    """Route every line of ``files`` (named ``names``) to part files in ``staging``."""
+    staging.mkdir(parents=True, exist_ok=True)
+    router = _Router(staging, names)
+    for number, path in enumerate(files):
+        try:
+            router.read_file(number, path)
+        except (OSError, EOFError) as exc:  # a truncated or corrupt gzip file
+            router.summary.files_read -= 1
+            router.summary.files_quarantined += 1
+            router.quarantine.append(
+                {
+                    "source": SOURCE,
+                    "source_file": names[number],
+                    "resource_type": None,
+                    "resource_id": None,
+                    "reason": f"unreadable file after the lines before it ({exc}): export it again",
+                }
+            )
+    pending, router.pending = router.pending, []
+    for line in pending:
+        origin, _, raw = line.partition(b"\t")
+        router.route(int(origin), raw, final=True)
+    router.flush()
+    shared = {k: list(v) for k, v in router.medications.medications.items()}
+    (staging / SHARED_PART).write_text(json.dumps(shared))
+    parts = sorted(staging.glob("[0-9]*.part"))
+    return Partition(parts=parts, summary=router.summary, quarantine=router.quarantine)

@@ -1,0 +1,344 @@
+"""The FHIR reader: units of resources (a bundle file, or a part of a Bulk Data
+export) → rows of the canonical tables, with quarantine and counts.
+
+A *unit* is a set of resources within which references resolve: one bundle
+file, or one part of a Bulk Data export (`pipelines.fhir.bulk`: every
+resource of a group of patients). Each row carries ``FILE_COLUMN``, its
+*origin*: the number of its input file times 2**32 plus its line in that file
+(an NDJSON file) or its entry number (a bundle), so that the first occurrence
+of a repeated id is the same however units are grouped, and a duplicate found
+later can name where it was read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import simdjson
+
+from pipelines.fhir.resources import RESOURCE_PARSERS, SOURCE, Filtered
+from pipelines.fhir.values import Coding, Rejected, reference_id, reference_target
+from pipelines.identity import file_id
+from pipelines.schemas import ENCOUNTERS, EVENTS, NOTES, PATIENTS, QUARANTINE
+from pipelines.sources import SOURCE_ID_COLUMN, IngestSummary, SourceTables, frame
+
+#: Internal column: the origin of a row (file number × 2**32 + line), dropped before writing.
+FILE_COLUMN = "_file"
+LINE_BITS = 32
+#: Bundle types that are read: every one whose entries are resources of record.
+BUNDLE_TYPES = frozenset({"document", "collection", "transaction", "batch", "searchset"})
+#: The largest input file (bundle) or NDJSON line read, in MB; ``PMLM_MAX_FILE_MB`` overrides.
+DEFAULT_MAX_FILE_MB = 512
+#: Read order within a unit, so that references resolve in any entry order.
+_ORDER = {"Patient": 0, "Encounter": 1, "Medication": 2, "Binary": 2}
+_TABLES = {"patients": PATIENTS, "encounters": ENCOUNTERS, "events": EVENTS, "notes": NOTES}
+
+
+def max_file_bytes() -> int:
+    """The size limit of one input file or line (``PMLM_MAX_FILE_MB``, default 512 MB)."""
+    raw = os.environ.get("PMLM_MAX_FILE_MB", str(DEFAULT_MAX_FILE_MB))
+    try:
+        return int(float(raw) * 2**20)
+    except ValueError:
+        raise ValueError(f"PMLM_MAX_FILE_MB={raw!r} is not a number of megabytes") from None
+
+
+def origin_name(origin: int, names: list[str]) -> str:
+    """``FILE`` (a bundle) or ``FILE:LINE`` (a line of an NDJSON file)."""
+    name = names[origin >> LINE_BITS]
+    if name.endswith((".ndjson", ".ndjson.gz")):
+        return f"{name}:{origin & ((1 << LINE_BITS) - 1)}"
+    return name
+
+
+def resource_of(value: Any) -> dict[str, Any] | None:
+    """A simdjson object → dict when its type is read, else ``{"resourceType": type}``
+    (counted, never turned into Python objects: ~30% of a Synthea bundle)."""
+    if not isinstance(value, simdjson.Object):
+        return None
+    rtype = value.get("resourceType")
+    if isinstance(rtype, str) and rtype in RESOURCE_PARSERS:
+        resource: dict[str, Any] = value.as_dict()
+        return resource
+    return {"resourceType": rtype if isinstance(rtype, str) else None}
+
+
+def bundle_entries(
+    parser: simdjson.Parser, raw: bytes
+) -> list[tuple[dict[str, Any] | None, str | None]] | str:
+    """(resource, fullUrl target) of each entry of a Bundle, or why ``raw`` is not one.
+
+    Raises ValueError (UnicodeDecodeError: not UTF-8) or RuntimeError (simdjson:
+    too deep, a number out of range) when ``raw`` is not readable JSON.
+    """
+    doc = parser.parse(raw)
+    if not isinstance(doc, simdjson.Object):
+        kind = "list" if isinstance(doc, simdjson.Array) else type(doc).__name__
+        return f"not a FHIR Bundle (resourceType {kind!r})"
+    rtype = doc.get("resourceType")
+    if rtype != "Bundle":
+        shown = rtype if rtype is None or isinstance(rtype, str | int | float) else "?"
+        return f"not a FHIR Bundle (resourceType {shown!r})"
+    btype = doc.get("type")
+    if btype is not None and btype not in BUNDLE_TYPES:
+        shown = btype if isinstance(btype, str) else type(btype).__name__
+        return (
+            f"Bundle type {shown!r} is not read: export the current resources as a "
+            "document, collection, transaction, batch or searchset bundle, or as Bulk Data"
+        )
+    entries = doc.get("entry")
+    if entries is None:
+        return []
+    if not isinstance(entries, simdjson.Array):
+        return f"Bundle.entry is not a list (a {type(entries).__name__})"
+    out: list[tuple[dict[str, Any] | None, str | None]] = []
+    for entry in entries:
+        if not isinstance(entry, simdjson.Object):
+            out.append((None, None))
+            continue
+        full_url = entry.get("fullUrl")
+        out.append((resource_of(entry.get("resource")), reference_target(full_url)))
+    return out
+
+
+def first_bad_byte(raw: bytes) -> int:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start
+    return -1  # simdjson and Python disagree: report no offset rather than a wrong one
+
+
+class FhirReader:
+    """Accumulates rows over many units; one instance per chunk of units."""
+
+    def __init__(self, salt: str | None, names: list[str]) -> None:
+        self.salt = salt
+        self.names = names
+        self.parser = simdjson.Parser()
+        self.summary = IngestSummary(source=SOURCE)
+        self.rows: dict[str, list[dict[str, Any]]] = {name: [] for name in _TABLES}
+        # rows are turned into frames now and then: dicts cost ~10× the memory
+        self.parts: dict[str, list[pd.DataFrame]] = {name: [] for name in _TABLES}
+        self.quarantine: list[dict[str, Any]] = []
+        # Of the current unit: source patient id → pseudonym, encounter id → pseudonym
+        # of its patient, supporting resources (references resolve within a unit).
+        self.patient_ids: dict[str, str] = {}
+        self.encounter_patient: dict[str, str] = {}
+        self.filtered_encounters: set[str] = set()
+        self.medications: dict[str, Coding] = {}
+        self.binaries: dict[str, tuple[str | None, str]] = {}
+        self.shared_medications: dict[str, Coding] = {}
+        self.origin = 0
+
+    # ---------------------------------------------------------------- Context
+    def add(self, table: str, row: dict[str, Any]) -> None:
+        row[FILE_COLUMN] = self.origin
+        self.rows[table].append(row)
+
+    def add_patient(self, source_id: str, row: dict[str, Any]) -> None:
+        row["source_file"] = file_id(self.names[self.origin >> LINE_BITS], self.salt)
+        row[SOURCE_ID_COLUMN] = source_id
+        self.add("patients", row)
+        self.patient_ids[source_id] = row["patient_id"]
+
+    def add_encounter(self, encounter_id: str, patient_id: str) -> None:
+        self.encounter_patient[encounter_id] = patient_id
+
+    def subject(self, resource: dict[str, Any]) -> str:
+        sid = reference_id(resource.get("subject") or resource.get("patient"))
+        if sid is None:
+            raise Rejected("missing subject/patient reference")
+        pid = self.patient_ids.get(sid)
+        if pid is None:
+            raise Rejected(f"references absent Patient {sid}")
+        return pid
+
+    def encounter_of(self, resource: dict[str, Any], patient_id: str) -> str | None:
+        ref = resource.get("encounter")
+        if ref is None:
+            context = resource.get("context")
+            if isinstance(context, dict):
+                encs = context.get("encounter")
+                ref = encs[0] if isinstance(encs, list) and encs else encs
+        if ref is None:
+            return None
+        eid = reference_id(ref)
+        if eid is None:
+            raise Rejected("malformed encounter reference")
+        if eid in self.filtered_encounters:
+            raise Filtered("its Encounter was entered in error or cancelled")
+        owner = self.encounter_patient.get(eid)
+        if owner is None:
+            raise Rejected(f"references absent Encounter {eid}")
+        if owner != patient_id:
+            raise Rejected(f"Encounter {eid} belongs to another patient")
+        return eid
+
+    # ---------------------------------------------------------------- quarantine
+    def reject(self, origin: int, rtype: str | None, rid: str | None, reason: str) -> None:
+        self.quarantine.append(
+            {
+                "source": SOURCE,
+                "source_file": origin_name(origin, self.names),
+                "resource_type": rtype,
+                "resource_id": rid,
+                "reason": reason,
+            }
+        )
+
+    def reject_file(self, origin: int, reason: str) -> None:
+        self.summary.files_quarantined += 1
+        self.reject(origin, None, None, reason)
+
+    # ---------------------------------------------------------------- units
+    def read_bundle(self, path: Path, number: int) -> None:
+        """One bundle file (input file ``number``) as one unit."""
+        origin = number << LINE_BITS
+        size = path.stat().st_size
+        if size > max_file_bytes():
+            self.reject_file(
+                origin,
+                f"file of {size / 2**20:.0f} MB is over the {max_file_bytes() / 2**20:.0f} MB "
+                "limit: split it, or raise PMLM_MAX_FILE_MB",
+            )
+            return
+        raw = path.read_bytes()
+        try:
+            entries = bundle_entries(self.parser, raw)
+        except UnicodeDecodeError:
+            self.reject_file(origin, f"not UTF-8: invalid byte at offset {first_bad_byte(raw)}")
+            return
+        except (ValueError, RuntimeError) as exc:  # simdjson: not JSON, too deep, too large
+            self.reject_file(origin, f"malformed JSON: {exc}")
+            return
+        if isinstance(entries, str):
+            self.reject_file(origin, entries)
+            return
+        self.summary.files_read += 1
+        self.read_unit(
+            [(origin + i + 1, resource, alias) for i, (resource, alias) in enumerate(entries)]
+        )
+
+    def load_shared(self, path: Path) -> None:
+        """The Medications of a Bulk Data export, which every part may reference."""
+        loaded = json.loads(path.read_bytes())
+        self.shared_medications = {k: (v[0], v[1], v[2]) for k, v in loaded.items()}
+
+    def read_part(self, path: Path) -> None:
+        """One part of a Bulk Data export (`pipelines.fhir.bulk`) as one unit."""
+        items: list[tuple[int, dict[str, Any] | None, str | None]] = []
+        with path.open("rb") as handle:
+            for line in handle:
+                origin, _, raw = line.partition(b"\t")
+                resource = resource_of(self.parser.parse(raw))
+                items.append((int(origin), resource, None))
+        self.read_unit(items)
+
+    def read_unit(self, items: list[tuple[int, dict[str, Any] | None, str | None]]) -> None:
+        self.patient_ids.clear()
+        self.encounter_patient.clear()
+        self.filtered_encounters.clear()
+        self.medications = dict(self.shared_medications)
+        self.binaries.clear()
+        items.sort(
+            key=lambda item: _ORDER.get(item[1].get("resourceType", ""), 3) if item[1] else 3
+        )
+        for origin, resource, alias in items:
+            self.origin = origin
+            self.read_resource(origin, resource, alias)
+
+    def read_resource(
+        self, origin: int, resource: dict[str, Any] | None, alias: str | None
+    ) -> None:
+        s = self.summary
+        s.read += 1
+        if resource is None:
+            s.quarantined += 1
+            self.reject(origin, None, None, "bundle entry without a resource object")
+            return
+        rtype = resource.get("resourceType")
+        parse = RESOURCE_PARSERS.get(rtype) if isinstance(rtype, str) else None
+        if parse is None:
+            s.skipped_by_type[str(rtype)] += 1
+            return
+        assert isinstance(rtype, str)
+        rid = resource.get("id")
+        try:
+            if not isinstance(rid, str) or not rid:
+                raise Rejected("missing id")
+            parse(self, rid, resource)
+        except Filtered as why:
+            s.skipped_by_reason[f"{rtype} {why}"] += 1
+            return
+        except Rejected as why:
+            s.quarantined += 1
+            self.reject(origin, rtype, rid if isinstance(rid, str) else None, str(why))
+            return
+        except RecursionError:
+            s.quarantined += 1
+            self.reject(origin, rtype, rid, "nested too deeply to read")
+            return
+        s.kept += 1
+        s.kept_by_type[rtype] += 1
+        if alias and alias != rid:  # a bundle's fullUrl that references use instead of the id
+            if rid in self.patient_ids:
+                self.patient_ids[alias] = self.patient_ids[rid]
+            if rid in self.encounter_patient:
+                self.encounter_patient[alias] = self.encounter_patient[rid]
+            if rid in self.medications:
+                self.medications[alias] = self.medications[rid]
+            if rid in self.binaries:
+                self.binaries[alias] = self.binaries[rid]
+
+    # ---------------------------------------------------------------- tables
+    def flush(self) -> None:
+        """Move the rows read so far into typed frames."""
+        for name, schema in _TABLES.items():
+            rows = self.rows[name]
+            if rows:
+                self.parts[name].append(typed(frame(rows, _columns(name, schema.names))))
+                rows.clear()
+
+    def tables(self) -> SourceTables:
+        """The tables read so far, with the internal columns."""
+        self.flush()
+
+        def concat(name: str) -> pd.DataFrame:
+            parts = self.parts[name]
+            if not parts:
+                return typed(frame([], _columns(name, _TABLES[name].names)))
+            return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+
+        return SourceTables(
+            patients=concat("patients"),
+            encounters=concat("encounters"),
+            events=concat("events"),
+            notes=concat("notes"),
+            quarantine=frame(self.quarantine, QUARANTINE.names),
+            summary=self.summary,
+        )
+
+
+def _columns(name: str, names: list[str]) -> list[str]:
+    extra = [FILE_COLUMN, SOURCE_ID_COLUMN] if name == "patients" else [FILE_COLUMN]
+    return [*names, *extra]
+
+
+TIME_COLUMNS = ("start", "end", "time", "end_time", "deceased_time")
+
+
+def typed(df: pd.DataFrame, names: list[str] | None = None) -> pd.DataFrame:
+    """Give time columns the canonical dtype (UTC, microseconds), the origin int64."""
+    for col in TIME_COLUMNS:
+        if col in df.columns:
+            df[col] = pd.to_datetime(df[col], utc=True).astype("datetime64[us, UTC]")
+    if "birth_date" in df.columns:
+        df["birth_date"] = pd.to_datetime(df["birth_date"]).dt.date
+    if FILE_COLUMN in df.columns:
+        df[FILE_COLUMN] = df[FILE_COLUMN].astype("int64")
+    return df

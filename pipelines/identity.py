@@ -1,0 +1,102 @@
+"""Who a pseudonym is, kept on premises: the workspace's pseudonym secret, the
+crosswalk from source ids to pseudonyms, and the ids of the input files.
+
+- **The secret.** Pseudonyms are a salted hash of the source id
+  (`pipelines.sources.pseudonym`). The salt is a random secret created at the
+  first ingest in ``WORKSPACE/private/pseudonym.key`` (file mode 0600), so that
+  pseudonyms cannot be recomputed from record numbers without it. The
+  environment variable ``PMLM_PSEUDONYM_SALT`` overrides it (several workspaces
+  that must share pseudonyms set the same value).
+- **The crosswalk.** ``WORKSPACE/private/crosswalk.parquet`` maps (source
+  system, source id) to the pseudonym: an app inside the hospital finds its
+  patient's rows with `lookup` (``pmlm prompts lookup SOURCE_ID``). It never
+  goes into an export, which writes only the table it is given.
+- **File ids.** ``patients.source_file`` holds a file id (``f`` + 12 hex
+  digits of a salted hash of the file's path), not a file name, which may hold
+  a patient's name (Synthea writes ``Given_Family_uuid.json``).
+  ``WORKSPACE/private/files.parquet`` maps ids back to paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from pathlib import Path
+
+import pandas as pd
+
+from pipelines.sources import DEFAULT_SALT
+from pipelines.workspace import Workspace, atomic_write_bytes
+
+SALT_ENV = "PMLM_PSEUDONYM_SALT"
+CROSSWALK_COLUMNS = ["source_system", "source_id", "patient_id"]
+
+
+def private_dir(workspace: Workspace) -> Path:
+    return workspace.root / "private"
+
+
+def secret_path(workspace: Workspace) -> Path:
+    return private_dir(workspace) / "pseudonym.key"
+
+
+def workspace_salt(workspace: Workspace) -> str:
+    """``$PMLM_PSEUDONYM_SALT``, else the workspace's secret (created now if absent, mode 0600)."""
+    if os.environ.get(SALT_ENV):
+        return os.environ[SALT_ENV]
+    path = secret_path(workspace)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o700)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another ingest made it first
+            return path.read_text().strip()
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+    return path.read_text().strip()
+
+
+def file_id(name: str, salt: str | None = None) -> str:
+    """The id of an input file (``f`` + 12 hex digits): stable, and no file name in it."""
+    salt = salt if salt is not None else os.environ.get(SALT_ENV, DEFAULT_SALT)
+    return "f" + hashlib.sha256(f"{salt}\x1ffile\x1f{name}".encode()).hexdigest()[:12]
+
+
+def _write(path: Path, frame: pd.DataFrame) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, frame.to_parquet(index=False))
+    os.chmod(path, 0o600)
+
+
+def write_crosswalk(
+    workspace: Workspace, crosswalk: pd.DataFrame, files: list[str] | None, salt: str | None
+) -> None:
+    """Replace the crosswalk (``CROSSWALK_COLUMNS``) and, when given, the file list."""
+    _write(
+        private_dir(workspace) / "crosswalk.parquet",
+        crosswalk[CROSSWALK_COLUMNS].astype(str).drop_duplicates().reset_index(drop=True),
+    )
+    if files is not None:
+        ids = pd.DataFrame({"file_id": [file_id(n, salt) for n in files], "path": files})
+        _write(private_dir(workspace) / "files.parquet", ids)
+
+
+def lookup(workspace: Workspace, source_id: str, source_system: str | None = None) -> pd.DataFrame:
+    """The crosswalk rows of ``source_id`` (in ``source_system`` when given).
+
+    Raises FileNotFoundError when the workspace has no crosswalk (ingest first).
+    """
+    path = private_dir(workspace) / "crosswalk.parquet"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} does not exist: run `pmlm ingest ...` with --workspace {workspace.root} first"
+        )
+    crosswalk = pd.read_parquet(path)
+    rows = crosswalk[crosswalk["source_id"] == str(source_id)]
+    if source_system is not None:
+        rows = rows[rows["source_system"] == source_system]
+    return rows.reset_index(drop=True)

@@ -1,0 +1,163 @@
+"""FHIR Bulk Data exports (NDJSON): the same tables as the bundles they were made from."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from bulk_export import SERVER, export_bulk
+from test_fhir import tiny_bundle, write
+from test_staged import assert_same_workspaces
+
+from pipelines.fhir import FhirInputError, detect_format, read_fhir_folder
+from pipelines.identity import file_id, workspace_salt
+from pipelines.ingest import derive, write_cohort
+from pipelines.staged import ingest_fhir_staged
+from pipelines.workspace import Workspace
+
+RECORD_TABLES = ("patients", "encounters", "events", "notes")
+DERIVED_TABLES = ("reference_plans", "plan_items", "index_encounters")
+
+
+def canonical(tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """Every canonical table but ``patients.source_file`` (the file a patient came from)."""
+    out = {name: tables[name].reset_index(drop=True) for name in RECORD_TABLES + DERIVED_TABLES}
+    out["patients"] = out["patients"].drop(columns=["source_file"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def bulk_cohort(generated_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bulk") / "export"
+    export_bulk(sorted(generated_cohort.glob("*.json")), out)
+    return out
+
+
+@pytest.mark.slow
+def test_bulk_export_gives_the_tables_of_its_bundles(
+    generated_cohort: Path, bulk_cohort: Path
+) -> None:
+    """Acceptance: a cohort's bundles and the same cohort as a Bulk Data export."""
+    assert (bulk_cohort / "Observation.ndjson.gz").exists()
+    assert detect_format(bulk_cohort) == "bulk"
+    bundles = read_fhir_folder(generated_cohort, workers=1)
+    bulk = read_fhir_folder(bulk_cohort / "manifest.json", workers=2)
+    assert bulk.summary.reconciles() and bulk.quarantine.empty
+    assert bulk.summary.kept_by_type == bundles.summary.kept_by_type
+    assert bulk.summary.files_read == len(list(bulk_cohort.glob("*.ndjson*")))
+    want, got = canonical(derive(bundles)), canonical(derive(bulk))
+    for name in want:
+        pd.testing.assert_frame_equal(got[name], want[name], obj=name)
+    assert len(want["index_encounters"]) > 100
+    assert set(bulk.patients["source_file"]) == {file_id("Patient.ndjson")}
+
+
+@pytest.mark.slow
+def test_bulk_staged_equals_in_memory(bulk_cohort: Path, tmp_path: Path) -> None:
+    memory = Workspace.at(tmp_path / "memory")
+    source = read_fhir_folder(bulk_cohort, salt=workspace_salt(memory), workers=1)
+    write_cohort(memory, source, input_description=f"fhir:{bulk_cohort}")
+    staged = Workspace.at(tmp_path / "staged")
+    ingest_fhir_staged(staged, bulk_cohort, workers=2)
+    assert not (tmp_path / "staged" / ".staging").exists()
+    assert_same_workspaces(memory, staged)
+
+
+def ndjson(folder: Path, name: str, resources: list[dict]) -> Path:
+    data = b"".join(json.dumps(r).encode() + b"\n" for r in resources)
+    return write(folder, name, gzip.compress(data) if name.endswith(".gz") else data)
+
+
+def tiny_export(folder: Path) -> None:
+    """`tiny_bundle` as an export, references in every form a server writes, the
+    Patient file last (references resolve across files in any order)."""
+    resources = [e["resource"] for e in tiny_bundle()["entry"]]
+    patient, encounter, procedure, note, claim = resources
+    encounter["subject"] = {"reference": f"{SERVER}/Patient/{patient['id']}"}
+    procedure["subject"] = {"reference": f"Patient/{patient['id']}/_history/3"}
+    procedure["encounter"] = {"reference": f"Encounter/{encounter['id']}"}
+    note["subject"] = {"reference": f"Patient/{patient['id']}"}
+    note["context"] = {"encounter": [{"reference": f"Encounter/{encounter['id']}"}]}
+    attachment = note["content"][0]["attachment"]
+    binary = {"resourceType": "Binary", "id": "b1", "contentType": "text/plain"}
+    binary["data"] = attachment.pop("data")
+    attachment["url"] = f"{SERVER}/Binary/b1"
+    ndjson(folder, "Binary.ndjson", [binary])
+    ndjson(folder, "Encounter.ndjson", [encounter])
+    ndjson(folder, "Procedure.ndjson.gz", [procedure])
+    ndjson(folder, "DocumentReference.ndjson", [note])
+    ndjson(folder, "Claim.ndjson", [claim])
+    ndjson(folder, "Patient.ndjson", [patient])
+
+
+def test_references_resolve_across_files_in_every_form(tmp_path: Path) -> None:
+    tiny_export(tmp_path)
+    t = read_fhir_folder(tmp_path)
+    assert t.summary.reconciles() and t.quarantine.empty, t.quarantine
+    assert (len(t.patients), len(t.encounters), len(t.events), len(t.notes)) == (1, 1, 1, 1)
+    assert t.events["encounter_id"].tolist() == [t.encounters["encounter_id"][0]]
+    assert "standard pregnancy test" in t.notes["text"][0]
+    assert t.summary.skipped_by_type == {"Claim": 1}
+    assert t.summary.kept_by_type["Binary"] == 1
+
+
+def test_damaged_lines_are_quarantined_by_file_and_line(tmp_path: Path) -> None:
+    tiny_export(tmp_path)
+    with (tmp_path / "Encounter.ndjson").open("ab") as handle:
+        handle.write(b'{"resourceType": "Encounter", "id": \n')  # cut JSON
+        handle.write(b"[1, 2]\n")  # not a resource
+        handle.write(b'{"resourceType": "Encounter", "id": "caf\xe9"}\n')  # not UTF-8
+        handle.write(
+            b'{"resourceType": "Encounter", "id": "e9", "subject": {"reference": "Patient/nobody"}}\n'
+        )
+    write(tmp_path, "Observation.ndjson.gz", gzip.compress(b'{"resourceType": "Obs')[:-6])
+    t = read_fhir_folder(tmp_path)
+    s = t.summary
+    assert s.reconciles(), s.as_dict()
+    rows = dict(zip(t.quarantine["source_file"], t.quarantine["reason"], strict=True))
+    assert rows["Encounter.ndjson:2"].startswith("malformed JSON")
+    assert rows["Encounter.ndjson:3"] == "not a FHIR resource (no resourceType)"
+    assert rows["Encounter.ndjson:4"].startswith("not UTF-8")
+    assert rows["Encounter.ndjson:5"] == "references absent Patient nobody"
+    assert rows["Observation.ndjson.gz"].startswith("unreadable file")
+    assert s.files_quarantined == 1
+    assert len(t.encounters) == 1  # the good line is still read
+
+
+def test_manifest_lists_the_files_and_a_missing_one_is_a_clear_error(tmp_path: Path) -> None:
+    tiny_export(tmp_path)
+    manifest = {"output": [{"type": "Patient", "url": f"{SERVER}/x/Patient.ndjson"}]}
+    write(tmp_path, "manifest.json", manifest)
+    t = read_fhir_folder(tmp_path / "manifest.json")
+    assert len(t.patients) == 1 and len(t.encounters) == 0  # only the listed file
+    manifest["output"].append({"type": "Condition", "url": f"{SERVER}/x/Condition.ndjson"})
+    write(tmp_path, "manifest.json", manifest)
+    with pytest.raises(FhirInputError, match=r"lists .*Condition\.ndjson.*copy the whole export"):
+        read_fhir_folder(tmp_path)
+    write(tmp_path, "manifest.json", b"{}")
+    with pytest.raises(FhirInputError, match="not a Bulk Data manifest"):
+        read_fhir_folder(tmp_path)
+
+
+def test_a_repeated_line_is_an_identical_repeat(tmp_path: Path) -> None:
+    tiny_export(tmp_path)
+    lines = (tmp_path / "Encounter.ndjson").read_bytes()
+    (tmp_path / "Encounter.ndjson").write_bytes(lines * 3)
+    t = read_fhir_folder(tmp_path)
+    assert t.summary.reconciles() and t.quarantine.empty
+    assert t.summary.skipped_by_reason == {"identical repeat": 2}
+
+
+def test_format_is_detected_or_chosen(tmp_path: Path) -> None:
+    tiny_export(tmp_path / "bulk")
+    write(tmp_path / "bundles", "a.json", tiny_bundle())
+    assert detect_format(tmp_path / "bulk") == "bulk"
+    assert detect_format(tmp_path / "bulk" / "Patient.ndjson") == "bulk"
+    assert detect_format(tmp_path / "bundles") == "bundles"
+    with pytest.raises(FhirInputError, match=r"holds no \*\.json FHIR bundles"):
+        read_fhir_folder(tmp_path / "bulk", fmt="bundles")
+    with pytest.raises(FhirInputError, match="unknown FHIR format 'xml'"):
+        read_fhir_folder(tmp_path / "bulk", fmt="xml")
