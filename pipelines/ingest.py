@@ -197,10 +197,15 @@ def ingest_fhir(
 
     Staged (`pipelines.staged`): each worker process holds one chunk of bundles;
     this process about two copies of the largest table (events), not the cohort.
+    The patients' direct identifiers go to the deny-list (`pipelines.identifiers`).
     """
+    from pipelines.fhir import bundle_files
+    from pipelines.identifiers import fhir_identifiers, write_identifiers
     from pipelines.staged import ingest_fhir_staged
 
-    return ingest_fhir_staged(workspace, folder, split_seed=split_seed, workers=workers)
+    summary = ingest_fhir_staged(workspace, folder, split_seed=split_seed, workers=workers)
+    write_identifiers(workspace, fhir_identifiers(bundle_files(folder)))  # the deny-list
+    return summary
 
 
 def ingest_omop(

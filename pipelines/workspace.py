@@ -65,14 +65,16 @@ def _umask() -> int:
     return mask
 
 
-def _publish(tmp: str, path: Path) -> None:
-    """Give a temporary file the usual permissions (mkstemp makes it private) and rename it."""
-    os.chmod(tmp, 0o666 & ~_umask())
+def _publish(tmp: str, path: Path, mode: int | None = None) -> None:
+    """Give a temporary file the usual permissions (mkstemp makes it private), or ``mode``,
+    and rename it."""
+    os.chmod(tmp, 0o666 & ~_umask() if mode is None else mode)
     os.replace(tmp, path)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half;
+    ``mode``: its permissions (default: readable as the umask allows)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -80,7 +82,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        _publish(tmp, path)
+        _publish(tmp, path, mode)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -3,7 +3,9 @@
 Order of one ``generate`` call:
 
 1. build the messages (system, user);
-2. privacy guard for remote backends (redact or refuse; see ``privacy``);
+2. privacy guard for remote backends (redact or refuse; see ``privacy``), with
+   the call's ``identifiers`` and the workspace's deny-list of every patient
+   (``WORKSPACE/private/identifiers.json`` and the patients table, read once);
 3. cache lookup on the sha256 of backend, model, params and exact messages;
    a hit is recorded in the ledger and returned at no cost;
 4. on a miss, per attempt: reserve the worst case against the budget
@@ -41,6 +43,7 @@ from promptenv.llm.backends import Backend, BackendReply, make_backend
 from promptenv.llm.budget import Budget, BudgetTracker
 from promptenv.llm.cache import CachedAnswer, ResponseCache, cache_key
 from promptenv.llm.config import ClientConfig
+from promptenv.llm.deny_list import DenyList, workspace_deny_list
 from promptenv.llm.errors import (
     BackendConfigError,
     LLMError,
@@ -126,7 +129,10 @@ class LLMClient:
         self.backend: Backend = (
             make_backend(backend, self.config) if isinstance(backend, BackendSpec) else backend
         )
-        default_cache, default_ledger = workspace_paths(workspace)
+        self.workspace = workspace if isinstance(workspace, Workspace) else Workspace.at(workspace)
+        self._deny: DenyList | None = None
+        self._deny_lock = threading.Lock()
+        default_cache, default_ledger = workspace_paths(self.workspace)
         self.cache = ResponseCache(cache_path or default_cache) if use_cache else None
         self.ledger = Ledger(ledger_path or default_ledger)
         self.prices = PriceTable.load(self.config.prices_path)
@@ -160,6 +166,14 @@ class LLMClient:
     def label(self) -> str:
         """``kind:model``, for messages (no URL credentials, no keys)."""
         return f"{self.backend.kind}:{self.backend.model}"
+
+    @property
+    def deny_list(self) -> DenyList:
+        """The workspace's deny-list, read on first use (every remote call passes it)."""
+        with self._deny_lock:
+            if self._deny is None:
+                self._deny = workspace_deny_list(self.workspace)
+            return self._deny
 
     @property
     def cache_stats(self) -> CacheStats:
@@ -197,7 +211,7 @@ class LLMClient:
         redacted: dict[str, int] = {}
         if self.privacy.applies_to(remote=not self.backend.is_local):
             messages, redacted = guard_messages(
-                messages, identifiers, self.privacy, backend=self.label
+                messages, identifiers, self.privacy, backend=self.label, deny=[self.deny_list]
             )
         key = cache_key(self.backend.identity, self.backend.model, params, messages)
         call = _Call(uuid.uuid4().hex, key, redacted, started)
