@@ -155,7 +155,7 @@ class LLMClient:
                 self.label,
                 self.prices.source,
             )
-        self._budget = BudgetTracker(budget, already_spent=self.ledger.spend(self.run_id))
+        self._budget = BudgetTracker(budget, self.ledger, budget.scope_for(self.run_id))
         self._jitter = JitterSource(jitter_seed)
         self._counts_lock = threading.Lock()
         self._hits = 0
@@ -183,7 +183,7 @@ class LLMClient:
 
     @property
     def spent(self) -> Spend:
-        """What this run has used against its budget so far."""
+        """What this client's budget scope (by default its run) has used so far."""
         return self._budget.spent
 
     def generate(
@@ -316,6 +316,7 @@ class LLMClient:
         status: int | None = None,
         error_kind: str | None = None,
         wait_s: float = 0.0,
+        hold: int | None = None,
     ) -> None:
         self.ledger.record(
             LedgerEntry(
@@ -336,7 +337,9 @@ class LLMClient:
                 wait_s=wait_s,
                 redactions=sum(call.redacted.values()),
                 redaction_kinds=",".join(f"{k}:{n}" for k, n in sorted(call.redacted.items())),
-            )
+                budget_scope=self._budget.scope,
+            ),
+            hold=hold,
         )
 
     def _serve_cached(self, call: _Call, stored: CachedAnswer) -> Completion:
@@ -369,16 +372,17 @@ class LLMClient:
         attempt = 0
         while True:
             attempt += 1
-            reservation = self._budget.reserve(self._worst_case(messages, params))
+            # the attempt's ledger row releases the hold (the budget's source of truth)
+            hold = self._budget.reserve(self._worst_case(messages, params))
             attempt_started = time.perf_counter()
             try:
                 reply = self.backend.complete(messages, params)
             except TransientBackendError as exc:
-                self._budget.settle(reservation, Spend(calls=1))
-                self._retry_or_raise(call, exc, attempt, time.perf_counter() - attempt_started)
+                self._retry_or_raise(
+                    call, exc, attempt, time.perf_counter() - attempt_started, hold
+                )
                 continue
             except Exception as exc:
-                self._budget.settle(reservation, Spend(calls=1))
                 self._record(
                     call,
                     outcome="error",
@@ -386,12 +390,22 @@ class LLMClient:
                     latency_s=time.perf_counter() - attempt_started,
                     status=exc.status if isinstance(exc, PermanentBackendError) else None,
                     error_kind=_error_kind(exc),
+                    hold=hold,
                 )
                 raise
-            return self._finish(call, reply, reservation, attempt, attempt_started)
+            except BaseException:  # interrupted: no row, so give the hold back
+                if hold is not None:
+                    self.ledger.release(hold)
+                raise
+            return self._finish(call, reply, hold, attempt, attempt_started)
 
     def _retry_or_raise(
-        self, call: _Call, exc: TransientBackendError, attempt: int, latency_s: float
+        self,
+        call: _Call,
+        exc: TransientBackendError,
+        attempt: int,
+        latency_s: float,
+        hold: int | None,
     ) -> None:
         """Record a transient failure, then sleep before the next attempt or raise."""
         policy = self.retry
@@ -416,6 +430,7 @@ class LLMClient:
             status=exc.status,
             error_kind=_error_kind(exc),
             wait_s=wait,
+            hold=hold,
         )
         if give_up:
             raise RetriesExhausted(give_up, last=exc, attempts=attempt) from exc
@@ -433,14 +448,22 @@ class LLMClient:
         self,
         call: _Call,
         reply: BackendReply,
-        reservation: Spend,
+        hold: int | None,
         attempt: int,
         attempt_started: float,
     ) -> Completion:
         now = time.perf_counter()
         cost = self._price.cost(reply.input_tokens, reply.output_tokens) if self._price else 0.0
-        self._budget.settle(
-            reservation, Spend(calls=1, tokens=reply.input_tokens + reply.output_tokens, cost=cost)
+        # the ledger row first: it settles the budget hold
+        self._record(
+            call,
+            outcome="ok",
+            attempt=attempt,
+            latency_s=now - attempt_started,
+            tokens_in=reply.input_tokens,
+            tokens_out=reply.output_tokens,
+            cost=cost,
+            hold=hold,
         )
         if self.cache is not None:
             self.cache.put(
@@ -455,15 +478,6 @@ class LLMClient:
                     cost=cost,
                 ),
             )
-        self._record(
-            call,
-            outcome="ok",
-            attempt=attempt,
-            latency_s=now - attempt_started,
-            tokens_in=reply.input_tokens,
-            tokens_out=reply.output_tokens,
-            cost=cost,
-        )
         return Completion(
             text=reply.text,
             model=reply.model,
