@@ -20,7 +20,7 @@ from pipelines.index import DEFAULT_SPLIT_SEED, index_encounters
 from pipelines.plans import plans_from_notes, plans_from_orders
 from pipelines.schemas import EVENT_KINDS, ROW_ORDER, SPLITS, TABLES
 from pipelines.sources import SourceTables
-from pipelines.workspace import Workspace, to_arrow
+from pipelines.workspace import Workspace, to_arrow, transactional
 
 
 def derive(
@@ -106,6 +106,7 @@ def record_ingest(
     )
 
 
+@transactional("ingest")
 def write_cohort(
     workspace: Workspace,
     source: SourceTables,
@@ -113,7 +114,8 @@ def write_cohort(
     input_description: str,
     split_seed: int = DEFAULT_SPLIT_SEED,
 ) -> dict[str, Any]:
-    """Derive and write every canonical table, record the step, and return the summary."""
+    """Derive and write every canonical table, record the step, and return the summary;
+    all published together (one transaction)."""
     tables = derive(source, split_seed=split_seed)
     hashes = {}
     for name in TABLES:
@@ -183,10 +185,11 @@ def _reason_counts(quarantine: pd.DataFrame) -> dict[str, int]:
 def load_tables(
     workspace: Workspace, names: tuple[str, ...] | None = None
 ) -> dict[str, pd.DataFrame]:
-    """Read canonical tables from a workspace (all by default)."""
-    return {name: workspace.read_table(name) for name in (names or tuple(TABLES))}
+    """Read canonical tables from a workspace (all by default), of one published state."""
+    return workspace.read_tables(names or tuple(TABLES))
 
 
+@transactional("ingest")
 def ingest_fhir(
     workspace: Workspace,
     folder: Path,
