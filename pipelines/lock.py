@@ -71,15 +71,16 @@ def holder(root: Path) -> str:
     )
 
 
-def acquire(root: Path, wait: float | None = None) -> None:
+def acquire(root: Path, wait: float | None = None) -> bool:
     """Take the lock of workspace ``root``, waiting up to ``wait`` seconds (default
-    `default_wait`); raises `WorkspaceBusy` naming the holder."""
+    `default_wait`); raises `WorkspaceBusy` naming the holder. True when this call
+    took it from the system (False: this process held it already)."""
     key = root.resolve()
     with _guard:
         held = _held.get(key)
         if held is not None:
             held.depth += 1
-            return
+            return False
         root.mkdir(parents=True, exist_ok=True)
         fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
         deadline = time.monotonic() + (default_wait() if wait is None else wait)
@@ -104,6 +105,7 @@ def acquire(root: Path, wait: float | None = None) -> None:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode(), 0)
         _held[key] = _Held(fd, 1)
+        return True
 
 
 def release(root: Path) -> None:

@@ -165,6 +165,7 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None
 
 
 _local = threading.local()
+_commit_guard = threading.Lock()
 
 
 def _active() -> dict[Path, Transaction]:
@@ -181,7 +182,11 @@ def _transaction_of(path: Path) -> Transaction | None:
         return None
     resolved = path.resolve()
     roots = [root for root in active if resolved.is_relative_to(root)]
-    return active[max(roots, key=lambda r: len(r.parts))] if roots else None
+    if not roots:
+        return None
+    root = max(roots, key=lambda r: len(r.parts))
+    # a file inside a staged folder (a model's part) is written where it is
+    return None if resolved.is_relative_to(root / TXN_DIR) else active[root]
 
 
 class Transaction:
@@ -403,9 +408,10 @@ class Workspace:
         if outer is not None:
             yield outer
             return
-        lock.acquire(self.root, wait)
+        first = lock.acquire(self.root, wait)
         try:
-            recover(self.root)
+            if first:  # another thread of this process may have a transaction open
+                recover(self.root)
             txn = Transaction(self, step)
             _active()[key] = txn
             try:
@@ -415,7 +421,8 @@ class Workspace:
                 raise
             finally:
                 del _active()[key]
-            txn.commit()
+            with _commit_guard:  # threads of one process: one manifest update at a time
+                txn.commit()
         finally:
             lock.release(self.root)
 

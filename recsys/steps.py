@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipelines.workspace import Workspace, atomic_write_bytes
+from pipelines.workspace import Workspace, atomic_write_bytes, transactional
 from recsys.base import Recommender, load_recommender
 from recsys.evaluate import (
     BASELINES,
@@ -77,6 +77,7 @@ class FitSummary:
     selection: dict[str, Any]
 
 
+@transactional("recsys_fit")  # the models, selection and manifest publish together
 def fit_models(
     workspace: Workspace | Path | str | None = None,
     names: Sequence[str] | None = None,

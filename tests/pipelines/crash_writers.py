@@ -3,13 +3,15 @@
 ``python crash_writers.py STEP WORKSPACE ARG``: ``cohort N`` ingests the first N
 patients of the default cohort (`write_cohort`, the OMOP and snapshot path);
 ``fhir FOLDER`` ingests a folder of FHIR bundles (`ingest_fhir`, staged);
-``hold SIGNAL`` holds the workspace lock until the file SIGNAL exists.
+``fit MODELS`` fits the comma-separated recommenders on a synthetic cohort (written
+first if the workspace has no tables); ``copy FOLDER`` copies a workspace; ``hold SIGNAL`` holds the workspace lock until the file SIGNAL exists.
 With ``PMLM_FAULT_AFTER_WRITES=k`` the process dies (exit 9) after its k-th write.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -36,6 +38,17 @@ def main(step: str, root: str, arg: str) -> None:
         write_cohort(ws, cohort_subset(int(arg)), input_description=f"subset:{arg}")
     elif step == "fhir":
         ingest_fhir(ws, Path(arg), workers=1)
+    elif step == "copy":
+        shutil.copytree(arg, root, dirs_exist_ok=True)
+    elif step == "fit":
+        from recsys.steps import fit_models
+        from recsys.synthetic import synthetic_cohort
+
+        if not ws.has_table("patients"):
+            with ws.transaction("synthetic"):
+                for name, frame in synthetic_cohort(n_patients=36, seed=5).items():
+                    ws.write_table(name, frame)
+        fit_models(ws, arg.split(","), blend=False)
     elif step == "hold":
         with ws.transaction("hold"):
             print("holding", flush=True)

@@ -108,11 +108,21 @@ def run_step(*args: str, fault: int | None = None) -> subprocess.CompletedProces
 
 
 def state(ws: Workspace) -> dict[str, object]:
-    """Every table (as read, which finishes a committed step) and the ingest entry."""
+    """Every table (as read, which finishes a committed step), the saved models' files and
+    the manifest's steps."""
     tables = load_tables(ws)
-    ingest = dict(ws.read_manifest()["steps"]["ingest"])
-    ingest.pop("finished_at")
-    return {"ingest": ingest, **{n: pa.Table.from_pandas(t) for n, t in tables.items()}}
+    steps = {k: {**v, "finished_at": None} for k, v in ws.read_manifest()["steps"].items()}
+    steps = json.loads(json.dumps(steps).replace(str(ws.root), "WORKSPACE"))
+    models = {
+        str(f.relative_to(ws.root)): f.read_bytes()
+        for f in sorted(ws.models_dir.rglob("*"))
+        if f.is_file() and f.suffix == ".json"
+    }
+    return {
+        "steps": steps,
+        "models": models,
+        **{n: pa.Table.from_pandas(t) for n, t in tables.items()},
+    }
 
 
 def same(a: dict[str, object], b: dict[str, object]) -> bool:
@@ -122,7 +132,9 @@ def same(a: dict[str, object], b: dict[str, object]) -> bool:
     )
 
 
-def kill_at_every_boundary(tmp_path: Path, first: list[str], second: list[str]) -> int:
+def kill_at_every_boundary(
+    tmp_path: Path, first: list[str], second: list[str], before: int = 8, after: int = 8
+) -> int:
     """Run step ``first``, then ``second`` killed after its 1st, 2nd, ... write until it
     finishes; after each kill the workspace must be the first state or the second."""
     old_root, new_root = tmp_path / "old", tmp_path / "new"
@@ -148,7 +160,8 @@ def kill_at_every_boundary(tmp_path: Path, first: list[str], second: list[str]) 
         if done.returncode == 0:
             break
         assert done.returncode == 9, done.stderr[-2000:]
-    assert seen["old"] >= 8 and seen["new"] >= 8, seen  # kills before and after the commit point
+    # kills before and after the commit point
+    assert seen["old"] >= before and seen["new"] >= after, seen
     return k
 
 
@@ -165,6 +178,21 @@ def test_a_killed_fhir_ingest_leaves_the_old_state_or_the_new(tmp_path: Path) ->
     write(two, "a.json", tiny_bundle())
     write(two, "b.json", tiny_bundle())  # the same ids again: quarantined duplicates
     kill_at_every_boundary(tmp_path, ["fhir", str(one)], ["fhir", str(two)])
+
+
+def test_a_killed_fit_leaves_the_old_models_or_the_new(tmp_path: Path) -> None:
+    """The recommender fit saves model folders, the selection and its manifest entry."""
+    old = tmp_path / "old"
+    assert run_step("fit", str(old), "popularity").returncode == 0
+    shutil.copytree(old, tmp_path / "base")
+    # both runs start from the same synthetic tables: copy them, then fit again
+    kill_at_every_boundary(
+        tmp_path / "k",
+        ["copy", str(tmp_path / "base")],
+        ["fit", "popularity,repeat_previous"],
+        before=3,
+        after=3,
+    )
 
 
 def test_a_transaction_publishes_everything_at_its_end_or_nothing(tmp_path: Path) -> None:
