@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import os
 import shutil
@@ -192,9 +193,11 @@ def _transaction_of(path: Path) -> Transaction | None:
 class Transaction:
     """What one step writes, staged under ``.txn/ID/`` until `commit` publishes it all."""
 
-    def __init__(self, workspace: Workspace, step: str) -> None:
+    def __init__(self, workspace: Workspace, step: str, manifest: bool = True) -> None:
         self.workspace = workspace
         self.step = step
+        #: False for a folder that is not a workspace (an export): no manifest.json
+        self.manifest = manifest
         self.folder = workspace.root / TXN_DIR / f"{_safe(step)}-{uuid.uuid4().hex[:12]}"
         (self.folder / "files").mkdir(parents=True)
         #: final path (relative to the workspace) → staged path; in write order
@@ -240,18 +243,19 @@ class Transaction:
         if not self.staged and not self.steps:
             shutil.rmtree(self.folder)
             return
-        manifest = self.workspace.read_manifest()
-        manifest["schema_version"] = SCHEMA_VERSION
-        manifest["generation"] = int(manifest.get("generation", 0)) + 1
-        manifest.setdefault("steps", {}).update(self.steps)
-        staged_manifest = self.folder / "manifest.json"
-        staged_manifest.write_bytes(json.dumps(manifest, indent=2, default=str).encode())
-        os.chmod(staged_manifest, 0o666 & ~_umask())
         pairs = [
             [str(staged.relative_to(self.folder)), relative]
             for relative, staged in self.staged.items()
         ]
-        pairs.append(["manifest.json", "manifest.json"])  # last: readers check it
+        if self.manifest:
+            manifest = self.workspace.read_manifest()
+            manifest["schema_version"] = SCHEMA_VERSION
+            manifest["generation"] = int(manifest.get("generation", 0)) + 1
+            manifest.setdefault("steps", {}).update(self.steps)
+            staged_manifest = self.folder / "manifest.json"
+            staged_manifest.write_bytes(json.dumps(manifest, indent=2, default=str).encode())
+            os.chmod(staged_manifest, 0o666 & ~_umask())
+            pairs.append(["manifest.json", "manifest.json"])  # last: readers check it
         for staged, _ in pairs:
             _fsync_tree(self.folder / staged)
         for folder in {p.parent for p in self.folder.rglob("*")}:
@@ -286,7 +290,9 @@ def _replay(root: Path, folder: Path) -> None:
     for parent in touched:
         _fsync_dir(parent)
     shutil.rmtree(folder)
-    _fsync_dir(folder.parent)
+    with contextlib.suppress(OSError):  # another transaction's folder is in it
+        folder.parent.rmdir()
+    _fsync_dir(root)
 
 
 def _pending(root: Path) -> list[Path]:
@@ -308,21 +314,45 @@ def recover(root: Path) -> None:
             shutil.rmtree(folder)  # killed before its commit point: the old state stands
 
 
-def transactional(step: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+def transactional(
+    step: str, folder: str | None = None
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Run the decorated function in one transaction of the workspace given as its first
-    argument (a `Workspace`, a path, or None for the default)."""
+    argument (a `Workspace`, a path, or None for the default).
+
+    ``folder``: instead, the name of the argument holding a folder that is not a
+    workspace (an export's): its files publish together, with no manifest.json.
+    """
 
     def decorate(function: Callable[P, R]) -> Callable[P, R]:
+        signature = inspect.signature(function)
+
         @functools.wraps(function)
         def run(*args: P.args, **kwargs: P.kwargs) -> R:
-            first = args[0]
-            workspace = first if isinstance(first, Workspace) else Workspace.at(first)  # type: ignore[arg-type]
-            with workspace.transaction(step):
+            if folder is None:
+                first = args[0]
+                root = first if isinstance(first, Workspace) else Workspace.at(first)  # type: ignore[arg-type]
+            else:
+                root = Workspace.at(signature.bind(*args, **kwargs).arguments[folder])
+            with root.transaction(step, manifest=folder is None):
                 return function(*args, **kwargs)
 
         return run
 
     return decorate
+
+
+def publish_file(done: Path, final: Path) -> None:
+    """Rename the finished file ``done`` to ``final``: with the other files of the
+    transaction of ``final``'s folder, or now (fsynced first)."""
+    txn = _transaction_of(final)
+    if txn is not None:
+        os.replace(done, txn.stage_path(final))
+        _fault_point()
+        return
+    _fsync_tree(done)
+    os.replace(done, final)
+    _fsync_dir(final.parent)
 
 
 @contextlib.contextmanager
@@ -395,13 +425,16 @@ class Workspace:
     # -- transactions ----------------------------------------------------------
 
     @contextlib.contextmanager
-    def transaction(self, step: str, wait: float | None = None) -> Iterator[Transaction]:
+    def transaction(
+        self, step: str, wait: float | None = None, manifest: bool = True
+    ) -> Iterator[Transaction]:
         """Hold the workspace lock and publish everything written inside at the end, together.
 
         ``wait``: seconds to wait for another writer (default ``$PMLM_LOCK_WAIT``,
         0); `pipelines.lock.WorkspaceBusy` names the holder. Inside a transaction
         of this workspace (this thread), joins it. On an exception nothing is
-        published.
+        published. ``manifest=False``: a folder that is not a workspace (no
+        manifest.json is written).
         """
         key = self.root.resolve()
         outer = _active().get(key)
@@ -412,12 +445,14 @@ class Workspace:
         try:
             if first:  # another thread of this process may have a transaction open
                 recover(self.root)
-            txn = Transaction(self, step)
+            txn = Transaction(self, step, manifest)
             _active()[key] = txn
             try:
                 yield txn
             except BaseException:
                 shutil.rmtree(txn.folder, ignore_errors=True)
+                with contextlib.suppress(OSError):  # another transaction's folder is in it
+                    txn.folder.parent.rmdir()
                 raise
             finally:
                 del _active()[key]
