@@ -34,7 +34,10 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 def _states(workspace: str, seed: int) -> tuple[object, str]:
     from pipelines.workspace import Workspace
     from recsys.interactions import CohortTables, build_dataset
-    from recsys.synthetic import synthetic_cohort
+
+    # the seeded test-data generator lives with the tests, not in the library
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from synthetic_cohort import synthetic_cohort
 
     ws = Workspace.at(workspace)
     if ws.has_table("index_encounters"):

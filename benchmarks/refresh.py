@@ -15,7 +15,7 @@ one patient's records change.
    the refreshed table must equal it (``created_at`` aside).
 
 Work is counted as the patients whose signals and prompts were computed; wall
-time is that of `promptenv.refresh.refresh_prompt_table` (plan, batches,
+time is that of `promptenv.prompt_table.refresh_prompt_table` (plan, batches,
 write) in this process, without Prefect. Both runs also pay for what grows with
 the cohort whatever changed: reading the tables, fingerprinting every patient
 and one vectorized pass over every recommender state (a state also depends on
@@ -34,13 +34,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from flows.pipeline import QUICK_GRIDS
 from pipelines.cohort import load_snapshot
 from pipelines.ingest import derive, write_cohort
 from pipelines.sources import SourceTables
 from pipelines.workspace import Workspace
-from promptenv.refresh import RefreshResult, refresh_prompt_table
-from recsys.steps import fit_models
+from promptenv.prompt_table import RefreshResult, refresh_prompt_table
+from recsys.steps import QUICK_GRIDS, fit_models
 
 
 def pick_patient(source: SourceTables) -> str:

@@ -21,21 +21,40 @@ from flows.cli_policy import policy_app
 from flows.cli_prompts import evaluate_cmd, prompts_app
 from flows.cli_recsys import recsys_app
 from flows.cli_serve import serve_cmd
-from flows.options import WorkspaceOpt
+from flows.options import DEBUG_ENV, PMLMGroup, WorkspaceOpt
 from pipelines.workspace import Workspace
 
 app = typer.Typer(
+    cls=PMLMGroup,
     help="PMLM: personalized hard prompts for LLMs from patient records.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
+
+
+@app.callback()
+def _options(
+    ctx: typer.Context,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the traceback behind an error.")
+    ] = False,
+) -> None:
+    ctx.meta[DEBUG_ENV] = debug
+
+
 ingest_app = typer.Typer(
-    help="Read a data source into the workspace's canonical tables.", no_args_is_help=True
+    cls=PMLMGroup,
+    help="Read a data source into the workspace's canonical tables.",
+    no_args_is_help=True,
 )
 cohort_app = typer.Typer(
-    help="Generated cohorts (Synthea) and the built-in default cohort.", no_args_is_help=True
+    cls=PMLMGroup,
+    help="Generated cohorts (Synthea) and the built-in default cohort.",
+    no_args_is_help=True,
 )
-data_app = typer.Typer(help="Inspect the workspace's canonical tables.", no_args_is_help=True)
+data_app = typer.Typer(
+    cls=PMLMGroup, help="Inspect the workspace's canonical tables.", no_args_is_help=True
+)
 app.add_typer(ingest_app, name="ingest")
 app.add_typer(cohort_app, name="cohort")
 app.add_typer(data_app, name="data")

@@ -12,20 +12,16 @@ from typing import Annotated
 
 import typer
 
-from flows.options import WorkspaceOpt
+from flows.options import PMLMGroup, WorkspaceOpt
 from pipelines.workspace import Workspace
 
 llm_app = typer.Typer(
+    cls=PMLMGroup,
     help="The LLM client: ask a backend (local, openai:MODEL, anthropic:MODEL, optionally "
     "@URL) through the cache, retries, budget and privacy guard; read the spend ledger.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    typer.echo(f"error: {exc}", err=True)
-    return typer.Exit(code=1)
 
 
 @llm_app.command()
@@ -51,16 +47,13 @@ def ask(
     ] = None,
 ) -> None:
     """Answer QUESTION and print the answer, then tokens, latency, cache and cost."""
-    from promptenv.llm import GenerationParams, LLMClient, LLMError
+    from promptenv.llm import GenerationParams, LLMClient
 
-    try:
-        client = LLMClient(
-            backend, workspace=Workspace.at(workspace), run_id=run_id, use_cache=not no_cache
-        )
-        params = GenerationParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
-        completion = client.generate(system, question, params)
-    except (LLMError, ValueError) as exc:
-        raise _fail(exc) from exc
+    client = LLMClient(
+        backend, workspace=Workspace.at(workspace), run_id=run_id, use_cache=not no_cache
+    )
+    params = GenerationParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
+    completion = client.generate(system, question, params)
     typer.echo(completion.text)
     redacted = f" | redacted: {completion.redactions}" if completion.redactions else ""
     typer.echo(

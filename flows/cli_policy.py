@@ -1,67 +1,23 @@
-"""``pmlm policy train|apply|show``: thin wrappers over `promptenv.policy`."""
+"""``pmlm policy train|apply|show``: thin wrappers over `promptenv.steps` and `promptenv.policy`."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from flows.cli_prompts import signal_source
-from flows.options import WorkspaceOpt
-from pipelines.ingest import load_tables
+from flows.options import PMLMGroup, WorkspaceOpt
 from pipelines.workspace import Workspace
 
-if TYPE_CHECKING:
-    from promptenv.policy import PolicySettings, TrainedPolicy
-
 policy_app = typer.Typer(
+    cls=PMLMGroup,
     help="The prompt-editing policy: train it with MaskablePPO, apply it with no LLM call.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
 console = Console()
-
-
-def workspace_versions(ws: Workspace) -> dict[str, Any]:
-    """The data and recommender versions a policy is trained with (from the workspace manifest)."""
-    from recsys.steps import read_selection
-
-    ingest = ws.read_manifest().get("steps", {}).get("ingest", {})
-    selection = read_selection(ws)
-    return {
-        "data_hash": ingest.get("data_hash"),
-        "data_input": ingest.get("input"),
-        "recommender": selection.get("best"),
-        "recommender_vocabulary": selection.get("vocabulary_fingerprint"),
-    }
-
-
-def train_workspace_policy(
-    ws: Workspace,
-    backend: str,
-    settings: PolicySettings,
-    extra_versions: Mapping[str, Any] | None = None,
-    progress: Callable[[str], None] | None = None,
-    show_bar: bool = True,
-) -> TrainedPolicy:
-    """Train the workspace's policy (`promptenv.policy.train_policy`) on its tables and signals,
-    answers from ``backend`` through the workspace's cached LLM client; saved in ``models/policy``."""
-    from promptenv.llm import LLMClient
-    from promptenv.policy import policy_dir, train_policy
-
-    return train_policy(
-        LLMClient(backend, workspace=ws),
-        load_tables(ws),
-        signal_source(ws),
-        policy_dir(ws),
-        settings,
-        versions={**workspace_versions(ws), **(extra_versions or {})},
-        progress=progress,
-        show_bar=show_bar,
-    )
 
 
 @policy_app.command("train")
@@ -81,6 +37,7 @@ def train_cmd(
 ) -> None:
     """Train the editing policy on training patients (answers through the cached LLM client)."""
     from promptenv.policy import PolicySettings, training_summary
+    from promptenv.steps import train_workspace_policy
 
     ws = Workspace.at(workspace)
     settings = PolicySettings(
@@ -107,16 +64,10 @@ def apply_cmd(
     ] = True,
 ) -> None:
     """Refine prompts with the trained policy (no LLM call) and write them to the prompt table."""
-    from promptenv.policy import load_policy, policy_dir
-    from promptenv.prompt_table import build_prompt_table, write_prompt_table
+    from promptenv.steps import apply_workspace_policy
 
     ws = Workspace.at(workspace)
-    if which not in ("latest", "test", "all"):
-        raise typer.BadParameter("--which must be latest, test or all")
-    policy = load_policy(policy_dir(ws))
-    methods = ["pmlm_initial", "pmlm"] if keep_initial else ["pmlm"]
-    table = build_prompt_table(load_tables(ws), methods, signal_source(ws), which, policy=policy)  # type: ignore[arg-type]
-    write_prompt_table(ws, table)
+    table, policy = apply_workspace_policy(ws, which, keep_initial)
     refined = table[table["method"] == "pmlm"]
     edits = refined["provenance"].map(lambda p: len(json.loads(p)["edits"]))
     console.print(

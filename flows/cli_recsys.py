@@ -10,10 +10,11 @@ from typing import Annotated
 
 import typer
 
-from flows.options import WorkspaceOpt
-from pipelines.workspace import MissingTableError, Workspace
+from flows.options import PMLMGroup, WorkspaceOpt
+from pipelines.workspace import Workspace
 
 recsys_app = typer.Typer(
+    cls=PMLMGroup,
     help="Recommenders: fit (tuned on validation patients), evaluate on test patients, "
     "explain one patient's self and peer signals.",
     no_args_is_help=True,
@@ -21,11 +22,6 @@ recsys_app = typer.Typer(
 )
 
 KOpt = Annotated[int, typer.Option("--k", help="Cut-off of the ranking metrics.", min=1)]
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    typer.echo(f"error: {exc}", err=True)
-    return typer.Exit(code=1)
 
 
 @recsys_app.command()
@@ -49,12 +45,9 @@ def fit(
     from recsys.evaluate import to_markdown
     from recsys.steps import fit_models
 
-    try:
-        summary = fit_models(
-            Workspace.at(workspace), model, k=k, select_on=select_on, progress=typer.echo
-        )
-    except (MissingTableError, ValueError) as exc:
-        raise _fail(exc) from exc
+    summary = fit_models(
+        Workspace.at(workspace), model, k=k, select_on=select_on, progress=typer.echo
+    )
     typer.echo(to_markdown(summary.validation))
     typer.echo(f"best on validation: {summary.best}")
 
@@ -66,10 +59,7 @@ def evaluate(workspace: WorkspaceOpt = None, k: KOpt = 10) -> None:
     from recsys.steps import evaluate_models
 
     ws = Workspace.at(workspace)
-    try:
-        table = evaluate_models(ws, k=k, progress=typer.echo)
-    except (MissingTableError, ValueError) as exc:
-        raise _fail(exc) from exc
+    table = evaluate_models(ws, k=k, progress=typer.echo)
     typer.echo(to_markdown(table))
     typer.echo(f"written: {ws.reports_dir / 'recsys_comparison.csv'} (and .md)")
 
@@ -93,16 +83,13 @@ def explain(
     """One patient's self and peer signals, with the reasons behind each."""
     from recsys.steps import explain_patient
 
-    try:
-        explanation = explain_patient(
-            patient,
-            Workspace.at(workspace),
-            model_name=model,
-            encounter_id=encounter,
-            k=k,
-            n_peers=peers,
-            min_support=min_support,
-        )
-    except (MissingTableError, FileNotFoundError, KeyError, ValueError) as exc:
-        raise _fail(exc) from exc
+    explanation = explain_patient(
+        patient,
+        Workspace.at(workspace),
+        model_name=model,
+        encounter_id=encounter,
+        k=k,
+        n_peers=peers,
+        min_support=min_support,
+    )
     typer.echo(explanation.render())

@@ -4,7 +4,7 @@
   index encounters, split) → recommender (fit, cached per data fingerprint) →
   signals → initial prompts, the last two in batches that a task runner fans out;
 - `refresh`: the nightly job: re-ingest, then signals and prompts of the patients
-  whose records changed (`promptenv.refresh`); the recommender is NOT refit
+  whose records changed (`promptenv.prompt_table`); the recommender is NOT refit
   unless ``refit=True`` (or no recommender was fitted yet);
 - `evaluate`: the methods compared with one LLM on the same test encounters;
 - `export`: the prompt table's rows of the chosen methods → parquet, JSONL, SQL;
@@ -37,7 +37,7 @@ from flows.tasks import (
     ExportOutcome,
     FitOutcome,
     PolicyOutcome,
-    build_prompts,
+    batch_prompt_rows,
     compute_signals,
     evaluate_with_llm,
     export_prompts,
@@ -52,18 +52,17 @@ from flows.tasks import (
 )
 from pipelines.workspace import Workspace
 from promptenv.policy import PolicySettings
+from promptenv.prompt_table import PromptTableSpec, RefreshResult
 from promptenv.prompts import METHODS
-from promptenv.refresh import PromptTableSpec, RefreshResult
+from promptenv.steps import (
+    EXPORT_FORMATS,
+    policy_info_path,
+    quick_policy_settings,
+    trained_policy_version,
+)
+from recsys.steps import QUICK_GRIDS
 
-#: One point per model: the main job fits without a grid search (`pmlm recsys fit` tunes).
-QUICK_GRIDS: dict[str, dict[str, list[Any]]] = {
-    "lightfm": {"epochs": [20], "max_sampled": [30]},
-    "als": {"factors": [32], "regularization": [0.1], "alpha": [20.0]},
-    "bpr": {"iterations": [200], "learning_rate": [0.2]},
-    "item_knn": {"similarity": ["tfidf"], "K": [1000]},
-}
 TASK_RUNNERS = ("threads", "dask")
-EXPORT_FORMATS = ("parquet", "jsonl", "sql")
 
 
 def make_task_runner(
@@ -128,7 +127,7 @@ def _prompt_table(workspace: str, spec: PromptTableSpec, full: bool) -> RefreshR
     """Plan, then signals and prompts per batch (fanned out by the task runner), then write."""
     plan = plan_prompts(workspace, spec, full)
     signals = in_workspace(compute_signals, workspace).map(unmapped(plan), plan.batches)
-    prompts = in_workspace(build_prompts, workspace).map(unmapped(plan), plan.batches, signals)
+    prompts = in_workspace(batch_prompt_rows, workspace).map(unmapped(plan), plan.batches, signals)
     # Prefect hands the tasks' results, not the futures, to the writer
     written: RefreshResult = write_prompts(plan, prompts, signals)  # type: ignore[arg-type]
     return written
@@ -216,7 +215,7 @@ def refresh(
         fit = in_workspace(fit_recommenders, ws, refresh=refit)(
             ws, fingerprint, grids if grids is not None else QUICK_GRIDS
         )
-    version = trained_policy_version(ws)
+    version = trained_policy_version(Workspace.at(ws))
     if version is not None and "pmlm" not in chosen:
         chosen.append("pmlm")  # the policy's prompts are refreshed with the others
     spec = PromptTableSpec(
@@ -230,14 +229,6 @@ def refresh(
     return RefreshOutcome(
         BuildOutcome(Path(ws), summary, fit, prompts.recommender, prompts), exported
     )
-
-
-def trained_policy_version(workspace: str) -> str | None:
-    """The version of the workspace's trained policy, None when there is none."""
-    import json
-
-    info = Path(workspace) / "models" / "policy" / "policy.json"
-    return str(json.loads(info.read_text())["version"]) if info.exists() else None
 
 
 @flow(name="pmlm-evaluate")
@@ -342,29 +333,6 @@ def pmlm_pipeline(
     return PipelineOutcome(built, policy, refined, evaluation, exported)
 
 
-def quick_policy_settings(timesteps: int, n_calibration: int, n_train: int = 8) -> PolicySettings:
-    """The main job's short training run: a few hundred edits on ``n_train`` training and
-    ``n_train // 2`` validation encounters, at most ``4 * n_train`` LLM calls (the
-    initial prompts' answers included), so that the main job stays within minutes.
-
-    `pmlm policy train` trains longer (see BENCHMARKS.md); the calibration uses
-    the same validation encounters as the main job's evaluation, so their answers
-    are asked once.
-    """
-    if n_train < 2:
-        raise ValueError(f"the policy needs at least 2 training encounters, got {n_train}")
-    return PolicySettings(
-        n_train=n_train,
-        n_validation=max(2, n_train // 2),
-        timesteps=timesteps,
-        n_steps=64,
-        batch_size=64,
-        eval_freq=max(64, timesteps // 2),
-        max_llm_calls=4 * n_train,
-        n_calibration=n_calibration,
-    )
-
-
 @flow(name="pmlm-train-policy")
 def train_policy(
     workspace: str | None, backend: str, recommender: str, settings: PolicySettings
@@ -380,7 +348,7 @@ def train_policy(
     outcome: PolicyOutcome = in_workspace(train_policy_task, ws)(
         ws, backend, fingerprint, recommender, settings
     )
-    if not (Path(ws) / "models" / "policy" / "policy.json").exists():
+    if not policy_info_path(Workspace.at(ws)).exists():
         # a cache hit whose saved policy was deleted since: train again
         outcome = in_workspace(train_policy_task, ws, refresh=True)(
             ws, backend, fingerprint, recommender, settings

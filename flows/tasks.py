@@ -1,8 +1,9 @@
-"""Prefect tasks: each a thin wrapper over one plain function of `pipelines`, `recsys` or `promptenv`.
+"""Prefect tasks: each a thin wrapper over one plain step of `pipelines`, `recsys` or `promptenv`.
 
 Tasks take the workspace as a path string and return small values (summaries,
 ids, the rows of one batch); the tables, models and reports stay in the
-workspace's files.
+workspace's files. They log; they hold no logic of their own (the steps are
+`pipelines.steps`, `recsys.steps`, `promptenv.steps` and `promptenv.prompt_table`).
 
 Caching. The expensive tasks (recommender fit, each batch's signals and
 prompts) are cached by their inputs and their source code
@@ -36,7 +37,7 @@ from prefect.tasks import Task
 
 from pipelines.workspace import Workspace
 from promptenv.policy import PolicySettings
-from promptenv.refresh import (
+from promptenv.prompt_table import (
     BatchSignals,
     PromptBatch,
     PromptPlan,
@@ -79,41 +80,40 @@ def _progress() -> Callable[[str], None]:
     return logger.info
 
 
+def _worth_retrying(_task: Task[Any, Any], _run: object, state: State[Any]) -> bool:
+    """Retry what may pass by itself: the LLM's transient failures outlasting the client's own
+    retries, lost connections, timeouts, a busy cache file; not bad data or configuration."""
+    import sqlite3
+
+    from promptenv.llm.errors import RetriesExhausted, TransientBackendError
+
+    passing = (
+        RetriesExhausted,
+        TransientBackendError,
+        OSError,
+        TimeoutError,
+        sqlite3.OperationalError,
+    )
+    return isinstance(state.data, passing)
+
+
 # --------------------------------------------------------------------------- data
 
 
 @task(name="prepare-cohort", cache_policy=NO_CACHE)
 def prepare_cohort(workspace: str, source: str = "default", split_seed: int = 0) -> dict[str, Any]:
-    """Canonical tables, reference plans, index encounters and the patient split.
+    """Canonical tables, reference plans, index encounters and the split (`pipelines.steps.prepare_source`)."""
+    from pipelines.steps import prepare_source
 
-    ``source``: ``default`` (the built-in cohort), ``fhir:FOLDER``, ``omop`` (Eunomia),
-    ``omop:PATH``, or ``workspace`` (the tables an earlier ingest wrote are kept as they
-    are; ``split_seed`` is then theirs). Returns the data summary (`pipelines.ingest.summarize`).
-    """
-    from pipelines.cohort import prepare_default_cohort
-    from pipelines.ingest import ingest_fhir, ingest_omop, load_tables, summarize
-
-    ws = Workspace.at(workspace)
-    kind, _, where = source.partition(":")
-    if kind == "default" and not where:
-        return prepare_default_cohort(ws, split_seed=split_seed)
-    if kind == "workspace" and not where:
-        return summarize(load_tables(ws))
-    if kind == "fhir" and where:
-        return ingest_fhir(ws, Path(where), split_seed=split_seed)
-    if kind == "omop":
-        return ingest_omop(ws, Path(where) if where else None, split_seed=split_seed)
-    raise ValueError(f"unknown data source {source!r}: use default, fhir:FOLDER, omop or omop:PATH")
+    return prepare_source(Workspace.at(workspace), source, split_seed)
 
 
 @task(name="fingerprint-records", cache_policy=NO_CACHE)
 def fingerprint_records(workspace: str) -> str:
-    """A hash of every patient's records (`pipelines.fingerprint`): the fit's data fingerprint."""
-    from pipelines.fingerprint import PATIENT_TABLES, cohort_fingerprint, patient_fingerprints
-    from pipelines.ingest import load_tables
+    """A hash of every patient's records (`pipelines.steps.records_fingerprint`)."""
+    from pipelines.steps import records_fingerprint
 
-    tables = load_tables(Workspace.at(workspace), PATIENT_TABLES)
-    return cohort_fingerprint(patient_fingerprints(tables))
+    return records_fingerprint(Workspace.at(workspace))
 
 
 # --------------------------------------------------------------------------- recommender
@@ -159,8 +159,8 @@ def selected_recommender(workspace: str) -> str | None:
 
 @task(name="plan-prompts", cache_policy=NO_CACHE)
 def plan_prompts(workspace: str, spec: PromptTableSpec, full: bool = False) -> PromptPlan:
-    """Which patients' signals and prompts to (re)compute, in batches (`promptenv.refresh`)."""
-    from promptenv.refresh import plan_prompt_table
+    """Which patients' signals and prompts to (re)compute, in batches (`promptenv.prompt_table`)."""
+    from promptenv.prompt_table import plan_prompt_table
 
     plan = plan_prompt_table(Workspace.at(workspace), spec, full=full)
     _say(plan.describe())
@@ -174,7 +174,7 @@ def plan_prompts(workspace: str, spec: PromptTableSpec, full: bool = False) -> P
 )
 def compute_signals(plan: PromptPlan, batch: PromptBatch) -> BatchSignals:
     """Self and peer signals of one batch; cached by the batch's content key."""
-    from promptenv.refresh import batch_signals
+    from promptenv.prompt_table import batch_signals
 
     return batch_signals(plan, batch)
 
@@ -184,9 +184,9 @@ def compute_signals(plan: PromptPlan, batch: PromptBatch) -> BatchSignals:
     cache_policy=(INPUTS - "plan" - "signals") + TASK_SOURCE,
     task_run_name="prompts-{batch.index}",
 )
-def build_prompts(plan: PromptPlan, batch: PromptBatch, signals: BatchSignals) -> pd.DataFrame:
+def batch_prompt_rows(plan: PromptPlan, batch: PromptBatch, signals: BatchSignals) -> pd.DataFrame:
     """The prompt rows of one batch; cached by the batch's content key (which fixes its signals)."""
-    from promptenv.refresh import batch_prompts
+    from promptenv.prompt_table import batch_prompts
 
     return batch_prompts(plan, batch, signals)
 
@@ -196,13 +196,10 @@ def write_prompts(
     plan: PromptPlan, prompts: Sequence[pd.DataFrame], signals: Sequence[BatchSignals]
 ) -> RefreshResult:
     """Merge the batches into ``tables/prompts.parquet`` and record what it was built from."""
-    from promptenv.refresh import write_refreshed_table
+    from promptenv.prompt_table import write_refreshed_table
 
     result = write_refreshed_table(plan, prompts, signals)
-    _say(
-        f"{result.rows} prompts for {result.patients} patients → {result.path} "
-        f"({result.recomputed_patients} recomputed)"
-    )
+    _say(result.describe())
     return result
 
 
@@ -222,18 +219,17 @@ class PolicyOutcome:
     name="train-policy",
     cache_policy=INPUTS + TASK_SOURCE,
     retries=2,
-    retry_delay_seconds=[10.0, 30.0],
-    retry_condition_fn=lambda t, r, s: _worth_retrying(t, r, s),
+    retry_delay_seconds=LLM_RETRY_DELAYS,
+    retry_condition_fn=_worth_retrying,
 )
 def train_policy_task(
     workspace: str, backend: str, data_fingerprint: str, recommender: str, settings: PolicySettings
 ) -> PolicyOutcome:
-    """Train the prompt-editing policy (`promptenv.policy`); cached by data, recommender, LLM and settings.
-
-    A rerun after a crash asks the LLM only for answers that are not in its cache.
-    """
-    from flows.cli_policy import train_workspace_policy
+    """Train the prompt-editing policy (`promptenv.steps.train_workspace_policy`); cached by data,
+    recommender, LLM and settings. A rerun after a crash asks the LLM only for answers that
+    are not in its cache."""
     from promptenv.policy import training_summary
+    from promptenv.steps import train_workspace_policy
 
     result = train_workspace_policy(
         Workspace.at(workspace),
@@ -243,9 +239,8 @@ def train_policy_task(
         progress=_progress(),
         show_bar=False,
     )
-    training = result.policy.info["training"]
     _say(training_summary(result.policy))
-    return PolicyOutcome(result.policy.version, result.path, training)
+    return PolicyOutcome(result.policy.version, result.path, result.policy.info["training"])
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -261,23 +256,6 @@ class EvaluationOutcome:
     llm: str
     cache_hits: int
     cache_misses: int
-
-
-def _worth_retrying(_task: Task[Any, Any], _run: object, state: State[Any]) -> bool:
-    """Retry what may pass by itself: the LLM's transient failures outlasting the client's own
-    retries, lost connections, timeouts, a busy cache file; not bad data or configuration."""
-    import sqlite3
-
-    from promptenv.llm.errors import RetriesExhausted, TransientBackendError
-
-    passing = (
-        RetriesExhausted,
-        TransientBackendError,
-        OSError,
-        TimeoutError,
-        sqlite3.OperationalError,
-    )
-    return isinstance(state.data, passing)
 
 
 @task(
@@ -297,9 +275,9 @@ def evaluate_with_llm(
     seed: int = 0,
     max_calls: int | None = None,
 ) -> EvaluationOutcome:
-    """Every method on the same test encounters with one LLM (`promptenv.evaluate`); writes reports/."""
-    from flows.cli_prompts import budgeted_client, evaluate_workspace, policy_if_needed
+    """Every method on the same test encounters with one LLM (`promptenv.steps.evaluate_workspace`)."""
     from promptenv.evaluate import EvalSettings, markdown_table
+    from promptenv.steps import budgeted_client, evaluate_workspace, policy_if_needed
 
     ws = Workspace.at(workspace)
     policy = policy_if_needed(ws, list(methods))
@@ -307,13 +285,16 @@ def evaluate_with_llm(
     settings = EvalSettings(
         n_obstetric=n_obstetric, n_adult=n_adult, n_calibration=n_calibration, seed=seed
     )
-    result, report = evaluate_workspace(
+    result, files = evaluate_workspace(
         ws, client, methods, settings, progress=_progress(), policy=policy
     )
     stats = client.cache_stats
-    _say(f"{client.label}: {stats.hits} answers from the cache, {stats.misses} asked → {report}")
+    _say(
+        f"{client.label}: {stats.hits} answers from the cache, {stats.misses} asked → {files.table}"
+    )
+    _say(f"Report with plots: {files.report}")
     return EvaluationOutcome(
-        report=report,
+        report=files.table,
         table=result.table.to_dict(orient="records"),
         markdown=markdown_table(result.table),
         llm=result.llm,
@@ -342,37 +323,19 @@ def export_prompts(
     sql_url: str | None = None,
     out: str | None = None,
 ) -> ExportOutcome:
-    """The prompt table's rows of ``methods`` → parquet, JSONL, SQL and a manifest (`pipelines.export`)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
+    """The prompt table's rows of ``methods`` → parquet, JSONL, SQL and a manifest
+    (`promptenv.steps.export_workspace`)."""
+    from promptenv.steps import export_workspace
 
-    from flows.cli_export import PROMPT_TABLE, export_manifest_fields, read_prompt_table
-    from pipelines.export import export_table
-
-    ws = Workspace.at(workspace)
-    table = read_prompt_table(ws)
-    present = set(table.column("method").to_pylist())
-    missing = [m for m in methods if m not in present]
-    if missing:
-        raise ValueError(
-            f"the prompt table {ws.table_path(PROMPT_TABLE)} has no rows of {missing} "
-            f"(it holds {sorted(present)}): build them first, e.g. with the build flow's methods"
-        )
-    chosen = table.filter(pc.is_in(table.column("method"), value_set=pa.array(list(methods))))
-    fields = export_manifest_fields(ws, chosen) | {"methods": list(methods)}
-    target = Path(out) if out is not None else ws.root / "export"
-    result = export_table(
-        chosen, target, name=PROMPT_TABLE, formats=list(formats), sql_url=sql_url, manifest=fields
+    written = export_workspace(
+        Workspace.at(workspace),
+        list(methods),
+        list(formats),
+        sql_url,
+        Path(out) if out is not None else None,
     )
-    ws.record_step(
-        "export",
-        {
-            "rows": result.rows,
-            "files": result.files,
-            "manifest": str(result.manifest_path),
-            "input_data_hash": fields["input_data_hash"],
-            "methods": list(methods),
-        },
+    result = written.result
+    _say(
+        f"{result.rows} prompts exported → {written.target} (manifest {result.manifest_path.name})"
     )
-    _say(f"{result.rows} prompts exported → {target} (manifest {result.manifest_path.name})")
     return ExportOutcome(dict(result.files), result.manifest_path, result.rows)

@@ -28,6 +28,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from pipelines.errors import PMLMError
 from pipelines.schemas import ENCOUNTERS, EVENTS, NOTES, PATIENTS, QUARANTINE
 from pipelines.sources import IngestSummary, SourceTables
 from pipelines.workspace import Workspace, atomic_write_bytes, to_arrow
@@ -45,7 +46,7 @@ SNAPSHOT_SCHEMAS = {
 }
 
 
-class CohortError(RuntimeError):
+class CohortError(PMLMError, RuntimeError):
     """The generator failed or its output folder holds something else."""
 
 

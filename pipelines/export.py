@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from pipelines.errors import ConfigError, InputError, PMLMError
 from pipelines.workspace import (
     MissingTableError,
     Workspace,
@@ -68,6 +69,12 @@ RESERVED_MANIFEST_KEYS = (
     "sql",
 )
 NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class ExportFailed(PMLMError, RuntimeError):
+    """The SQL target refused the export; it was rolled back and the previous export is unchanged."""
+
+    exit_code = 10
 
 
 @dataclass(frozen=True)
@@ -106,7 +113,7 @@ def sql_engine(url: str) -> Engine:
     try:
         engine = sa.create_engine(sa.make_url(url))
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as exc:
-        raise ValueError(
+        raise ConfigError(
             f"cannot use the SQL URL {shown!r}: {exc}. Give an SQLAlchemy URL such as "
             "sqlite:///path/prompts.sqlite or postgresql+psycopg://user@host/db, "
             "with its database driver installed"
@@ -307,7 +314,7 @@ def export_table(
     chosen = [formats] if isinstance(formats, str) else list(dict.fromkeys(formats))
     unknown = [f for f in chosen if f not in FORMATS]
     if unknown or not chosen:
-        raise ValueError(f"unknown export format(s) {unknown}; choose from {', '.join(FORMATS)}")
+        raise InputError(f"unknown export format(s) {unknown}; choose from {', '.join(FORMATS)}")
     if not NAME_PATTERN.fullmatch(name):
         raise ValueError(
             f"export name {name!r} must be letters, digits and underscores (it names files and an SQL table)"
@@ -341,7 +348,7 @@ def export_table(
             try:
                 write_sql(engine, table, name)
             except sa.exc.OperationalError as exc:
-                raise RuntimeError(
+                raise ExportFailed(
                     f"SQL export to {redact_url(url)} (table {name!r}) failed and was rolled back: "
                     f"{exc.orig}. Check that the database is reachable and writable; "
                     "the previous export is unchanged"

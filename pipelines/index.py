@@ -19,6 +19,7 @@ from typing import Final
 import numpy as np
 import pandas as pd
 
+from pipelines.clinical import active_pregnancies
 from pipelines.schemas import INDEX_ENCOUNTERS, SPLITS
 
 DEFAULT_SPLIT_SEED: Final = 0
@@ -31,8 +32,6 @@ OBSTETRIC_PATTERN: Final = re.compile(
     r"cesarean|caesarean|placent|amnio|episiotomy|childbirth|tubal pregnancy",
     re.IGNORECASE,
 )
-#: A pregnancy with no recorded end counts as ongoing for this long after its onset.
-PREGNANCY_MAX_DAYS: Final = 300
 ADULT_AGE: Final = 18.0
 
 
@@ -51,21 +50,6 @@ def split_of(
     if u < fractions[0] + fractions[1]:
         return SPLITS[1]
     return SPLITS[2]
-
-
-def pregnancy_episodes(events: pd.DataFrame) -> pd.DataFrame:
-    """(patient_id, start, end) of each known pregnancy, from conditions whose display says so.
-
-    An episode starts when the pregnancy is recorded (not at its onset), so a
-    flag computed from it uses only what was known at the index time.
-    """
-    cond = events[(events["kind"] == "condition") & events["display"].notna()]
-    preg = cond[cond["display"].str.contains(r"pregnan", case=False, regex=True)]
-    preg = preg[~preg["display"].str.contains(r"history of|not pregnant", case=False, regex=True)]
-    end = preg["end_time"].fillna(preg["time"] + pd.Timedelta(days=PREGNANCY_MAX_DAYS))
-    return pd.DataFrame(
-        {"patient_id": preg["patient_id"], "start": preg["recorded_time"], "end": end}
-    )
 
 
 def index_encounters(
@@ -119,17 +103,12 @@ def index_encounters(
 
 
 def _obstetric_flags(idx: pd.DataFrame, enc: pd.DataFrame, events: pd.DataFrame) -> np.ndarray:
-    """During a pregnancy at index time, or obstetric codes on the index encounter."""
+    """Pregnant at the index time (`pipelines.clinical`), or obstetric codes on the index encounter."""
     flags = np.zeros(len(idx), dtype=bool)
     if idx.empty:
         return flags
-    episodes = pregnancy_episodes(events)
-    if not episodes.empty:
-        joined = idx[["encounter_id", "patient_id", "index_time"]].merge(episodes, on="patient_id")
-        during = joined[
-            (joined["start"] <= joined["index_time"]) & (joined["index_time"] <= joined["end"])
-        ]
-        flags |= idx["encounter_id"].isin(during["encounter_id"]).to_numpy()
+    queries = pd.DataFrame({"patient_id": idx["patient_id"], "at": idx["index_time"]})
+    flags |= active_pregnancies(events, queries)["pregnant"].to_numpy(dtype=bool)
     text = enc["type_display"].fillna("") + " " + enc["reason_display"].fillna("")
     ob_enc = set(enc.loc[text.str.contains(OBSTETRIC_PATTERN), "encounter_id"])
     ev = events.loc[

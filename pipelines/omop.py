@@ -27,6 +27,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
+from pipelines.errors import InputError
 from pipelines.fhir import sorted_tables, typed
 from pipelines.schemas import ENCOUNTERS, EVENTS, NOTES, PATIENTS, QUARANTINE
 from pipelines.sources import IngestSummary, SourceTables, pseudonym
@@ -34,7 +35,7 @@ from pipelines.sources import IngestSummary, SourceTables, pseudonym
 SOURCE = "omop"
 
 
-class OmopSchemaError(ValueError):
+class OmopSchemaError(InputError):
     """An OMOP table lacks columns the reader needs."""
 
 

@@ -54,6 +54,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import lock
+from pipelines.errors import MissingStepError
 from pipelines.schemas import SCHEMA_VERSION, TABLES
 
 DEFAULT_WORKSPACE = Path("pmlm-workspace")
@@ -71,7 +72,7 @@ def default_workspace() -> Path:
     return Path(os.environ.get("PMLM_WORKSPACE", DEFAULT_WORKSPACE))
 
 
-class MissingTableError(FileNotFoundError):
+class MissingTableError(MissingStepError):
     """A step asked for a table that no earlier step has written."""
 
 
@@ -387,6 +388,13 @@ def publishing_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_frame(path: Path, frame: pd.DataFrame) -> None:
+    """Write ``frame`` as parquet to ``path`` atomically (fsynced, then renamed; `atomic_write_bytes`)."""
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), buffer)
+    atomic_write_bytes(path, buffer.getvalue().to_pybytes())
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
 
+from pipelines.clinical import active_pregnancy
 from pipelines.index import ContextStore, PatientContext
 from promptenv.fragments import FRAGMENTS, PatientSignals
 from promptenv.prompts import INITIAL_CONFIG, PromptConfig
@@ -199,7 +200,7 @@ def patient_features(
     ev = ctx.events
     cond = ev[ev["kind"] == "condition"]
     active = cond[cond["end_time"].isna()]
-    pregnant = active["display"].fillna("").str.contains("pregnan", case=False).any()
+    pregnant = active_pregnancy(ev, t) is not None
     recent = ev[ev["recorded_time"] > t - pd.Timedelta(days=365)]
     scores = np.asarray([s.score for s in signals.self_items[:N_TOP]], dtype=float)
     if scores.size:

@@ -28,10 +28,10 @@ from typing import Any
 
 import pandas as pd
 
+from pipelines.clinical import active_pregnancy
 from pipelines.index import PatientContext
 from promptenv.reward import clean_item
 
-PREGNANCY_WORDS = r"pregnan"
 OBSTETRIC_HISTORY = r"pregnan|miscarriage|delivery|childbirth|abortion|ectopic"
 
 
@@ -108,15 +108,13 @@ def profile(ctx: PatientContext, signals: PatientSignals, k: int) -> Fragment:
         else f"Patient: {sex}, age unknown."
     ]
     cond = ctx.events[ctx.events["kind"] == "condition"]
-    preg = cond[cond["display"].fillna("").str.contains(PREGNANCY_WORDS, case=False)]
-    preg = preg[~preg["display"].str.contains("history of", case=False)]
-    ongoing = preg[preg["end_time"].isna() & (t - preg["time"] < pd.Timedelta(days=300))]
+    pregnancy = active_pregnancy(ctx.events, t)
     used: list[str] = []
-    if len(ongoing):
-        onset = ongoing.sort_values("time").iloc[-1]
-        weeks = int((t - onset["time"]).days // 7)
-        parts.append(f"Currently pregnant, about {weeks} weeks since the pregnancy began.")
-        used.append(str(onset["event_id"]))
+    if pregnancy is not None:
+        parts.append(
+            f"Currently pregnant, about {pregnancy.whole_weeks} weeks since the pregnancy began."
+        )
+        used.append(pregnancy.event_id)
     history = cond[cond["display"].fillna("").str.contains(OBSTETRIC_HISTORY, case=False)]
     past = history[history["end_time"].notna()]
     if len(past):

@@ -37,6 +37,7 @@ import numpy.typing as npt
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
+from pipelines.errors import MissingStepError
 from pipelines.workspace import publishing_dir
 from recsys.interactions import PatientStates, Vocabulary
 from recsys.type_aliases import ArrayDict, FloatMatrix, IndexMatrix, SparseMatrix
@@ -55,7 +56,7 @@ RECOMMENDERS: dict[str, str] = {
 }
 
 
-class NotFittedError(RuntimeError):
+class NotFittedError(MissingStepError, RuntimeError):
     """The recommender was asked to score before ``fit`` (or ``load``)."""
 
 

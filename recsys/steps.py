@@ -10,7 +10,7 @@ to ``WORKSPACE/reports/``.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipelines.errors import InputError, MissingStepError, StaleStateError
 from pipelines.workspace import Workspace, atomic_write_bytes, transactional
 from recsys.base import Recommender, load_recommender
 from recsys.evaluate import (
@@ -33,16 +34,47 @@ from recsys.evaluate import (
     write_report,
 )
 from recsys.interactions import CohortTables, PatientStates, build_dataset, build_states
-from recsys.signals import PeerSignals, SelfSignals, peer_signals, self_signals
+from recsys.signals import PeerSignals, SelfSignals, SignalSettings, encounter_signals
+from recsys.type_aliases import Progress
 
 ALL_MODELS = (*BASELINES, *PERSONALIZED_MODELS)
 BLEND = "blend"
 
-Progress = Callable[[str], None]
+#: One point per model: the main job fits without a grid search (`pmlm recsys fit` tunes).
+QUICK_GRIDS: dict[str, dict[str, list[Any]]] = {
+    "lightfm": {"epochs": [20], "max_sampled": [30]},
+    "als": {"factors": [32], "regularization": [0.1], "alpha": [20.0]},
+    "bpr": {"iterations": [200], "learning_rate": [0.2]},
+    "item_knn": {"similarity": ["tfidf"], "K": [1000]},
+}
 
 
 def models_dir(workspace: Workspace) -> Path:
     return workspace.models_dir / "recsys"
+
+
+def selected_model_name(workspace: Workspace | Path | str | None) -> str:
+    """The recommender that `pmlm recsys fit` selected on validation patients."""
+    name = read_selection(workspace).get("best")
+    if name is None:
+        raise MissingStepError(
+            f"no fitted recommender in {models_dir(_workspace(workspace))}: "
+            "run `pmlm recsys fit` first"
+        )
+    return str(name)
+
+
+def load_fitted(workspace: Workspace | Path | str | None, name: str) -> Recommender:
+    """The saved recommender ``name`` of the workspace, with its vocabulary."""
+    path = models_dir(_workspace(workspace)) / name
+    if not (path / "recommender.json").exists():
+        raise MissingStepError(f"{path} holds no saved model: run `pmlm recsys fit --model {name}`")
+    model = load_recommender(path)
+    if model.vocab is None:
+        raise MissingStepError(
+            f"recommender {name} has no vocabulary: refit it with `pmlm recsys fit`"
+        )
+    return model
 
 
 def _workspace(workspace: Workspace | Path | str | None) -> Workspace:
@@ -102,11 +134,11 @@ def fit_models(
     names = list(names or ALL_MODELS)
     unknown = sorted(set(names) - set(ALL_MODELS) - {BLEND})
     if unknown:
-        raise ValueError(f"unknown model(s) {unknown}; known: {[*ALL_MODELS, BLEND]}")
+        raise InputError(f"unknown model(s) {unknown}; known: {[*ALL_MODELS, BLEND]}")
     states = build_dataset(CohortTables.from_workspace(ws))
     train, validation = states.split("train"), states.split("validation")
     if len(validation) == 0:
-        raise ValueError("no validation patients: hyperparameters cannot be chosen")
+        raise InputError("no validation patients: hyperparameters cannot be chosen")
     say(
         f"{len(train)} train / {len(validation)} validation states, "
         f"{states.n_items} items, {states.n_features} features"
@@ -210,7 +242,7 @@ def evaluate_models(
         models = saved_models(ws)
     fingerprints = {m.vocab.fingerprint for m in models.values() if m.vocab is not None}
     if len(fingerprints) != 1:
-        raise ValueError(
+        raise StaleStateError(
             "saved recommenders were fitted on different cohorts; run `pmlm recsys fit` again"
         )
     vocab = next(iter(models.values())).vocab
@@ -218,7 +250,7 @@ def evaluate_models(
     states = build_states(CohortTables.from_workspace(ws), vocab)
     test = states.split("test")
     if len(test) == 0:
-        raise ValueError("no test patients in this workspace")
+        raise InputError("no test patients in this workspace")
     table = comparison_table(models, test, k, subsets)
     csv_path, md_path = write_report(table, ws.reports_dir, "recsys_comparison")
     ws.record_step(
@@ -297,23 +329,16 @@ def explain_patient(
     The model defaults to the one with the best validation score in ``selection.json``.
     """
     ws = _workspace(workspace)
-    name = model_name or read_selection(ws).get("best")
-    if name is None:
-        raise FileNotFoundError(
-            f"no fitted recommender in {models_dir(ws)}: run `pmlm recsys fit` first"
-        )
-    path = models_dir(ws) / name
-    if not (path / "recommender.json").exists():
-        raise FileNotFoundError(
-            f"{path} holds no saved model: run `pmlm recsys fit --model {name}`"
-        )
-    model = load_recommender(path)
+    name = model_name or selected_model_name(ws)
+    model = load_fitted(ws, name)
     assert model.vocab is not None
     tables = CohortTables.from_workspace(ws)
     states = build_states(tables, model.vocab)
     query = _patient_state(states, patient_id, encounter_id)
-    own = self_signals(model, query, k=k, n_reasons=n_reasons)
-    peers = peer_signals(model, query, states.split("train"), k=n_peers, min_support=min_support)
+    settings = SignalSettings(
+        k_self=k, n_reasons=n_reasons, n_peers=n_peers, min_support=min_support, max_statements=10
+    )
+    own, peers = encounter_signals(model, query, states.split("train"), settings)
     return PatientExplanation(name, query.keys.iloc[0], own, peers)
 
 
@@ -323,11 +348,11 @@ def _patient_state(
     keys = states.keys
     mine = np.flatnonzero((keys["patient_id"] == patient_id).to_numpy())
     if len(mine) == 0:
-        raise KeyError(f"patient {patient_id!r} has no index encounter in this workspace")
+        raise InputError(f"patient {patient_id!r} has no index encounter in this workspace")
     if encounter_id is not None:
         mine = mine[(keys["encounter_id"].to_numpy()[mine] == encounter_id)]
         if len(mine) == 0:
-            raise KeyError(
+            raise InputError(
                 f"encounter {encounter_id!r} is not an index encounter of {patient_id!r}"
             )
     latest = mine[np.argmax(keys["index_us"].to_numpy()[mine])]

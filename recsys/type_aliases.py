@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TypeAlias
 
 import numpy as np
@@ -22,3 +23,5 @@ Mask: TypeAlias = npt.NDArray[np.bool_]
 SparseMatrix: TypeAlias = sp.csr_matrix
 #: Arrays a recommender saves: name → dense array (sparse matrices are split into parts).
 ArrayDict: TypeAlias = dict[str, npt.NDArray[np.generic]]
+#: A callback that receives a step's progress lines (a logger's ``info``, ``print``...).
+Progress: TypeAlias = Callable[[str], None]

@@ -8,11 +8,14 @@ left.
 
 from __future__ import annotations
 
+from pipelines.errors import ConfigError, PMLMError
 from promptenv.llm.types import BatchResult, Spend
 
 
-class LLMError(Exception):
+class LLMError(PMLMError):
     """Base of every error raised by ``promptenv.llm``."""
+
+    exit_code = 6
 
     batch: BatchResult | None = None
 
@@ -23,16 +26,22 @@ class LLMError(Exception):
         return message
 
 
-class BackendSpecError(LLMError, ValueError):
+class BackendSpecError(LLMError, ConfigError):
     """A backend spec string could not be parsed."""
 
+    exit_code = ConfigError.exit_code
 
-class BackendConfigError(LLMError):
+
+class BackendConfigError(LLMError, ConfigError):
     """A backend cannot be used as configured: missing key, file, package or price."""
+
+    exit_code = ConfigError.exit_code
 
 
 class PermanentBackendError(LLMError):
     """The backend rejected the request in a way a retry will not fix (400, 401, 403, 404...)."""
+
+    exit_code = 8
 
     def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
@@ -71,6 +80,8 @@ class BudgetExceeded(LLMError):
     ``needed`` what the refused call could use at most.
     """
 
+    exit_code = 7
+
     def __init__(self, message: str, *, spent: Spend, needed: Spend) -> None:
         super().__init__(message)
         self.spent = spent
@@ -83,6 +94,8 @@ class PrivacyViolation(LLMError):
     ``kinds`` counts what was found per kind (e.g. ``{"DATE": 2}``); the
     identifiers themselves are never put in the message.
     """
+
+    exit_code = 9
 
     def __init__(self, message: str, *, kinds: dict[str, int]) -> None:
         super().__init__(message)

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from pipelines.cohort import MARKER
+from pipelines.errors import MissingStepError
 
 runner = CliRunner()
 
@@ -36,7 +37,14 @@ def test_default_cohort_and_its_summary(tmp_path: Path) -> None:
 
 def test_summary_without_data_tells_what_to_run(tmp_path: Path) -> None:
     result = runner.invoke(app, ["data", "summary", "-w", str(tmp_path)])
-    assert result.exit_code != 0
+    assert result.exit_code == MissingStepError.exit_code
+    assert result.output.startswith("error: ") and "pmlm ingest" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_debug_shows_the_traceback_behind_an_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["--debug", "data", "summary", "-w", str(tmp_path)])
+    assert isinstance(result.exception, MissingStepError)
     assert "pmlm ingest" in str(result.exception)
 
 

@@ -11,9 +11,12 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.cli_export import DEFAULT_FORMATS, INPUT_TABLES, PROMPT_TABLE
+from flows.cli_export import DEFAULT_FORMATS
+from pipelines.errors import ConfigError, InputError, MissingStepError
 from pipelines.export import FORMATS, dataset_fingerprint
 from pipelines.workspace import Workspace
+from promptenv.prompt_table import PROMPT_TABLE
+from promptenv.steps import INPUT_TABLES
 
 runner = CliRunner()
 
@@ -21,10 +24,10 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     """The default cohort, both baselines fitted, the prompts of 12 patients' latest encounters."""
-    from flows.cli_prompts import signal_source
     from pipelines.cohort import prepare_default_cohort
     from pipelines.ingest import load_tables
     from promptenv.prompt_table import build_prompt_table, write_prompt_table
+    from promptenv.steps import WorkspaceSignals
     from recsys.steps import fit_models
 
     ws = Workspace.at(tmp_path_factory.mktemp("export-ws"))
@@ -34,14 +37,16 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     index = tables["index_encounters"]
     some = sorted(index["patient_id"].unique())[:12]
     tables["index_encounters"] = index[index["patient_id"].isin(some)]
-    prompts = build_prompt_table(tables, ["pmlm_initial", "general"], signal_source(ws), "latest")
+    prompts = build_prompt_table(
+        tables, ["pmlm_initial", "general"], WorkspaceSignals(ws), "latest"
+    )
     write_prompt_table(ws, prompts)
     return ws
 
 
 def test_without_a_prompt_table_it_says_what_to_run(tmp_path: Path) -> None:
     result = runner.invoke(app, ["export", "-w", str(tmp_path)])
-    assert result.exit_code == 1
+    assert result.exit_code == MissingStepError.exit_code
     assert "prompts.parquet does not exist" in result.output
     assert "pmlm prompts build" in result.output and "pmlm run" in result.output
     assert not (tmp_path / "export").exists()
@@ -114,7 +119,7 @@ def test_export_options_and_their_errors(workspace: Workspace, tmp_path: Path) -
         assert conn.execute("SELECT COUNT(*) FROM prompts").fetchone()[0] == 24
 
     bad = runner.invoke(app, ["export", "-w", str(workspace.root), "--formats", "parquet,xlsx"])
-    assert bad.exit_code == 1
+    assert bad.exit_code == InputError.exit_code
     assert "'xlsx'" in bad.output and "parquet, jsonl, sql" in bad.output
 
     secret = runner.invoke(
@@ -125,7 +130,7 @@ def test_export_options_and_their_errors(workspace: Workspace, tmp_path: Path) -
             *("--sql-url", "nosuchdb://app:hunter2@db/pmlm"),
         ],
     )
-    assert secret.exit_code == 1
+    assert secret.exit_code == ConfigError.exit_code
     assert "nosuchdb://app:***@db/pmlm" in secret.output and "hunter2" not in secret.output
 
 

@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli_llm import llm_app
+from pipelines.errors import ConfigError
 
 runner = CliRunner()
 
@@ -62,7 +63,7 @@ def test_ask_prints_the_answer_and_a_stats_line_then_hits_the_cache(tmp_path: Pa
 
 def test_bad_backend_spec_exits_with_the_reason(tmp_path: Path) -> None:
     result = runner.invoke(llm_app, ["ask", "--backend", "gemini:pro", "-w", str(tmp_path), "hi"])
-    assert result.exit_code == 1
+    assert result.exit_code == ConfigError.exit_code
     assert "unknown backend 'gemini'" in result.output
     assert "openai:MODEL@http://HOST:PORT/v1" in result.output
 
@@ -71,7 +72,7 @@ def test_missing_key_for_a_remote_backend_says_which_variable(tmp_path: Path) ->
     result = runner.invoke(
         llm_app, ["ask", "-b", "anthropic:claude-sonnet-4-5", "-w", str(tmp_path), "hi"]
     )
-    assert result.exit_code == 1
+    assert result.exit_code == ConfigError.exit_code
     assert "set ANTHROPIC_API_KEY" in result.output
 
 

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from synthetic_cohort import synthetic_cohort
 from typer.testing import CliRunner
 
 from flows.cli_recsys import recsys_app
+from pipelines.errors import InputError, MissingStepError
 from pipelines.workspace import Workspace
-from recsys.synthetic import synthetic_cohort
 
 runner = CliRunner()
 FAST = ["-m", "popularity", "-m", "repeat_previous", "-m", "item_knn"]
@@ -75,11 +76,11 @@ def test_explain_shows_self_and_peer_signals(fitted: Path) -> None:
 
 def test_explain_an_unknown_patient_fails_clearly(fitted: Path) -> None:
     result = runner.invoke(recsys_app, ["explain", "nobody", "-w", str(fitted)])
-    assert result.exit_code == 1
+    assert result.exit_code == InputError.exit_code
     assert "nobody" in result.output
 
 
 def test_commands_without_tables_say_what_to_run(tmp_path: Path) -> None:
     result = runner.invoke(recsys_app, ["evaluate", "-w", str(tmp_path)])
-    assert result.exit_code == 1
+    assert result.exit_code == MissingStepError.exit_code
     assert "pmlm ingest" in result.output

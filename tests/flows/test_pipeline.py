@@ -38,10 +38,10 @@ def _sha256(path: Path) -> str:
 def test_build_writes_every_patients_prompt_as_the_prompt_table_module_does(
     built_workspace: Path,
 ) -> None:
-    from flows.cli_prompts import signal_source
     from pipelines.ingest import load_tables
     from pipelines.workspace import Workspace
     from promptenv.prompt_table import build_prompt_table
+    from promptenv.steps import WorkspaceSignals
 
     table = _prompts(built_workspace)
     index = pd.read_parquet(built_workspace / "tables" / "index_encounters.parquet")
@@ -50,7 +50,7 @@ def test_build_writes_every_patients_prompt_as_the_prompt_table_module_does(
     assert table["system"].str.contains("likely to need next").mean() > 0.9
     # the batched build gives the prompts of one whole-cohort call of the prompt-table module
     ws = Workspace.at(built_workspace)
-    whole = build_prompt_table(load_tables(ws), ["pmlm_initial"], signal_source(ws), "latest")
+    whole = build_prompt_table(load_tables(ws), ["pmlm_initial"], WorkspaceSignals(ws), "latest")
     columns = ["encounter_id", "patient_id", "method", "system", "question", "tokens", "config"]
     pd.testing.assert_frame_equal(
         table[columns],
@@ -108,7 +108,7 @@ def test_refresh_recomputes_only_the_changed_patients_and_equals_a_full_recomput
     from pipelines.cohort import load_snapshot
     from pipelines.ingest import write_cohort
     from pipelines.workspace import Workspace
-    from promptenv.refresh import refresh_prompt_table
+    from promptenv.prompt_table import refresh_prompt_table
 
     before = _prompts(built_workspace)
     index = pd.read_parquet(built_workspace / "tables" / "index_encounters.parquet")

@@ -42,7 +42,8 @@ def main(step: str, root: str, arg: str) -> None:
         shutil.copytree(arg, root, dirs_exist_ok=True)
     elif step == "fit":
         from recsys.steps import fit_models
-        from recsys.synthetic import synthetic_cohort
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from synthetic_cohort import synthetic_cohort
 
         if not ws.has_table("patients"):
             with ws.transaction("synthetic"):

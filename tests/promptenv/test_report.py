@@ -161,17 +161,18 @@ def test_pmlm_evaluate_writes_the_report_with_the_workspaces_recommender_table(
 ) -> None:
     from types import SimpleNamespace
 
-    from flows.cli_prompts import write_evaluation
     from pipelines.workspace import Workspace
     from promptenv.llm import CacheStats
+    from promptenv.steps import write_evaluation
 
     ws = Workspace.at(tmp_path)
     ws.reports_dir.mkdir(parents=True)
     recsys_table().to_csv(ws.reports_dir / "recsys_comparison.csv", index=False)
     client = SimpleNamespace(cache_stats=CacheStats(hits=4, misses=9))
     written = write_evaluation(ws, synthetic_evaluation(), client)  # type: ignore[arg-type]
-    assert written == ws.reports_dir / "evaluation.md"
+    assert written.table == ws.reports_dir / "evaluation.md"
+    assert written.report == ws.reports_dir / "report.md"
     report = (ws.reports_dir / "report.md").read_text()
     assert "LLM cache: 4 hits, 9 misses." in report and "| blend |" in report
     assert (ws.reports_dir / RECSYS_PLOT).exists()
-    assert str(ws.reports_dir / "report.md") in capsys.readouterr().out.replace("\n", "")
+    assert capsys.readouterr().out == ""  # a step writes files, never the console

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+from synthetic_cohort import synthetic_cohort
 
 from recsys.interactions import CohortTables, PatientStates, build_dataset
-from recsys.synthetic import synthetic_cohort
 
 #: Small, fast settings per model, used wherever a test fits every model.
 FAST_PARAMS: dict[str, dict[str, object]] = {

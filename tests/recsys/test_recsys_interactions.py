@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from synthetic_cohort import synthetic_cohort
 
 from recsys.interactions import (
     CohortTables,
@@ -14,7 +15,6 @@ from recsys.interactions import (
     build_states,
     micros,
 )
-from recsys.synthetic import synthetic_cohort
 
 
 def test_one_row_per_index_encounter_and_aligned_matrices(

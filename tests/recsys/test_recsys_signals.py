@@ -331,7 +331,7 @@ def test_peer_search_equals_a_reference_implementation(
 
 
 def test_entries_at_least_a_floor_are_all_found() -> None:
-    from recsys.signals import _at_least
+    from recsys.peers import _at_least
 
     rng = np.random.default_rng(3)
     for n_rows, n_cols in [(1, 1), (3, 63), (5, 64), (7, 130), (64, 512)]:

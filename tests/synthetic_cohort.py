@@ -5,7 +5,9 @@ written with ``Workspace.write_table`` and read back by every step. The cohort
 has structure a recommender can learn (pregnancies with trimester-dependent
 prenatal plans, chronic conditions with their follow-up plans, yearly wellness
 visits, orders carried out at the following encounter), so tests can check that
-personalized models beat popularity without any real data.
+personalized models beat popularity without any real data. It is test data, so
+it lives with the tests (``tests/`` is on the path of every test module; the
+scale benchmark, ``benchmarks/recsys_scale.py``, puts it there itself).
 
 Usage::
 
