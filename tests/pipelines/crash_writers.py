@@ -42,6 +42,7 @@ def main(step: str, root: str, arg: str) -> None:
         shutil.copytree(arg, root, dirs_exist_ok=True)
     elif step == "fit":
         from recsys.steps import fit_models
+
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from synthetic_cohort import synthetic_cohort
 
