@@ -42,7 +42,13 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from pipelines.errors import ConfigError, InputError, PMLMError
-from pipelines.workspace import MissingTableError, Workspace, atomic_write_bytes
+from pipelines.workspace import (
+    MissingTableError,
+    Workspace,
+    atomic_write_bytes,
+    publish_file,
+    transactional,
+)
 
 #: Version of the manifest's layout and of the export forms; bumped when either changes.
 EXPORT_SCHEMA_VERSION = "1"
@@ -273,6 +279,7 @@ def _columns(schema: pa.Schema) -> list[dict[str, Any]]:
     return [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in schema]
 
 
+@transactional("export", folder="out_dir")  # the files and the manifest publish together
 def export_table(
     table: pa.Table,
     out_dir: Path,
@@ -349,7 +356,7 @@ def export_table(
             finally:
                 engine.dispose()
         for fmt, tmp in staged.items():
-            os.replace(tmp, finals[fmt])
+            publish_file(tmp, finals[fmt])
     _fsync_dir(out_dir)
 
     files = {fmt: str(path.resolve()) for fmt, path in finals.items()}

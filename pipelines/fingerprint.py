@@ -18,11 +18,17 @@ Usage::
     ...  # re-ingest
     changes = compare_fingerprints(before, patient_fingerprints(load_tables(ws)))
     changes.added, changes.modified, changes.removed
+
+`code_fingerprint` hashes the code itself (the pmlm version and the packages'
+source), for the cache keys of the Prefect tasks.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.metadata
+import importlib.util
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,4 +189,35 @@ def files_fingerprint(root: Path) -> str:
         h.update(path.relative_to(root).as_posix().encode())
         h.update(b"\x1f")
         h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+#: The packages whose code decides what a cached task returns.
+CODE_PACKAGES = ("pipelines", "recsys", "promptenv", "flows")
+#: Source files whose bytes are code (Python, and the price table the LLM client reads).
+_CODE_SUFFIXES = (".py", ".toml")
+
+
+@functools.cache
+def code_fingerprint(packages: tuple[str, ...] = CODE_PACKAGES) -> str:
+    """The installed pmlm version and a hash (16 hex) of the source of ``packages``.
+
+    Part of every cache key of the Prefect tasks (`flows.tasks`): an upgrade, or
+    any edit of the code, never reuses a result the old code computed. Computed
+    once per process (about 10 ms).
+    """
+    h = hashlib.sha256()
+    try:
+        h.update(importlib.metadata.version("pmlm").encode())
+    except importlib.metadata.PackageNotFoundError:
+        h.update(b"not installed")
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise ModuleNotFoundError(f"package {name!r} is not importable: reinstall pmlm")
+        root = Path(spec.origin).parent
+        h.update(name.encode() + b"\x1e")
+        for path in sorted(p for p in root.rglob("*") if p.suffix in _CODE_SUFFIXES):
+            h.update(path.relative_to(root).as_posix().encode() + b"\x1f")
+            h.update(hashlib.sha256(path.read_bytes()).digest())
     return h.hexdigest()[:16]

@@ -21,7 +21,7 @@ from pipelines.index import DEFAULT_SPLIT_SEED, index_encounters
 from pipelines.plans import plans_from_notes, plans_from_orders
 from pipelines.schemas import EVENT_KINDS, ROW_ORDER, SPLITS, TABLES
 from pipelines.sources import SOURCE_ID_COLUMN, SourceTables
-from pipelines.workspace import Workspace, to_arrow
+from pipelines.workspace import Workspace, to_arrow, transactional
 
 #: ``--plans`` choices → ``derive``'s ``plans_from``.
 PLAN_SOURCES: dict[str, str] = {"notes": "note", "orders": "events", "auto": "auto"}
@@ -132,6 +132,7 @@ def record_ingest(
     )
 
 
+@transactional("ingest")
 def write_cohort(
     workspace: Workspace,
     source: SourceTables,
@@ -241,10 +242,11 @@ def _reason_counts(quarantine: pd.DataFrame) -> dict[str, int]:
 def load_tables(
     workspace: Workspace, names: tuple[str, ...] | None = None
 ) -> dict[str, pd.DataFrame]:
-    """Read canonical tables from a workspace (all by default)."""
-    return {name: workspace.read_table(name) for name in (names or tuple(TABLES))}
+    """Read canonical tables from a workspace (all by default), of one published state."""
+    return workspace.read_tables(names or tuple(TABLES))
 
 
+@transactional("ingest")
 def ingest_fhir(
     workspace: Workspace,
     folder: Path,
@@ -260,10 +262,13 @@ def ingest_fhir(
     Staged (`pipelines.staged`): each worker process holds one chunk of bundles;
     this process about two copies of the largest table (events), not the cohort.
     ``progress(files_read, files)`` follows the reading.
+    The patients' direct identifiers go to the deny-list (`pipelines.identifiers`).
     """
+    from pipelines.fhir import bulk_files, bundle_files, detect_format
+    from pipelines.identifiers import fhir_identifiers, write_identifiers
     from pipelines.staged import ingest_fhir_staged
 
-    return ingest_fhir_staged(
+    summary = ingest_fhir_staged(
         workspace,
         folder,
         split_seed=split_seed,
@@ -272,6 +277,11 @@ def ingest_fhir(
         plans=plans,
         progress=progress,
     )
+    kind = detect_format(Path(folder), fmt)
+    found = bundle_files(folder) if kind == "bundles" else bulk_files(folder)
+    identifiers = fhir_identifiers(found.files, workspace_salt(workspace))
+    write_identifiers(workspace, identifiers)  # the deny-list
+    return summary
 
 
 def ingest_omop(

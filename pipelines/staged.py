@@ -67,7 +67,7 @@ from pipelines.ingest import (
 )
 from pipelines.schemas import QUARANTINE, ROW_ORDER, TABLES
 from pipelines.sources import IngestSummary, SourceTables, frame
-from pipelines.workspace import Workspace, to_arrow
+from pipelines.workspace import Workspace, to_arrow, transactional
 
 RECORD_TABLES = ("patients", "encounters", "events", "notes")
 DERIVED_TABLES = ("reference_plans", "plan_items", "index_encounters")
@@ -301,6 +301,7 @@ def _assemble(
     return table.take(order)
 
 
+@transactional("ingest")  # the lock covers the staging folder; all tables publish together
 def ingest_fhir_staged(
     workspace: Workspace,
     folder: Path,

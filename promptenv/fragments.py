@@ -102,7 +102,10 @@ def profile(ctx: PatientContext, signals: PatientSignals, k: int) -> Fragment:
     age = int((t - pd.Timestamp(birth, tz="UTC")).days // 365.25) if pd.notna(birth) else None
     sex = {"female": "woman", "male": "man"}.get(str(ctx.patient["sex"]), "patient")
     parts = [
-        f"Patient: {age}-year-old {sex}." if age is not None else f"Patient: {sex}, age unknown."
+        # Safe Harbor: every age of 90 or more is one group
+        f"Patient: {f'{age}-year-old' if age < 90 else '90-or-older'} {sex}."
+        if age is not None
+        else f"Patient: {sex}, age unknown."
     ]
     cond = ctx.events[ctx.events["kind"] == "condition"]
     pregnancy = active_pregnancy(ctx.events, t)

@@ -38,6 +38,7 @@ import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
 from pipelines.errors import MissingStepError
+from pipelines.workspace import publishing_dir
 from recsys.interactions import PatientStates, Vocabulary
 from recsys.type_aliases import ArrayDict, FloatMatrix, IndexMatrix, SparseMatrix
 
@@ -178,21 +179,23 @@ class Recommender(ABC):
         return Contributions(items, out_f, out_v)
 
     def save(self, path: Path | str) -> Path:
-        """Write the fitted model into folder ``path`` (created); returns it."""
+        """Write the fitted model into folder ``path`` (replaced whole, atomically); returns it."""
         if self.vocab is None:
             raise NotFittedError(f"{self.name} is not fitted")
         folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
         meta = {
             "name": self.name,
             "format_version": FORMAT_VERSION,
             "params": self.params,
             "vocabulary_fingerprint": self.vocab.fingerprint,
         }
-        (folder / "recommender.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        (folder / "vocabulary.json").write_text(json.dumps(self.vocab.to_json()))
-        np.savez(folder / "arrays.npz", **self._arrays())  # type: ignore[arg-type]
-        self._save_extra(folder)
+        # written whole beside the old folder, then swapped in (with the step's other
+        # files inside a workspace transaction): a kill never leaves half a model
+        with publishing_dir(folder) as new:
+            (new / "recommender.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+            (new / "vocabulary.json").write_text(json.dumps(self.vocab.to_json()))
+            np.savez(new / "arrays.npz", **self._arrays())  # type: ignore[arg-type]
+            self._save_extra(new)
         return folder
 
     @classmethod

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.errors import InputError, MissingStepError, StaleStateError
-from pipelines.workspace import Workspace, atomic_write_bytes
+from pipelines.workspace import Workspace, atomic_write_bytes, transactional
 from recsys.base import Recommender, load_recommender
 from recsys.evaluate import (
     BASELINES,
@@ -110,6 +110,7 @@ class FitSummary:
     selection: dict[str, Any]
 
 
+@transactional("recsys_fit")  # the models, selection and manifest publish together
 def fit_models(
     workspace: Workspace | Path | str | None = None,
     names: Sequence[str] | None = None,

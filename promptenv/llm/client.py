@@ -3,7 +3,9 @@
 Order of one ``generate`` call:
 
 1. build the messages (system, user);
-2. privacy guard for remote backends (redact or refuse; see ``privacy``);
+2. privacy guard for remote backends (redact or refuse; see ``privacy``), with
+   the call's ``identifiers`` and the workspace's deny-list of every patient
+   (``WORKSPACE/private/identifiers.json`` and the patients table, read once);
 3. cache lookup on the sha256 of backend, model, params and exact messages;
    a hit is recorded in the ledger and returned at no cost;
 4. on a miss, per attempt: reserve the worst case against the budget
@@ -41,6 +43,7 @@ from promptenv.llm.backends import Backend, BackendReply, make_backend
 from promptenv.llm.budget import Budget, BudgetTracker
 from promptenv.llm.cache import CachedAnswer, ResponseCache, cache_key
 from promptenv.llm.config import ClientConfig
+from promptenv.llm.deny_list import DenyList, workspace_deny_list
 from promptenv.llm.errors import (
     BackendConfigError,
     LLMError,
@@ -126,7 +129,10 @@ class LLMClient:
         self.backend: Backend = (
             make_backend(backend, self.config) if isinstance(backend, BackendSpec) else backend
         )
-        default_cache, default_ledger = workspace_paths(workspace)
+        self.workspace = workspace if isinstance(workspace, Workspace) else Workspace.at(workspace)
+        self._deny: DenyList | None = None
+        self._deny_lock = threading.Lock()
+        default_cache, default_ledger = workspace_paths(self.workspace)
         self.cache = ResponseCache(cache_path or default_cache) if use_cache else None
         self.ledger = Ledger(ledger_path or default_ledger)
         self.prices = PriceTable.load(self.config.prices_path)
@@ -149,7 +155,7 @@ class LLMClient:
                 self.label,
                 self.prices.source,
             )
-        self._budget = BudgetTracker(budget, already_spent=self.ledger.spend(self.run_id))
+        self._budget = BudgetTracker(budget, self.ledger, budget.scope_for(self.run_id))
         self._jitter = JitterSource(jitter_seed)
         self._counts_lock = threading.Lock()
         self._hits = 0
@@ -162,6 +168,14 @@ class LLMClient:
         return f"{self.backend.kind}:{self.backend.model}"
 
     @property
+    def deny_list(self) -> DenyList:
+        """The workspace's deny-list, read on first use (every remote call passes it)."""
+        with self._deny_lock:
+            if self._deny is None:
+                self._deny = workspace_deny_list(self.workspace)
+            return self._deny
+
+    @property
     def cache_stats(self) -> CacheStats:
         """Hits and misses of this client's cache lookups."""
         with self._counts_lock:
@@ -169,7 +183,7 @@ class LLMClient:
 
     @property
     def spent(self) -> Spend:
-        """What this run has used against its budget so far."""
+        """What this client's budget scope (by default its run) has used so far."""
         return self._budget.spent
 
     def generate(
@@ -197,7 +211,7 @@ class LLMClient:
         redacted: dict[str, int] = {}
         if self.privacy.applies_to(remote=not self.backend.is_local):
             messages, redacted = guard_messages(
-                messages, identifiers, self.privacy, backend=self.label
+                messages, identifiers, self.privacy, backend=self.label, deny=[self.deny_list]
             )
         key = cache_key(self.backend.identity, self.backend.model, params, messages)
         call = _Call(uuid.uuid4().hex, key, redacted, started)
@@ -309,6 +323,7 @@ class LLMClient:
         status: int | None = None,
         error_kind: str | None = None,
         wait_s: float = 0.0,
+        hold: int | None = None,
     ) -> None:
         self.ledger.record(
             LedgerEntry(
@@ -329,7 +344,9 @@ class LLMClient:
                 wait_s=wait_s,
                 redactions=sum(call.redacted.values()),
                 redaction_kinds=",".join(f"{k}:{n}" for k, n in sorted(call.redacted.items())),
-            )
+                budget_scope=self._budget.scope,
+            ),
+            hold=hold,
         )
 
     def _serve_cached(self, call: _Call, stored: CachedAnswer) -> Completion:
@@ -362,16 +379,17 @@ class LLMClient:
         attempt = 0
         while True:
             attempt += 1
-            reservation = self._budget.reserve(self._worst_case(messages, params))
+            # the attempt's ledger row releases the hold (the budget's source of truth)
+            hold = self._budget.reserve(self._worst_case(messages, params))
             attempt_started = time.perf_counter()
             try:
                 reply = self.backend.complete(messages, params)
             except TransientBackendError as exc:
-                self._budget.settle(reservation, Spend(calls=1))
-                self._retry_or_raise(call, exc, attempt, time.perf_counter() - attempt_started)
+                self._retry_or_raise(
+                    call, exc, attempt, time.perf_counter() - attempt_started, hold
+                )
                 continue
             except Exception as exc:
-                self._budget.settle(reservation, Spend(calls=1))
                 self._record(
                     call,
                     outcome="error",
@@ -379,12 +397,22 @@ class LLMClient:
                     latency_s=time.perf_counter() - attempt_started,
                     status=exc.status if isinstance(exc, PermanentBackendError) else None,
                     error_kind=_error_kind(exc),
+                    hold=hold,
                 )
                 raise
-            return self._finish(call, reply, reservation, attempt, attempt_started)
+            except BaseException:  # interrupted: no row, so give the hold back
+                if hold is not None:
+                    self.ledger.release(hold)
+                raise
+            return self._finish(call, reply, hold, attempt, attempt_started)
 
     def _retry_or_raise(
-        self, call: _Call, exc: TransientBackendError, attempt: int, latency_s: float
+        self,
+        call: _Call,
+        exc: TransientBackendError,
+        attempt: int,
+        latency_s: float,
+        hold: int | None,
     ) -> None:
         """Record a transient failure, then sleep before the next attempt or raise."""
         policy = self.retry
@@ -409,6 +437,7 @@ class LLMClient:
             status=exc.status,
             error_kind=_error_kind(exc),
             wait_s=wait,
+            hold=hold,
         )
         if give_up:
             raise RetriesExhausted(give_up, last=exc, attempts=attempt) from exc
@@ -426,14 +455,22 @@ class LLMClient:
         self,
         call: _Call,
         reply: BackendReply,
-        reservation: Spend,
+        hold: int | None,
         attempt: int,
         attempt_started: float,
     ) -> Completion:
         now = time.perf_counter()
         cost = self._price.cost(reply.input_tokens, reply.output_tokens) if self._price else 0.0
-        self._budget.settle(
-            reservation, Spend(calls=1, tokens=reply.input_tokens + reply.output_tokens, cost=cost)
+        # the ledger row first: it settles the budget hold
+        self._record(
+            call,
+            outcome="ok",
+            attempt=attempt,
+            latency_s=now - attempt_started,
+            tokens_in=reply.input_tokens,
+            tokens_out=reply.output_tokens,
+            cost=cost,
+            hold=hold,
         )
         if self.cache is not None:
             self.cache.put(
@@ -448,15 +485,6 @@ class LLMClient:
                     cost=cost,
                 ),
             )
-        self._record(
-            call,
-            outcome="ok",
-            attempt=attempt,
-            latency_s=now - attempt_started,
-            tokens_in=reply.input_tokens,
-            tokens_out=reply.output_tokens,
-            cost=cost,
-        )
         return Completion(
             text=reply.text,
             model=reply.model,

@@ -5,8 +5,12 @@ carry the run id, time, backend, model, endpoint (without credentials or
 query string), tokens in and out, cost, whether it was a cache hit, the
 attempt number, the outcome (``ok``, ``cache_hit``, ``retry``, ``error``), the
 HTTP status of a failure, latency, the wait before the next attempt, and how
-many identifiers the privacy guard replaced per kind. Never a prompt, an
-answer, an identifier or an API key.
+many identifiers the privacy guard replaced per kind, and the budget scope it
+counts against. Never a prompt, an answer, an identifier or an API key.
+
+Table ``holds`` keeps the budget reservations of attempts in flight
+(`promptenv.llm.budget`): the ledger is the budget's source of truth across
+threads, processes and Dask workers.
 
 Example::
 
@@ -17,6 +21,11 @@ Example::
 
 from __future__ import annotations
 
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,10 +57,23 @@ CREATE TABLE IF NOT EXISTS calls (
     latency_s REAL NOT NULL,
     wait_s REAL NOT NULL,
     redactions INTEGER NOT NULL,
-    redaction_kinds TEXT NOT NULL
+    redaction_kinds TEXT NOT NULL,
+    budget_scope TEXT
 );
-CREATE INDEX IF NOT EXISTS calls_by_run ON calls (run_id)
+CREATE INDEX IF NOT EXISTS calls_by_run ON calls (run_id);
+CREATE TABLE IF NOT EXISTS holds (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    scope TEXT NOT NULL,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    created REAL NOT NULL,
+    calls INTEGER NOT NULL,
+    tokens INTEGER NOT NULL,
+    cost REAL NOT NULL
+)
 """
+#: A hold older than this is dropped even if its process seems alive (a reused pid).
+HOLD_TTL_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -76,6 +98,7 @@ class LedgerEntry:
     redactions: int = 0
     redaction_kinds: str = ""
     time: str = ""
+    budget_scope: str | None = None
 
 
 @dataclass(frozen=True)
@@ -114,16 +137,95 @@ class Ledger:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._store = SQLiteStore(self.path, _SCHEMA)
+        connection = self._store.connection()
+        columns = {row[1] for row in connection.execute("PRAGMA table_info(calls)")}
+        if "budget_scope" not in columns:  # a ledger written before budget scopes
+            try:
+                connection.execute("ALTER TABLE calls ADD COLUMN budget_scope TEXT")
+            except sqlite3.OperationalError as exc:  # another process added it first
+                if "duplicate column" not in str(exc):
+                    raise
+        connection.execute(
+            "CREATE INDEX IF NOT EXISTS calls_by_scope ON calls (COALESCE(budget_scope, run_id))"
+        )
 
-    def record(self, entry: LedgerEntry) -> None:
-        """Append one row; the time is now (UTC) unless the entry has one."""
+    def hold(self, scope: str, needed: Spend, check: Callable[[Spend, Spend], None]) -> int:
+        """Reserve ``needed`` for ``scope`` after ``check(committed, needed)`` passed, in
+        one write transaction (no other process can reserve in between); the hold's id.
+
+        ``committed`` is what the scope's attempts used plus the live holds. Holds
+        of processes that are gone are dropped first.
+        """
+        connection = self._store.connection()
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            self._drop_dead_holds(connection)
+            held = connection.execute(
+                "SELECT COUNT(*), COALESCE(SUM(tokens), 0), COALESCE(SUM(cost), 0) "
+                "FROM holds WHERE scope = ?",
+                (scope,),
+            ).fetchone()
+            # a hold stands for one call, whatever it reserves
+            committed = self._spend(connection, scope) + Spend(
+                calls=int(held[0]), tokens=int(held[1]), cost=float(held[2])
+            )
+            check(committed, needed)
+            cursor = connection.execute(
+                "INSERT INTO holds (scope, host, pid, created, calls, tokens, cost) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    scope,
+                    socket.gethostname(),
+                    os.getpid(),
+                    time.time(),
+                    needed.calls,
+                    needed.tokens,
+                    needed.cost,
+                ),
+            )
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        return int(cursor.lastrowid or 0)
+
+    def release(self, hold: int) -> None:
+        """Drop a hold whose attempt recorded no row."""
+        self._store.connection().execute("DELETE FROM holds WHERE id = ?", (hold,))
+
+    def _drop_dead_holds(self, connection: sqlite3.Connection) -> None:
+        host = socket.gethostname()
+        rows = connection.execute("SELECT id, host, pid, created FROM holds").fetchall()
+        dead = [
+            (r[0],)
+            for r in rows
+            if time.time() - r[3] > HOLD_TTL_S or (r[1] == host and not _alive(int(r[2])))
+        ]
+        connection.executemany("DELETE FROM holds WHERE id = ?", dead)
+
+    def record(self, entry: LedgerEntry, hold: int | None = None) -> None:
+        """Append one row (and drop the budget ``hold`` of its attempt in the same
+        transaction); the time is now (UTC) unless the entry has one."""
         when = entry.time or datetime.now(UTC).isoformat(timespec="milliseconds")
         connection = self._store.connection()
+        if hold is not None:
+            connection.execute("BEGIN IMMEDIATE")
+        try:
+            self._insert(connection, entry, when)
+            if hold is not None:
+                connection.execute("DELETE FROM holds WHERE id = ?", (hold,))
+                connection.execute("COMMIT")
+        except BaseException:
+            if hold is not None:
+                connection.execute("ROLLBACK")
+            raise
+
+    def _insert(self, connection: sqlite3.Connection, entry: LedgerEntry, when: str) -> None:
         connection.execute(
             "INSERT INTO calls (run_id, request_id, time, backend, model, endpoint, tokens_in, "
             "tokens_out, cost, cached, attempt, outcome, status, error_kind, latency_s, "
-            "wait_s, redactions, redaction_kinds) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "wait_s, redactions, redaction_kinds, budget_scope) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 entry.run_id,
                 entry.request_id,
@@ -143,6 +245,7 @@ class Ledger:
                 entry.wait_s,
                 entry.redactions,
                 entry.redaction_kinds,
+                entry.budget_scope,
             ),
         )
 
@@ -151,7 +254,7 @@ class Ledger:
         query = (
             "SELECT run_id, request_id, backend, model, endpoint, tokens_in, tokens_out, cost, "
             "cached, attempt, outcome, latency_s, status, error_kind, wait_s, redactions, "
-            "redaction_kinds, time FROM calls"
+            "redaction_kinds, time, budget_scope FROM calls"
         )
         args: tuple[str, ...] = ()
         if run_id is not None:
@@ -179,17 +282,22 @@ class Ledger:
                 redactions=r[15],
                 redaction_kinds=r[16],
                 time=r[17],
+                budget_scope=r[18],
             )
             for r in rows
         ]
 
-    def spend(self, run_id: str) -> Spend:
-        """What ``run_id`` has used against its budget: backend attempts, billed tokens, cost."""
-        connection = self._store.connection()
+    def spend(self, scope: str) -> Spend:
+        """What budget ``scope`` (a run id by default) has used: backend attempts, billed
+        tokens, cost."""
+        return self._spend(self._store.connection(), scope)
+
+    @staticmethod
+    def _spend(connection: sqlite3.Connection, scope: str) -> Spend:
         row = connection.execute(
             "SELECT COUNT(*), COALESCE(SUM(tokens_in + tokens_out), 0), COALESCE(SUM(cost), 0) "
-            "FROM calls WHERE run_id = ? AND cached = 0",
-            (run_id,),
+            "FROM calls WHERE COALESCE(budget_scope, run_id) = ? AND cached = 0",
+            (scope,),
         ).fetchone()
         return Spend(calls=int(row[0]), tokens=int(row[1]), cost=float(row[2]))
 
@@ -233,3 +341,14 @@ class Ledger:
             )
             for r in rows
         ]
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

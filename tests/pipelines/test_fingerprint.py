@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
 
 from pipelines.fingerprint import (
+    code_fingerprint,
     cohort_fingerprint,
     compare_fingerprints,
     matrix_row_hashes,
@@ -69,3 +72,23 @@ def test_matrix_row_hashes_see_values_and_columns_and_leave_the_matrix_alone() -
     dense = np.array([[1.0, 0.5], [1.0, 0.5000001]], dtype=np.float32)
     first, second = matrix_row_hashes(dense)
     assert first != second
+
+
+def test_the_code_fingerprint_follows_every_source_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    package = tmp_path / "pmlm_fake_pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sub" / "model.py").write_text("WEIGHT = 1\n")
+    (package / "notes.txt").write_text("not code")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    key = code_fingerprint.__wrapped__(("pmlm_fake_pkg",))
+    assert key == code_fingerprint.__wrapped__(("pmlm_fake_pkg",))
+    (package / "notes.txt").write_text("still not code")
+    assert code_fingerprint.__wrapped__(("pmlm_fake_pkg",)) == key
+    (package / "sub" / "model.py").write_text("WEIGHT = 2\n")
+    assert code_fingerprint.__wrapped__(("pmlm_fake_pkg",)) != key
+    assert len(code_fingerprint()) == 16
+    with pytest.raises(ModuleNotFoundError, match="'no_such_pmlm_pkg' is not importable"):
+        code_fingerprint.__wrapped__(("no_such_pmlm_pkg",))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,7 @@ from promptenv.llm import (
 from promptenv.llm.prices import DEFAULT_PRICES_PATH, PriceTable
 
 PARAMS = GenerationParams(max_tokens=32)
+REPO = Path(__file__).resolve().parents[2]
 
 
 def client_for(
@@ -126,6 +130,95 @@ def test_a_resumed_run_keeps_its_spend(
     with pytest.raises(BudgetExceeded):
         resumed.generate("s", "q9", PARAMS)
     assert len(stub.requests) == 3
+
+
+def test_zero_calls_means_no_call(
+    stub: StubLLMServer, workspace: Path, fast_retry: RetryPolicy
+) -> None:
+    client = client_for(stub, workspace, fast_retry, budget=Budget(max_calls=0))
+    with pytest.raises(BudgetExceeded, match="max_calls=0"):
+        client.generate("s", "question", PARAMS)
+    assert stub.requests == []
+
+
+# One process of `test_one_budget_holds_across_processes`: 8 distinct questions under
+# the shared scope of $PMLM_BUDGET_SCOPE with at most 5 calls; prints how many it got.
+WORKER = """
+import sys
+from promptenv.llm import Budget, BudgetExceeded, ClientConfig, GenerationParams, LLMClient
+from promptenv.llm import RetryPolicy
+
+url, workspace, name = sys.argv[1:4]
+client = LLMClient(
+    f"anthropic:claude-test@{url}", workspace=workspace, budget=Budget(max_calls=5),
+    config=ClientConfig(anthropic_api_key="k"), retry=RetryPolicy(max_attempts=1),
+)
+answered = 0
+for i in range(8):
+    try:
+        client.generate("s", f"{name} question {i}", GenerationParams(max_tokens=8))
+        answered += 1
+    except BudgetExceeded:
+        pass
+print(answered)
+"""
+
+
+def test_one_budget_holds_across_processes(stub: StubLLMServer, workspace: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PMLM_BUDGET_SCOPE": "nightly-job"}
+    stub.script(*[Action(delay_s=0.3) for _ in range(5)])  # slow answers: the two overlap
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, stub.url, str(workspace), name],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("first", "second")
+    ]
+    answered = [int(w.communicate(timeout=120)[0]) for w in workers]
+    assert all(w.returncode == 0 for w in workers)
+    assert sum(answered) == 5 and len(stub.requests) == 5  # not 5 each
+    ledger = client_for(stub, workspace, RetryPolicy()).ledger
+    assert ledger.spend("nightly-job").calls == 5
+
+
+def test_one_budget_holds_across_retries(
+    stub: StubLLMServer, workspace: Path, fast_retry: RetryPolicy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Prefect retry runs the task again in the same process: a new client, a new run
+    id, the same scope (the CLI's $PMLM_BUDGET_SCOPE). The retries spend one budget."""
+    monkeypatch.setenv("PMLM_BUDGET_SCOPE", "flow-run-7")
+    calls = []
+    for _attempt in range(3):  # the task's first run and two retries
+        client = client_for(stub, workspace, fast_retry, budget=Budget(max_calls=4))
+        with pytest.raises(BudgetExceeded):
+            for i in range(10):
+                client.generate("s", f"attempt {_attempt} question {i}", PARAMS)
+        calls.append(len(stub.requests))
+    assert calls == [4, 4, 4]
+    assert client.spent.calls == 4
+
+
+def test_a_killed_attempt_does_not_hold_the_budget(workspace: Path) -> None:
+    """A hold whose process is gone is dropped; one whose process lives counts."""
+    from promptenv.llm.ledger import Ledger
+    from promptenv.llm.types import Spend
+
+    ledger = Ledger(workspace / "ledger.sqlite")
+    budget = Budget(max_calls=1)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    hold = ledger.hold("s", Spend(calls=1), budget.check)
+    connection = ledger._store.connection()
+    connection.execute("UPDATE holds SET pid = ? WHERE id = ?", (int(dead.stdout), hold))
+    ledger.hold("s", Spend(calls=1), budget.check)  # the dead process's hold was dropped
+    with pytest.raises(BudgetExceeded, match="max_calls=1"):
+        ledger.hold("s", Spend(calls=1), budget.check)  # this process's hold counts
 
 
 def test_default_prices_and_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -82,47 +82,64 @@ def record_identifiers(record: Mapping[str, object]) -> KnownIdentifiers:
 
 
 @pytest.mark.parametrize(
-    ("text", "kind"),
+    ("text", "kind", "sent"),
     [
-        ("call 617-555-0199 today", "PHONE"),
-        ("call (617) 555 0199", "PHONE"),
-        ("call +44 20 7946 0958", "PHONE"),
-        ("SSN 123-45-6789", "SSN"),
-        ("write to jane.roe@example.org", "EMAIL"),
-        ("record 7f3c2a1e-9b8d-4c7e-a1f2-3b4c5d6e7f80", "ID"),
-        ("MRN: A12345", "ID"),
-        ("chart 004829131", "ID"),
-        ("born 1990-04-12", "DATE"),
-        ("seen 2021-03-04T10:00:00Z", "DATE"),
-        ("seen 04/05/2021", "DATE"),
-        ("seen 4.5.21", "DATE"),
-        ("seen 04.05.2021.", "DATE"),
-        ("seen March 3, 2021", "DATE"),
-        ("seen 3rd of March 2021", "DATE"),
-        ("seen on Jan 5", "DATE"),
-        ("lives at 12 Oak Street", "ADDRESS"),
-        ("lives at 221B Baker St., Apt 4", "ADDRESS"),
-        ("P.O. Box 991", "ADDRESS"),
-        ("Boston, MA 02115", "ZIP"),
-        ("seen by Dr. Alvarez", "NAME"),
-        ("Next of kin: John Smith", "NAME"),
+        ("call 617-555-0199 today", "PHONE", "call [PHONE] today"),
+        ("call (617) 555 0199", "PHONE", "call [PHONE]"),
+        ("call +44 20 7946 0958", "PHONE", "call [PHONE]"),
+        ("call 555-0172 tonight", "PHONE", "call [PHONE] tonight"),
+        ("SSN 123-45-6789", "SSN", "SSN [SSN]"),
+        ("SSN 123 45 6789", "SSN", "SSN [SSN]"),
+        ("social security number 123456789", "SSN", "social security number [SSN]"),
+        ("write to jane.roe@example.org", "EMAIL", "write to [EMAIL]"),
+        ("see https://portal.example.org/p?id=7 now", "URL", "see [URL] now"),
+        ("see www.example-clinic.com", "URL", "see [URL]"),
+        ("from 192.168.10.24 at night", "IP", "from [IP] at night"),
+        ("from fe80::1ff:fe23:4567:890a", "IP", "from [IP]"),
+        ("record 7f3c2a1e-9b8d-4c7e-a1f2-3b4c5d6e7f80", "ID", "record [ID]"),
+        ("patient p3fa2b1c4d5e6f708 seen", "ID", "patient [ID] seen"),
+        ("MRN: A12345", "ID", "MRN: [ID]"),
+        ("chart 004829131", "ID", "chart [ID]"),
+        ("born 1990-04-12", "DATE", "born 1990"),
+        ("seen 2021-03-04T10:00:00Z", "DATE", "seen 2021"),
+        ("seen 04/05/2021", "DATE", "seen 2021"),
+        ("seen 4.5.21", "DATE", "seen [DATE]"),
+        ("seen 04.05.2021.", "DATE", "seen 2021."),
+        ("seen March 3, 2021", "DATE", "seen 2021"),
+        ("seen 3rd of March 2021", "DATE", "seen 2021"),
+        ("first pregnancy in March 2021", "DATE", "first pregnancy in 2021"),
+        ("seen on Jan 5", "DATE", "seen on [DATE]"),
+        ("a 97-year-old woman", "AGE", "a 90 or older woman"),
+        ("Patient: 91 year old woman.", "AGE", "Patient: 90 or older woman."),
+        ("aged 93, 102 y/o", "AGE", "aged 90 or older, 90 or older"),
+        ("lives at 12 Oak Street", "ADDRESS", "lives at [ADDRESS]"),
+        ("lives at 221B Baker St., Apt 4", "ADDRESS", "lives at [ADDRESS]"),
+        ("P.O. Box 991", "ADDRESS", "[ADDRESS]"),
+        ("Boston, MA 02115", "ZIP", "Boston, MA [ZIP]"),
+        ("Springfield, 01103", "ZIP", "Springfield, [ZIP]"),
+        ("zip code 01103", "ZIP", "zip code [ZIP]"),
+        ("seen by Dr. Alvarez", "NAME", "seen by Dr. [NAME]"),
+        ("Next of kin: John Smith", "NAME", "Next of kin: [NAME]"),
     ],
 )
-def test_patterns_find_each_kind(text: str, kind: str) -> None:
+def test_patterns_find_each_kind(text: str, kind: str, sent: str) -> None:
     redaction = IdentifierDetector().redact(text)
     assert redaction.kinds.get(kind, 0) >= 1, redaction
-    assert f"[{kind}]" in redaction.text
+    assert redaction.text == sent
 
 
 @pytest.mark.parametrize(
     "text",
     [
         "34-year-old G2P1 at 28 weeks, BMI 31, BP 120/80, HbA1c 6.1%",
-        "first pregnancy in March 2021; diabetes since 2019",
+        "Patient: 89-year-old woman, aged 45, 92 weeks of follow-up",
+        "diabetes since 2019",
         "SNOMED 72892002 and LOINC 4548-4, RxNorm 310325",
+        "Levora 0.15/30 (28 Day Pack), NDA020800, ANDA076543",
         "ferrous sulfate 325 mg twice daily, insulin glargine 10 units",
-        "Hb 10.5 (reference 12.5-13.5), ferritin 1.2.3 trend",
+        "Hb 10.5 (reference 12.5-13.5), ferritin 1.2.3 trend, platelets 150-4000",
         "Tdap vaccine, glucose tolerance test, fetal ultrasound",
+        "version 1.2.3 of the guideline, dose 1/2 tablet",
     ],
 )
 def test_clinical_content_is_kept(text: str) -> None:

@@ -1,0 +1,64 @@
+"""Steps that write tables, run in a subprocess by the crash tests (`test_workspace`).
+
+``python crash_writers.py STEP WORKSPACE ARG``: ``cohort N`` ingests the first N
+patients of the default cohort (`write_cohort`, the OMOP and snapshot path);
+``fhir FOLDER`` ingests a folder of FHIR bundles (`ingest_fhir`, staged);
+``fit MODELS`` fits the comma-separated recommenders on a synthetic cohort (written
+first if the workspace has no tables); ``copy FOLDER`` copies a workspace; ``hold SIGNAL`` holds the workspace lock until the file SIGNAL exists.
+With ``PMLM_FAULT_AFTER_WRITES=k`` the process dies (exit 9) after its k-th write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from pipelines.cohort import load_snapshot
+from pipelines.ingest import ingest_fhir, write_cohort
+from pipelines.sources import SourceTables
+from pipelines.workspace import Workspace
+
+
+def cohort_subset(n: int) -> SourceTables:
+    source = load_snapshot()
+    keep = set(source.patients["patient_id"].iloc[:n])
+    tables = {
+        name: getattr(source, name)[getattr(source, name)["patient_id"].isin(keep)]
+        for name in ("patients", "encounters", "events", "notes")
+    }
+    return dataclasses.replace(source, **tables)
+
+
+def main(step: str, root: str, arg: str) -> None:
+    ws = Workspace.at(root)
+    if step == "cohort":
+        write_cohort(ws, cohort_subset(int(arg)), input_description=f"subset:{arg}")
+    elif step == "fhir":
+        ingest_fhir(ws, Path(arg), workers=1)
+    elif step == "copy":
+        shutil.copytree(arg, root, dirs_exist_ok=True)
+    elif step == "fit":
+        from recsys.steps import fit_models
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from synthetic_cohort import synthetic_cohort
+
+        if not ws.has_table("patients"):
+            with ws.transaction("synthetic"):
+                for name, frame in synthetic_cohort(n_patients=36, seed=5).items():
+                    ws.write_table(name, frame)
+        fit_models(ws, arg.split(","), blend=False)
+    elif step == "hold":
+        with ws.transaction("hold"):
+            print("holding", flush=True)
+            while not Path(arg).exists():
+                time.sleep(0.05)
+    else:
+        raise SystemExit(f"unknown step {step!r}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
