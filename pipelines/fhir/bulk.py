@@ -30,7 +30,13 @@ from typing import IO, Any
 import simdjson
 
 from pipelines.fhir.merge import SHARED_PART
-from pipelines.fhir.reader import LINE_BITS, first_bad_byte, max_file_bytes, origin_name
+from pipelines.fhir.reader import (
+    LINE_BITS,
+    first_bad_byte,
+    max_file_bytes,
+    origin_name,
+    quarantine_row,
+)
 from pipelines.fhir.resources import RESOURCE_PARSERS, SOURCE, read_medication
 from pipelines.fhir.values import Coding, Rejected, reference_id, reference_target
 from pipelines.schemas import QUARANTINE
@@ -96,15 +102,7 @@ class _Router:
 
     def reject(self, origin: int, rtype: str | None, rid: str | None, reason: str) -> None:
         self.summary.quarantined += 1
-        self.quarantine.append(
-            {
-                "source": SOURCE,
-                "source_file": origin_name(origin, self.names),
-                "resource_type": rtype,
-                "resource_id": rid,
-                "reason": reason,
-            }
-        )
+        self.quarantine.append(quarantine_row(origin_name(origin, self.names), rtype, rid, reason))
 
     def part_path(self, part: int) -> Path:
         return self.staging / f"{part:08d}.part"

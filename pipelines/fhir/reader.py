@@ -55,6 +55,19 @@ def origin_name(origin: int, names: list[str]) -> str:
     return name
 
 
+def quarantine_row(
+    where: str, rtype: str | None, rid: str | None, reason: str
+) -> dict[str, str | None]:
+    """One row of the quarantine table."""
+    return {
+        "source": SOURCE,
+        "source_file": where,
+        "resource_type": rtype,
+        "resource_id": rid,
+        "reason": reason,
+    }
+
+
 def resource_of(value: Any) -> dict[str, Any] | None:
     """A simdjson object → dict when its type is read, else ``{"resourceType": type}``
     (counted, never turned into Python objects: ~30% of a Synthea bundle)."""
@@ -181,15 +194,7 @@ class FhirReader:
 
     # ---------------------------------------------------------------- quarantine
     def reject(self, origin: int, rtype: str | None, rid: str | None, reason: str) -> None:
-        self.quarantine.append(
-            {
-                "source": SOURCE,
-                "source_file": origin_name(origin, self.names),
-                "resource_type": rtype,
-                "resource_id": rid,
-                "reason": reason,
-            }
-        )
+        self.quarantine.append(quarantine_row(origin_name(origin, self.names), rtype, rid, reason))
 
     def reject_file(self, origin: int, reason: str) -> None:
         self.summary.files_quarantined += 1
