@@ -7,7 +7,7 @@ workspace's files. They log; they hold no logic of their own (the steps are
 
 Caching. The expensive tasks (recommender fit, each batch's signals and
 prompts) are cached by their inputs and their source code
-(``cache_policy=INPUTS + TASK_SOURCE``), where an input carries a data
+(``cache_policy=INPUTS + TASK_SOURCE + CODE``), where an input carries a data
 fingerprint: the fit's ``data_fingerprint`` hashes every patient's records, a
 batch's ``key`` hashes its patients' records and states, the recommender and the
 peer pool. The workspace path is not part of a key: the cache records and
@@ -31,7 +31,8 @@ from typing import Any, TypeVar, cast
 
 import pandas as pd
 from prefect import get_run_logger, task
-from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CachePolicy
+from prefect.context import TaskRunContext
 from prefect.states import State
 from prefect.tasks import Task
 
@@ -52,6 +53,27 @@ PREFECT_CACHE = "prefect"
 LLM_RETRY_DELAYS = [10.0, 30.0]
 
 T = TypeVar("T", bound=Task[Any, Any])
+
+
+@dataclass
+class PackageCode(CachePolicy):
+    """Part of a cache key: the pmlm version and a hash of the packages' source
+    (`pipelines.fingerprint.code_fingerprint`), so an upgrade or an edit of `recsys` or
+    `promptenv` never reuses a result the old code computed."""
+
+    def compute_key(
+        self,
+        task_ctx: TaskRunContext,
+        inputs: dict[str, Any] | None,
+        flow_parameters: dict[str, Any] | None,
+        **kwargs: Any,
+    ) -> str | None:
+        from pipelines.fingerprint import code_fingerprint
+
+        return code_fingerprint()
+
+
+CODE = PackageCode()
 
 
 def cache_storage(workspace: str | Path) -> Path:
@@ -128,7 +150,7 @@ class FitOutcome:
     validation: list[dict[str, Any]]
 
 
-@task(name="fit-recommenders", cache_policy=(INPUTS - "workspace") + TASK_SOURCE)
+@task(name="fit-recommenders", cache_policy=(INPUTS - "workspace") + TASK_SOURCE + CODE)
 def fit_recommenders(
     workspace: str,
     data_fingerprint: str,
@@ -170,7 +192,7 @@ def plan_prompts(workspace: str, spec: PromptTableSpec, full: bool = False) -> P
 
 @task(
     name="signals",
-    cache_policy=(INPUTS - "plan") + TASK_SOURCE,
+    cache_policy=(INPUTS - "plan") + TASK_SOURCE + CODE,
     task_run_name="signals-{batch.index}",
 )
 def compute_signals(plan: PromptPlan, batch: PromptBatch) -> BatchSignals:
@@ -182,7 +204,7 @@ def compute_signals(plan: PromptPlan, batch: PromptBatch) -> BatchSignals:
 
 @task(
     name="prompts",
-    cache_policy=(INPUTS - "plan" - "signals") + TASK_SOURCE,
+    cache_policy=(INPUTS - "plan" - "signals") + TASK_SOURCE + CODE,
     task_run_name="prompts-{batch.index}",
 )
 def batch_prompt_rows(plan: PromptPlan, batch: PromptBatch, signals: BatchSignals) -> pd.DataFrame:
@@ -218,7 +240,7 @@ class PolicyOutcome:
 
 @task(
     name="train-policy",
-    cache_policy=INPUTS + TASK_SOURCE,
+    cache_policy=INPUTS + TASK_SOURCE + CODE,
     retries=2,
     retry_delay_seconds=LLM_RETRY_DELAYS,
     retry_condition_fn=_worth_retrying,

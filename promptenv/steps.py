@@ -224,11 +224,12 @@ class EvaluationFiles:
 
 
 def budgeted_client(backend: str, ws: Workspace, max_calls: int | None) -> LLMClient:
-    """The workspace's cached LLM client for ``backend``, with at most ``max_calls`` new calls."""
+    """The workspace's cached LLM client for ``backend``, with at most ``max_calls`` new calls
+    (0: none; None: no limit)."""
     from promptenv.llm import Budget
 
     return LLMClient(
-        backend, workspace=ws, budget=Budget(max_calls=max_calls) if max_calls else None
+        backend, workspace=ws, budget=Budget(max_calls=max_calls) if max_calls is not None else None
     )
 
 
