@@ -68,8 +68,8 @@ def file_id(name: str, salt: str | None = None) -> str:
 
 def _write(path: Path, frame: pd.DataFrame) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, frame.to_parquet(index=False))
-    os.chmod(path, 0o600)
+    # inside the ingest's transaction the file is published with its tables, mode kept
+    atomic_write_bytes(path, frame.to_parquet(index=False), mode=0o600)
 
 
 def write_crosswalk(

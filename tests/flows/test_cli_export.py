@@ -111,7 +111,8 @@ def test_export_options_and_their_errors(workspace: Workspace, tmp_path: Path) -
         ],
     )
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+    # .lock: the export's advisory lock (pipelines.lock), beside the files it guards
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name != ".lock") == [
         "prompts.jsonl",
         "prompts.manifest.json",
     ]
