@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from flows.options import PMLMGroup, WorkspaceOpt
+from flows.progress import OUTPUT, bar
 from pipelines.workspace import Workspace
 
 policy_app = typer.Typer(
@@ -48,7 +49,9 @@ def train_cmd(
         eval_freq=eval_freq,
         seed=seed,
     )
-    result = train_workspace_policy(ws, backend, settings, progress=console.print)
+    with bar("policy training: PPO steps") as tick:
+        shown = tick if OUTPUT.show_bars() else None  # off a terminal: progress lines instead
+        result = train_workspace_policy(ws, backend, settings, progress=console.print, tick=shown)
     console.print(f"{training_summary(result.policy)} → {result.path}", markup=False)
 
 

@@ -29,11 +29,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from recsys.type_aliases import Tick  # the packages' alias (`tick(done, total)`)
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-
-
-#: What a step calls after each unit of work: ``tick(done, total)`` so far.
-Tick = Callable[[int, int], None]
 
 
 @dataclass

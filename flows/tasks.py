@@ -260,7 +260,6 @@ def train_policy_task(
         settings,
         {"data_fingerprint": data_fingerprint},
         progress=_progress(),
-        show_bar=False,
     )
     _say(training_summary(result.policy))
     return PolicyOutcome(result.policy.version, result.path, result.policy.info.training)

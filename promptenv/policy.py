@@ -81,7 +81,7 @@ from promptenv.prompts import (
     assemble,
     fixed_config,
 )
-from recsys.type_aliases import Progress
+from recsys.type_aliases import Progress, Tick
 
 if TYPE_CHECKING:
     from promptenv.policy_callbacks import TrainingLog
@@ -372,7 +372,7 @@ def learn(
     eval_env: PromptEditEnv,
     settings: PolicySettings,
     say: Progress,
-    show_bar: bool,
+    tick: Tick | None,
 ) -> TrainingLog:
     """PPO until ``settings.timesteps`` or the LLM budget, validating every ``eval_freq`` steps;
     a last validation when the last one was earlier."""
@@ -391,9 +391,7 @@ def learn(
         callback_after_eval=KeepBestOnValidation(reward, log, say),
         verbose=0,
     )
-    monitor = TrainingMonitor(
-        reward, log, settings.timesteps, settings.max_llm_calls, say, show_bar
-    )
+    monitor = TrainingMonitor(reward, log, settings.timesteps, settings.max_llm_calls, say, tick)
     model.learn(total_timesteps=settings.timesteps, callback=CallbackList([monitor, evaluation]))
     if not log.validation or log.validation[-1].timesteps < log.timesteps:
         log.record(_final_validation(model, eval_env, reward, log.timesteps, say), None)
@@ -460,7 +458,7 @@ def train_policy(
     settings: PolicySettings | None = None,
     versions: Mapping[str, Any] | None = None,
     progress: Progress | None = None,
-    show_bar: bool = True,
+    tick: Tick | None = None,
     calibration: Calibration | None = None,
 ) -> TrainedPolicy:
     """Train MaskablePPO on training encounters, validate on validation encounters, save to ``folder``.
@@ -485,7 +483,7 @@ def train_policy(
         sequential=True,
     )
     model = make_model(env, settings)
-    log = learn(model, episodes, eval_env, settings, say, show_bar)
+    log = learn(model, episodes, eval_env, settings, say, tick)
     kept, falls_back = keep_checkpoint(model, log, settings, say)
     info = PolicyInfo(
         settings=settings,

@@ -16,11 +16,10 @@ from typing import Any
 
 import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback
-from tqdm import tqdm
 
 from promptenv.env import AnswerReward
 from promptenv.policy_info import ValidationPoint
-from recsys.type_aliases import Progress
+from recsys.type_aliases import Progress, Tick
 
 
 @dataclass
@@ -45,7 +44,8 @@ class TrainingLog:
 
 
 class TrainingMonitor(BaseCallback):
-    """Progress bar with running reward and cache hit rate; stops at the LLM budget."""
+    """Follows training (``tick(steps, timesteps)`` for a bar, else progress lines with the
+    running reward and cache hit rate); stops at the LLM budget."""
 
     def __init__(
         self,
@@ -54,7 +54,7 @@ class TrainingMonitor(BaseCallback):
         timesteps: int,
         max_llm_calls: int,
         progress: Progress | None = None,
-        show_bar: bool = True,
+        tick: Tick | None = None,
     ) -> None:
         super().__init__()
         self.reward = reward
@@ -62,15 +62,13 @@ class TrainingMonitor(BaseCallback):
         self.timesteps = timesteps
         self.max_llm_calls = max_llm_calls
         self.progress = progress
-        self.show_bar = show_bar
+        self.tick = tick
         self.lines_every = 16 * max(1, timesteps // 128)  # about 8 lines per run
-
-    def _on_training_start(self) -> None:
-        self.bar = tqdm(total=self.timesteps, desc="policy", unit="step", disable=not self.show_bar)
 
     def _on_step(self) -> bool:
         log, reward = self.log, self.reward
-        self.bar.update(1)
+        if self.tick is not None:
+            self.tick(self.num_timesteps, self.timesteps)
         log.timesteps = self.num_timesteps
         for done, info in zip(self.locals["dones"], self.locals["infos"], strict=True):
             if done and "final_reward" in info:
@@ -79,10 +77,7 @@ class TrainingMonitor(BaseCallback):
         if log.episodes and self.n_calls % 16 == 0:
             hit = 1 - reward.llm_calls / max(1, reward.answers)
             recent = np.mean(log.episode_rewards[-32:])
-            self.bar.set_postfix(
-                reward=f"{recent:+.3f}", cache=f"{hit:.0%}", llm_calls=reward.llm_calls
-            )
-            if self.progress and not self.show_bar and self.n_calls % self.lines_every == 0:
+            if self.progress and self.tick is None and self.n_calls % self.lines_every == 0:
                 # the same figures as lines, for logs (the flows show no bar)
                 self.progress(
                     f"step {self.num_timesteps}/{self.timesteps}: running reward over "
@@ -95,9 +90,6 @@ class TrainingMonitor(BaseCallback):
                 self.progress(f"LLM-call budget of {self.max_llm_calls} reached: stopping")
             return False
         return True
-
-    def _on_training_end(self) -> None:
-        self.bar.close()
 
 
 class KeepBestOnValidation(BaseCallback):

@@ -40,7 +40,7 @@ from promptenv.policy import Policy, PolicySettings, TrainedPolicy, load_policy
 from promptenv.policy_info import policy_dir, policy_info_path, saved_policy_version
 from promptenv.prompt_table import PROMPT_TABLE, Which, build_prompt_table, write_prompt_table
 from promptenv.prompts import METHODS
-from recsys.type_aliases import Progress
+from recsys.type_aliases import Progress, Tick
 
 if TYPE_CHECKING:
     from promptenv.judge import PlanJudge
@@ -140,7 +140,7 @@ def train_workspace_policy(
     settings: PolicySettings,
     extra_versions: Mapping[str, Any] | None = None,
     progress: Progress | None = None,
-    show_bar: bool = True,
+    tick: Tick | None = None,
 ) -> TrainedPolicy:
     """Train the workspace's policy (`promptenv.policy.train_policy`) on its tables and signals,
     answers from ``backend`` through the workspace's cached LLM client, scored with the
@@ -161,7 +161,7 @@ def train_workspace_policy(
         settings,
         versions={**workspace_versions(ws), **(extra_versions or {})},
         progress=progress,
-        show_bar=show_bar,
+        tick=tick,
         calibration=calibration,
     )
 

@@ -25,3 +25,5 @@ SparseMatrix: TypeAlias = sp.csr_matrix
 ArrayDict: TypeAlias = dict[str, npt.NDArray[np.generic]]
 #: A callback that receives a step's progress lines (a logger's ``info``, ``print``...).
 Progress: TypeAlias = Callable[[str], None]
+#: What a step calls after each unit of work, ``tick(done, total)``: a progress bar's update.
+Tick: TypeAlias = Callable[[int, int], None]

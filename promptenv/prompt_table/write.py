@@ -23,7 +23,7 @@ from promptenv.prompt_table.spec import (
     RefreshResult,
     refresh_dir,
 )
-from recsys.type_aliases import Progress
+from recsys.type_aliases import Progress, Tick
 
 
 def write_refreshed_table(
@@ -115,10 +115,12 @@ def refresh_prompt_table(
     *,
     full: bool = False,
     progress: Progress | None = None,
+    tick: Tick | None = None,
 ) -> RefreshResult:
     """Plan, compute every batch in turn, and write: the whole build in this process.
 
-    The recommender is not refit (see the module docstring).
+    The recommender is not refit (see the module docstring). ``tick(batches_done, batches)``
+    follows the batches (a progress bar).
     """
     say = progress or (lambda _m: None)
     plan = plan_prompt_table(workspace, spec, full=full)
@@ -127,4 +129,6 @@ def refresh_prompt_table(
     for batch in plan.batches:
         signals.append(batch_signals(plan, batch))
         prompts.append(batch_prompts(plan, batch, signals[-1]))
+        if tick is not None:
+            tick(len(prompts), len(plan.batches))
     return write_refreshed_table(plan, prompts, signals)

@@ -128,7 +128,11 @@ def test_refresh_recomputes_only_the_changed_patients_and_equals_a_full_recomput
     full = _copy(ws, tmp_path / "recomputed")
 
     outcome = refresh(workspace=str(ws), source="workspace")
-    recomputed = refresh_prompt_table(Workspace.at(full), full=True)
+    ticks: list[tuple[int, int]] = []
+    recomputed = refresh_prompt_table(
+        Workspace.at(full), full=True, tick=lambda done, total: ticks.append((done, total))
+    )
+    assert ticks == [(i + 1, recomputed.batches) for i in range(recomputed.batches)]
 
     result = outcome.build.prompts
     assert outcome.build.fit is None, "a refresh must not refit"

@@ -78,10 +78,14 @@ def trained(
             folder,
             SHORT,
             versions={"data_hash": "d1", "recommender": "history"},
-            show_bar=False,
+            tick=lambda done, total: TICKS.append((done, total)),
         )
     assert not sb3_logs.exists(), "training left an SB3 log folder behind"
     return result, client, backend
+
+
+#: What training's ``tick`` (the command line's progress bar) received.
+TICKS: list[tuple[int, int]] = []
 
 
 def test_short_training_saves_a_policy_with_its_provenance(
@@ -96,6 +100,9 @@ def test_short_training_saves_a_policy_with_its_provenance(
     assert info["settings"]["timesteps"] == SHORT.timesteps
     training = info["training"]
     assert training["timesteps"] == SHORT.timesteps
+    # the progress bar followed every PPO step, up to the last
+    assert [d for d, _ in TICKS] == list(range(1, SHORT.timesteps + 1))
+    assert {t for _, t in TICKS} == {SHORT.timesteps}
     assert training["episodes"] > 20
     # every answer not served from the cache reached the backend, and only those
     assert training["llm_calls"] <= backend.calls
@@ -189,7 +196,6 @@ def test_training_stops_at_the_llm_budget(
         history_signals(default_tables),
         tmp_path / "p",
         settings,  # type: ignore[arg-type]
-        show_bar=False,
     )
     training = result.policy.info.training
     assert training.stopped_by_budget
@@ -217,7 +223,6 @@ def test_training_keeps_the_policy_that_did_best_on_validation(
         history_signals(default_tables),  # type: ignore[arg-type]
         tmp_path / "p",
         settings,
-        show_bar=False,
     )
     training = result.policy.info.training
     curve = training.validation_curve
@@ -324,7 +329,6 @@ def train_tiny(
         history_signals(tables),  # type: ignore[arg-type]
         tmp_path / "p",
         TINY,
-        show_bar=False,
     )
 
 
