@@ -20,7 +20,6 @@ remote backend. The file never leaves the workspace.
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import re
@@ -97,16 +96,16 @@ def _patient_resources(path: Path, parser: simdjson.Parser) -> list[dict[str, An
     """The Patient resources of a bundle file, or of an NDJSON file of a Bulk Data export."""
     name = path.name.lower()
     if name.endswith((".ndjson", ".ndjson.gz")):
-        opener = gzip.open if name.endswith(".gz") else open
+        from pipelines.fhir.bulk import ndjson_lines
+
         found = []
-        with opener(path, "rb") as handle:
-            for line in handle:
-                try:
-                    resource = json.loads(line)
-                except ValueError:  # the ingest quarantines the line
-                    continue
-                if isinstance(resource, dict) and resource.get("resourceType") == "Patient":
-                    found.append(resource)
+        for line in ndjson_lines(path):
+            try:
+                resource = json.loads(line)
+            except ValueError:  # the ingest quarantines the line
+                continue
+            if isinstance(resource, dict) and resource.get("resourceType") == "Patient":
+                found.append(resource)
         return found
     try:
         doc = parser.parse(path.read_bytes())

@@ -48,7 +48,8 @@ PATIENTS_PER_PART = 16
 _BUFFER_BYTES = 32 * 2**20
 
 
-def _lines(path: Path) -> Iterator[bytes]:
+def ndjson_lines(path: Path) -> Iterator[bytes]:
+    """The lines of an NDJSON file of a Bulk Data export, gzipped or not."""
     opener: Any = gzip.open if path.name.endswith(".gz") else open
     handle: IO[bytes]
     with opener(path, "rb") as handle:
@@ -198,7 +199,7 @@ class _Router:
 
     def read_file(self, number: int, path: Path) -> None:
         self.summary.files_read += 1
-        for i, raw in enumerate(_lines(path), start=1):
+        for i, raw in enumerate(ndjson_lines(path), start=1):
             if not raw.strip():
                 continue
             origin = (number << LINE_BITS) | i
