@@ -35,6 +35,17 @@ def train_cmd(
     ] = 16,
     eval_freq: Annotated[int, typer.Option(help="Validate every this many steps.")] = 512,
     seed: Annotated[int, typer.Option(help="Seed of the sample, PPO and the environment.")] = 0,
+    reward_model: Annotated[
+        bool,
+        typer.Option(
+            "--reward-model/--llm-rewards",
+            help="Train PPO against a learned reward model, with LLM calls only between rounds "
+            "(--timesteps is then PPO steps per round), or on LLM rewards alone.",
+        ),
+    ] = False,
+    model_rounds: Annotated[
+        int, typer.Option(min=1, help="Rounds of the reward-model loop (--reward-model).")
+    ] = 4,
 ) -> None:
     """Train the editing policy on training patients (answers through the cached LLM client)."""
     from promptenv.policy import PolicySettings, training_summary
@@ -48,6 +59,9 @@ def train_cmd(
         max_llm_calls=max_llm_calls,
         eval_freq=eval_freq,
         seed=seed,
+        reward_model=reward_model,
+        model_rounds=model_rounds,
+        model_timesteps=timesteps,
     )
     with bar("policy training: PPO steps") as tick:
         shown = tick if OUTPUT.show_bars() else None  # off a terminal: progress lines instead

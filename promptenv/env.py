@@ -132,6 +132,11 @@ class AnswerReward:
     def answer(self, case: EditCase, config: PromptConfig) -> Answered:
         return self.answer_many([(case, config)])[0]
 
+    def is_answered(self, case: EditCase, config: PromptConfig) -> bool:
+        """True when this reward answered ``config`` for ``case`` already (asking again is free)."""
+        prompt = assemble(case.context, case.signals, config, "pmlm")
+        return (case.encounter_id, prompt.system) in self._memo
+
     def __call__(self, case: EditCase, config: PromptConfig) -> float:
         return self.answer(case, config).score.reward
 

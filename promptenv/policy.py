@@ -483,7 +483,14 @@ def train_policy(
         sequential=True,
     )
     model = make_model(env, settings)
-    log = learn(model, episodes, eval_env, settings, say, tick)
+    if settings.reward_model:
+        from promptenv.reward_model import learn_with_reward_model
+
+        log = learn_with_reward_model(
+            model, episodes.train, eval_env, episodes.reward, start, settings, say, tick
+        )
+    else:
+        log = learn(model, episodes, eval_env, settings, say, tick)
     kept, falls_back = keep_checkpoint(model, log, settings, say)
     info = PolicyInfo(
         settings=settings,

@@ -85,6 +85,11 @@ class PolicySettings:
     max_llm_calls: int = 800
     #: keep the weights that scored best on validation (early stopping), not the last ones
     keep_best: bool = True
+    #: train against a learned reward model (`promptenv.reward_model`): ``model_rounds``
+    #: rounds of ``model_timesteps`` PPO steps each, LLM calls only between rounds
+    reward_model: bool = False
+    model_rounds: int = 4
+    model_timesteps: int = 2048
     n_calibration: int = CALIBRATION_ENCOUNTERS
     seed: int = 0
     params: GenerationParams = field(default_factory=lambda: EVAL_PARAMS)

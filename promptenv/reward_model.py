@@ -1,0 +1,388 @@
+"""A learned reward model, and PPO that trains mostly against it (Dyna-style, budgeted).
+
+Every scored answer on a TRAINING encounter is a data point: (patient features,
+prompt config) → reward. `RewardModel` fits them; `learn_with_reward_model`
+lets MaskablePPO train against the model for many steps at no LLM cost, and
+spends LLM calls in an explicit loop, only on configs the policy is heading to
+or where the model is unsure.
+
+The model
+    scikit-learn's `ExtraTreesRegressor` on the patient's observation features
+    (`promptenv.editing.case_features`), the config's features
+    (`promptenv.editing.config_features`) and an LLM-free proxy. Why trees: a few
+    hundred points, features of mixed scale, rewards that hinge on interactions
+    (peers help the patients whose peers are like them), and the spread of the
+    trees' predictions is a usable measure of how unsure the model is (used to
+    choose where to ask the LLM). It fits in milliseconds.
+
+The proxy (`coverage_proxy`)
+    How well the prompt's own text covers the physician's next plan: the
+    prompt is scored with the same `PlanScorer` as an answer would be. A small
+    model answers mostly from the lists it is shown, so this predicts much of
+    the reward before any LLM call. It reads the plan, so it exists only for
+    training encounters, and only the reward model sees it: the policy's
+    observation never does.
+
+The loop (`learn_with_reward_model`), with ``B`` = ``settings.max_llm_calls``
+    1. seed: the LLM answers each training encounter's fixed prompts
+       (`promptenv.prompts.CONFIG_METHODS`; the initial ones are answered already);
+    2. each of ``settings.model_rounds`` rounds:
+       a. fit the model on every scored training answer;
+       b. PPO for ``settings.model_timesteps`` steps against the model (a
+          scored pair's reward is its LLM reward, the others the model's);
+       c. validate the deterministic policy on VALIDATION encounters with the
+          LLM (the keep-best rule of `promptenv.policy` chooses among rounds);
+       d. ask the LLM for this round's share of what is left of ``B``: first
+          the configs the deterministic policy picks on training encounters,
+          then those of sampled rollouts, the most uncertain first.
+    Every LLM call goes through the same `AnswerReward` (cache, ledger, budget);
+    the loop checks what is left before each batch and never asks for more,
+    so it never spends more than ``B`` new answers in all (seed and validation
+    included).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from stable_baselines3.common.callbacks import BaseCallback
+
+from promptenv.editing import (
+    STOP,
+    EditCase,
+    apply_edit,
+    config_features,
+    observation,
+    step_mask,
+)
+from promptenv.env import AnswerReward, PromptEditEnv
+from promptenv.llm.client import progress_lines
+from promptenv.policy_callbacks import TrainingLog
+from promptenv.policy_info import PolicySettings, StartConfig, ValidationPoint
+from promptenv.prompts import CONFIG_METHODS, PromptConfig, assemble, fixed_config
+from promptenv.reward import PlanScorer
+from recsys.type_aliases import Progress, Tick
+
+Key = tuple[str, str]  # (encounter id, the config's canonical JSON)
+
+
+def config_key(case: EditCase, config: PromptConfig) -> Key:
+    return case.encounter_id, json.dumps(config.as_dict(), sort_keys=True)
+
+
+class CoverageProxy:
+    """The LLM-free proxy: the `PlanScorer` reward of the prompt's own text, memoized."""
+
+    def __init__(self, scorer: PlanScorer) -> None:
+        self.scorer = scorer
+        self._memo: dict[Key, float] = {}
+
+    def __call__(self, case: EditCase, config: PromptConfig) -> float:
+        return self.many([(case, config)])[0]
+
+    def many(self, pairs: Sequence[tuple[EditCase, PromptConfig]]) -> list[float]:
+        keys = [config_key(c, cfg) for c, cfg in pairs]
+        todo = [i for i, k in enumerate(keys) if k not in self._memo]
+        if todo:
+            prompts = [
+                assemble(pairs[i][0].context, pairs[i][0].signals, pairs[i][1]) for i in todo
+            ]
+            scores = self.scorer.score_many(
+                [f"{p.system}\n{p.user}" for p in prompts],
+                [list(pairs[i][0].reference_items) for i in todo],
+                [pairs[i][0].plan_text for i in todo],
+            )
+            for i, score in zip(todo, scores, strict=True):
+                self._memo[keys[i]] = score.recall
+        return [self._memo[k] for k in keys]
+
+
+def model_features(
+    case: EditCase, config: PromptConfig, proxy: float, max_edits: int
+) -> NDArray[np.float32]:
+    """The reward model's input: patient features, config features (no edit count), proxy."""
+    cfg = config_features(config, 0, max_edits)[:-1]
+    return np.concatenate([case.features, cfg, [proxy]]).astype(np.float32)
+
+
+@dataclass
+class RewardModel:
+    """Extra trees on (patient, config, proxy) → reward; ``spread`` is the trees' sd."""
+
+    seed: int = 0
+    n_estimators: int = 64
+    min_samples_leaf: int = 2
+    _trees: Any = field(default=None, repr=False)
+
+    def fit(self, x: NDArray[np.float32], y: NDArray[np.float64]) -> RewardModel:
+        from sklearn.ensemble import ExtraTreesRegressor
+
+        self._trees = ExtraTreesRegressor(
+            n_estimators=self.n_estimators,
+            min_samples_leaf=self.min_samples_leaf,
+            random_state=self.seed,
+            n_jobs=1,
+        ).fit(x, y)
+        return self
+
+    def predict(self, x: NDArray[np.float32]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """Mean and sd over the trees of the predicted reward of each row of ``x``."""
+        if self._trees is None:
+            raise RuntimeError("the reward model is not fitted")
+        per_tree = np.stack([t.predict(x) for t in self._trees.estimators_])
+        return per_tree.mean(axis=0), per_tree.std(axis=0)
+
+
+class ModelReward:
+    """A `promptenv.env.RewardFn` for training encounters: the LLM's reward where an answer was
+    scored, else the reward model's prediction. Counts the pairs it predicted."""
+
+    def __init__(
+        self,
+        known: dict[Key, float],
+        model: RewardModel,
+        proxy: CoverageProxy,
+        max_edits: int,
+    ) -> None:
+        self.known, self.model, self.proxy, self.max_edits = known, model, proxy, max_edits
+        self._memo: dict[Key, float] = {}
+        self.predicted = 0
+
+    def __call__(self, case: EditCase, config: PromptConfig) -> float:
+        key = config_key(case, config)
+        if key in self.known:
+            return self.known[key]
+        if key not in self._memo:
+            x = model_features(case, config, self.proxy(case, config), self.max_edits)
+            mean, _ = self.model.predict(x[None, :])
+            self._memo[key] = float(mean[0])
+            self.predicted += 1
+        return self._memo[key]
+
+
+@dataclass
+class ScoredAnswers:
+    """The LLM-scored training answers: the reward model's data."""
+
+    known: dict[Key, float] = field(default_factory=dict)
+    rows: list[NDArray[np.float32]] = field(default_factory=list)
+    targets: list[float] = field(default_factory=list)
+
+    def add(
+        self,
+        reward: AnswerReward,
+        proxy: CoverageProxy,
+        pairs: Sequence[tuple[EditCase, PromptConfig]],
+        max_edits: int,
+        room: int,
+        progress: Progress,
+        what: str,
+    ) -> None:
+        """Answer and record the pairs not scored yet, at most ``room`` of them new to the
+        reward's memory (a pair answered before, in memory, is free and always taken)."""
+        chosen: dict[Key, tuple[EditCase, PromptConfig]] = {}
+        new = 0
+        for case, config in pairs:
+            key = config_key(case, config)
+            if key in self.known or key in chosen:
+                continue
+            if not reward.is_answered(case, config):
+                if new >= room:
+                    continue
+                new += 1
+            chosen[key] = (case, config)
+        if not chosen:
+            return
+        fresh = list(chosen.values())
+        answered = reward.answer_many(fresh, progress=progress_lines(progress, what))
+        for (case, config), a, p in zip(fresh, answered, proxy.many(fresh), strict=True):
+            self.known[config_key(case, config)] = a.score.reward
+            self.rows.append(model_features(case, config, p, max_edits))
+            self.targets.append(a.score.reward)
+
+    def fit(self, seed: int) -> RewardModel:
+        return RewardModel(seed=seed).fit(np.stack(self.rows), np.asarray(self.targets))
+
+
+def policy_configs(
+    model: Any,
+    cases: Sequence[EditCase],
+    start: PromptConfig,
+    max_edits: int,
+    deterministic: bool = True,
+) -> list[PromptConfig]:
+    """The config the policy ends at for each case (sampled when not ``deterministic``)."""
+    out = []
+    for case in cases:
+        config, last = start, None
+        for edits in range(max_edits + 1):
+            mask = step_mask(config, last, edits, max_edits)
+            obs = observation(case.features, config, edits, max_edits)
+            action, _ = model.predict(obs, action_masks=mask, deterministic=deterministic)
+            a = int(action)
+            if a == STOP:
+                break
+            config, last = apply_edit(config, a), a
+        out.append(config)
+    return out
+
+
+def _uncertain_first(
+    pairs: Sequence[tuple[EditCase, PromptConfig]],
+    data: ScoredAnswers,
+    proxy: CoverageProxy,
+    fitted: RewardModel,
+    max_edits: int,
+) -> list[tuple[EditCase, PromptConfig]]:
+    """The pairs not scored yet, once each, the model's most uncertain first."""
+    unique = list(
+        {
+            config_key(c, cfg): (c, cfg) for c, cfg in pairs if config_key(c, cfg) not in data.known
+        }.values()
+    )
+    if not unique:
+        return []
+    x = np.stack(
+        [
+            model_features(c, cfg, p, max_edits)
+            for (c, cfg), p in zip(unique, proxy.many(unique), strict=True)
+        ]
+    )
+    _, spread = fitted.predict(x)
+    return [unique[i] for i in np.argsort(-spread, kind="stable")]
+
+
+def validate(
+    model: Any, eval_env: PromptEditEnv, reward: AnswerReward, timesteps: int, say: Progress
+) -> ValidationPoint:
+    """The deterministic policy's mean LLM reward over the start config on VALIDATION encounters."""
+    cases, start = eval_env.cases, eval_env.initial
+    configs = policy_configs(model, cases, start, eval_env.max_edits)
+    answered = reward.answer_many(
+        [*zip(cases, configs, strict=True), *((c, start) for c in cases)],
+        progress=progress_lines(say, "validation answers"),
+    )
+    n = len(cases)
+    gain = float(
+        np.mean([answered[i].score.reward - answered[n + i].score.reward for i in range(n)])
+    )
+    say(
+        f"validation at {timesteps} steps: reward over the start prompt {gain:+.4f} "
+        f"({reward.llm_calls} LLM calls so far)"
+    )
+    return ValidationPoint(float(timesteps), float(reward.llm_calls), gain)
+
+
+class _Steps(BaseCallback):
+    """Counts PPO steps and finished episodes of one `learn` call; ticks a bar."""
+
+    def __init__(self, log: TrainingLog, base: int, total: int, tick: Tick | None) -> None:
+        super().__init__()
+        self.log, self.base, self.total, self.tick = log, base, total, tick
+        self.steps = 0
+
+    def _on_step(self) -> bool:
+        self.steps += 1
+        self.log.timesteps = self.base + self.steps
+        self.log.episodes += int(np.sum(self.locals["dones"]))
+        if self.tick is not None:
+            self.tick(self.log.timesteps, self.total)
+        return True
+
+
+def learn_with_reward_model(
+    model: Any,
+    train_cases: Sequence[EditCase],
+    eval_env: PromptEditEnv,
+    reward: AnswerReward,
+    start: StartConfig,
+    settings: PolicySettings,
+    say: Progress,
+    tick: Tick | None = None,
+) -> TrainingLog:
+    """PPO against a reward model refitted each round, LLM calls within
+    ``settings.max_llm_calls`` (see the module docstring). Validation points and the best
+    validation weights are in the returned log, as `promptenv.policy.learn`'s are."""
+    log, budget, max_edits = TrainingLog(), settings.max_llm_calls, settings.max_edits
+    proxy, data = CoverageProxy(reward.scorer), ScoredAnswers()
+    rounds = max(1, settings.model_rounds)
+    total = rounds * settings.model_timesteps
+
+    def left() -> int:
+        return max(0, budget - reward.llm_calls)
+
+    def room(share: int) -> int:
+        # what validating the next policy costs (one answer per validation encounter) is kept back
+        return max(0, min(share, left() - len(eval_env.cases)))
+
+    seed = [(c, fixed_config(m)) for m in CONFIG_METHODS for c in train_cases]
+    data.add(reward, proxy, seed, max_edits, room(left()), say, "fixed prompts on training")
+    for r in range(rounds):
+        fitted = data.fit(settings.seed + r)
+        scored = ModelReward(data.known, fitted, proxy, max_edits)
+        model.set_env(PromptEditEnv(train_cases, scored, max_edits=max_edits, initial=start.config))
+        model.learn(
+            total_timesteps=settings.model_timesteps,
+            reset_num_timesteps=False,
+            callback=_Steps(log, log.timesteps, total, tick),
+        )
+        log.record(
+            validate(model, eval_env, reward, log.timesteps, say),
+            lambda: copy.deepcopy(model.policy.state_dict()),
+        )
+        if r == rounds - 1:
+            break
+        if room(left()) == 0:
+            log.stopped_by_budget = True
+            say(f"LLM-call budget of {budget} reached after round {r + 1} of {rounds}: stopping")
+            break
+        heading = list(
+            zip(
+                train_cases,
+                policy_configs(model, train_cases, start.config, max_edits),
+                strict=True,
+            )
+        )
+        sampled = [
+            pair
+            for _ in range(4)
+            for pair in zip(
+                train_cases,
+                policy_configs(model, train_cases, start.config, max_edits, deterministic=False),
+                strict=True,
+            )
+        ]
+        ask = _uncertain_first([*heading], data, proxy, fitted, max_edits)
+        ask += _uncertain_first(sampled, data, proxy, fitted, max_edits)
+        share = left() // (rounds - r)
+        data.add(
+            reward,
+            proxy,
+            ask,
+            max_edits,
+            room(share),
+            say,
+            f"round {r + 1}: where the policy heads",
+        )
+        say(
+            f"round {r + 1}/{rounds}: {len(data.targets)} scored training answers "
+            f"({scored.predicted} predicted by the model in PPO), {reward.llm_calls} LLM calls"
+        )
+    return log
+
+
+__all__ = [
+    "CoverageProxy",
+    "ModelReward",
+    "RewardModel",
+    "ScoredAnswers",
+    "learn_with_reward_model",
+    "model_features",
+    "policy_configs",
+]
