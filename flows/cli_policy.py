@@ -8,9 +8,10 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from flows.options import PMLMGroup, WorkspaceOpt
+from flows.options import LLMParallelOpt, PMLMGroup, WorkspaceOpt
 from flows.progress import OUTPUT, bar
 from pipelines.workspace import Workspace
+from promptenv.llm.config import use_llm_parallel
 
 policy_app = typer.Typer(
     cls=PMLMGroup,
@@ -46,11 +47,13 @@ def train_cmd(
     model_rounds: Annotated[
         int, typer.Option(min=1, help="Rounds of the reward-model loop (--reward-model).")
     ] = 4,
+    llm_parallel: LLMParallelOpt = None,
 ) -> None:
     """Train the editing policy on training patients (answers through the cached LLM client)."""
     from promptenv.policy import PolicySettings, training_summary
     from promptenv.steps import train_workspace_policy
 
+    use_llm_parallel(llm_parallel)
     ws = Workspace.at(workspace)
     settings = PolicySettings(
         n_train=n_train,

@@ -7,10 +7,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from flows.options import PMLMGroup, WorkspaceOpt
+from flows.options import LLMParallelOpt, PMLMGroup, WorkspaceOpt
 from flows.progress import bar
 from pipelines.workspace import Workspace
 from promptenv.encounters import CALIBRATION_ENCOUNTERS
+from promptenv.llm.config import use_llm_parallel
 from promptenv.prompts import METHODS
 from promptenv.steps import TABLE_METHODS
 
@@ -98,7 +99,7 @@ def evaluate_cmd(
     max_calls: Annotated[
         int | None, typer.Option(help="Hard budget on LLM calls for this run.")
     ] = None,
-    llm_parallel: Annotated[int, typer.Option(min=1, help="LLM requests in flight at once.")] = 2,
+    llm_parallel: LLMParallelOpt = None,
     judge: Annotated[
         str | None,
         typer.Option(
@@ -128,6 +129,7 @@ def evaluate_cmd(
         policy_if_needed,
     )
 
+    use_llm_parallel(llm_parallel)
     ws = Workspace.at(workspace)
     names = check_eval_methods(methods.split(","))
     policy = policy_if_needed(ws, names)  # before any LLM: a missing policy fails fast
@@ -143,7 +145,7 @@ def evaluate_cmd(
         n_adult=n_adult,
         n_calibration=n_calibration,
         seed=seed,
-        concurrency=llm_parallel,
+        concurrency=llm_parallel or 2,  # two requests in flight (a remote LLM answers both)
     )
 
     def hits() -> str:

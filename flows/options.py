@@ -22,6 +22,20 @@ WorkspaceOpt = Annotated[
     ),
 ]
 
+#: ``--llm-parallel N``: N answers in flight; the local model generates them in one batch.
+LLMParallelOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--llm-parallel",
+        min=1,
+        help="LLM answers at once: N requests in flight, and the local model decodes N in one "
+        "batch (1 = one at a time; an answer may differ in rare tokens with its batch) "
+        "[default: $PMLM_LLM_PARALLEL or 1 for the local model, which batching made only "
+        "1.05x faster on 2 cores]",
+        show_default=False,
+    ),
+]
+
 
 #: Set (to anything) to see the traceback behind an error line.
 DEBUG_ENV = "PMLM_DEBUG"

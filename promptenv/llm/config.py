@@ -11,9 +11,43 @@ Example::
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
+
+from pipelines.errors import ConfigError
+
+#: How many answers the local model generates together, for every client of the process
+#: (``--llm-parallel`` sets it; worker processes the process starts inherit it).
+PARALLEL_ENV = "PMLM_LLM_PARALLEL"
+
+
+def _parallel(raw: str, where: str) -> int:
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(
+            f"{where} {raw!r} is not a whole number of at least 1: give how many answers the "
+            "local model generates together (1 = one at a time)"
+        )
+    return n
+
+
+def env_local_parallel() -> int:
+    """``$PMLM_LLM_PARALLEL``, else 1 (one answer at a time: batching measured only 1.04-1.05x
+    faster on this 2-core machine under load, see BENCHMARKS.md)."""
+    raw = os.environ.get(PARALLEL_ENV, "").strip()
+    return _parallel(raw, PARALLEL_ENV + "=") if raw else 1
+
+
+def use_llm_parallel(n: int | None) -> None:
+    """Have every LLM client of this process, and of the workers it starts, generate ``n``
+    local answers together (None: leave it as it is)."""
+    if n is not None:
+        os.environ[PARALLEL_ENV] = str(_parallel(str(n), "--llm-parallel"))
 
 
 @dataclass(frozen=True)
@@ -35,8 +69,9 @@ class ClientConfig:
     #: Context window of the local model, in tokens (SmolLM2 supports 8192).
     local_n_ctx: int = 4096
     local_n_threads: int = 2
-    #: Answers the local model generates together (``LLMClient.generate_many``); 1 = one at a time.
-    local_parallel: int = 1
+    #: Answers the local model generates together (``LLMClient.generate_many``); 1 = one at a
+    #: time. Default: ``$PMLM_LLM_PARALLEL`` (`env_local_parallel`).
+    local_parallel: int = field(default_factory=env_local_parallel)
     prices_path: Path | None = None
 
 

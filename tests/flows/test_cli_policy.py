@@ -55,3 +55,40 @@ def test_policy_train_show_apply(
     refined = prompts[prompts["method"] == "pmlm"]
     assert len(refined) == prompts["patient_id"].nunique()
     assert (refined["provenance"].map(lambda p: json.loads(p)["policy"]) == info["version"]).all()
+
+
+@pytest.mark.slow
+def test_policy_train_with_the_reward_model_and_batched_answers(
+    built_workspace: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    stub_llm_server: Any,
+) -> None:
+    """``--reward-model`` trains in rounds within ``--max-llm-calls``; ``--llm-parallel`` reaches
+    every LLM client of the process (through $PMLM_LLM_PARALLEL)."""
+    from promptenv.llm.config import PARALLEL_ENV, ClientConfig
+
+    ws = tmp_path / "ws"
+    shutil.copytree(built_workspace, ws)
+    monkeypatch.setenv("OPENAI_API_KEY", "stub-key")
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.setenv(PARALLEL_ENV, "1")  # monkeypatch restores what the command sets
+    stub = stub_llm_server(echo=True).start()
+    try:
+        backend = f"openai:stub-model@{stub.url}/v1"
+        args = ["--reward-model", "--model-rounds", "2", "--timesteps", "64", "--n-train", "4"]
+        args += ["--n-validation", "2", "--max-llm-calls", "30", "--llm-parallel", "3"]
+        trained = runner.invoke(
+            app, ["policy", "train", "-w", str(ws), "--backend", backend, *args]
+        )
+    finally:
+        stub.stop()
+    assert trained.exit_code == 0, trained.output
+    assert ClientConfig().local_parallel == 3
+    info = json.loads((ws / "models" / "policy" / "policy.json").read_text())
+    assert info["settings"]["reward_model"] and info["settings"]["model_rounds"] == 2
+    assert info["training"]["llm_calls"] <= 30
+    assert 1 <= len(info["training"]["validation_curve"]) <= 2
+
+    bad = runner.invoke(app, ["policy", "train", "-w", str(ws), "--llm-parallel", "0"])
+    assert bad.exit_code == 2 and "--llm-parallel" in bad.output
