@@ -23,9 +23,10 @@ from flows.cli_recsys import recsys_app
 from flows.cli_serve import serve_cmd
 from flows.config import config_app
 from flows.errors import run_app
-from flows.options import DEBUG_ENV, PMLMGroup, WorkspaceOpt
+from flows.options import DEBUG_ENV, LLMParallelOpt, PMLMGroup, WorkspaceOpt
 from flows.progress import LOG_LEVELS, bar, configure_output
 from pipelines.workspace import Workspace
+from promptenv.llm.config import use_llm_parallel
 
 app = typer.Typer(
     cls=PMLMGroup,
@@ -135,6 +136,32 @@ def print_summary(summary: dict[str, Any], title: str = "Cohort summary") -> Non
         console.print(f"[yellow]Note:[/] {summary['remark']}")
     for note in (ingest or {}).get("notes", []):
         console.print(f"[yellow]Note:[/] {note}")
+
+
+def print_methods(rows: list[dict[str, Any]], title: str) -> None:
+    """The evaluation's table in terminal width: recall with its interval, gap closed, calls
+    (`reports/evaluation.md` has every metric)."""
+    table = Table(title=title)
+    for column in ("subset", "method", "n"):
+        table.add_column(column, justify="right" if column == "n" else "left")
+    table.add_column("plan-item recall [95% CI]", justify="right")
+    table.add_column("gap closed", justify="right")
+    table.add_column("LLM calls / patient", justify="right")
+    for r in rows:
+        gap = r.get("gap_closed")
+        table.add_row(
+            r["subset"],
+            r["method"],
+            str(r["n"]),
+            f"{r['recall']:.3f} [{r['recall_lo']:.3f}, {r['recall_hi']:.3f}]",
+            "" if gap is None or gap != gap else f"{gap:.2f}",  # NaN: no oracle or general
+            f"{r['llm_calls_per_patient']:.0f}",
+        )
+    console.print(table)
+    console.print(
+        "gap closed = (method − general) / (oracle − general); oracle is told the plan (a "
+        "ceiling, not deployable); pmlm = the policy's prompts, no LLM call per patient."
+    )
 
 
 @ingest_app.command("fhir")
@@ -259,9 +286,13 @@ def run_cmd(
     backend: Annotated[
         str, typer.Option(help="LLM backend spec (local = SmolLM2-135M on this machine).")
     ] = "local",
-    n_eval: Annotated[
-        int, typer.Option(help="Test encounters per subset (obstetric, adult) to evaluate.")
-    ] = 2,
+    n_obstetric: Annotated[
+        int, typer.Option(min=1, help="Obstetric test encounters the methods are compared on.")
+    ] = 12,
+    n_adult: Annotated[
+        int, typer.Option(min=0, help="Adult (non-obstetric) test encounters compared too.")
+    ] = 4,
+    llm_parallel: LLMParallelOpt = None,
     task_runner: Annotated[
         str,
         typer.Option(
@@ -295,6 +326,8 @@ def run_cmd(
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.pipeline import TASK_RUNNERS, pmlm_pipeline, prefect_destination
 
+    use_llm_parallel(llm_parallel)
+
     if task_runner not in TASK_RUNNERS:
         raise typer.BadParameter(f"--task-runner must be one of {', '.join(TASK_RUNNERS)}")
     if dask_address and task_runner != "dask":
@@ -308,7 +341,8 @@ def run_cmd(
     result = pmlm_pipeline(
         workspace=str(ws.root),
         backend=backend,
-        n_eval=n_eval,
+        n_obstetric=n_obstetric,
+        n_adult=n_adult,
         task_runner=task_runner,
         dask_address=dask_address,
         policy_timesteps=policy_timesteps,
@@ -327,10 +361,12 @@ def run_cmd(
         f"prompts computed for {prompts.recomputed_patients} of {prompts.patients} patients "
         "in this run."
     )
-    console.print(
-        f"\nMethods compared with {result.evaluation.llm} on {n_eval} + {n_eval} test encounters:"
+    print_methods(
+        result.evaluation.table,
+        f"Methods compared with {result.evaluation.llm} on test patients' encounters",
     )
-    console.print(result.evaluation.markdown, markup=False)
+    if result.evaluation.verdict:
+        console.print(result.evaluation.verdict, markup=False)
     console.print(f"\nDone in {time.perf_counter() - started:.0f} s.")
     console.print(f"Prompt table: {result.refined.path}", markup=False)
     console.print(f"Report:       {result.evaluation.report}", markup=False)

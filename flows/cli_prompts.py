@@ -163,6 +163,8 @@ def evaluate_cmd(
             tick=tick,
         )
     console.print(markdown_table(result.table), markup=False)
+    if files.verdict:
+        console.print(f"\n{files.verdict}", markup=False)
     if grader is not None:
         console.print(f"Judge {grader.label}: {grader.stats.summary()}")
     console.print(f"Report with plots: {files.report}", markup=False)

@@ -48,11 +48,10 @@ class Settings(BaseSettings):
     source: str = "default"
     backend: str = "local"
     max_calls: int | None = None
-    n_eval: int = 2
     n_obstetric: int | None = None
     n_adult: int | None = None
     n_calibration: int | None = None
-    llm_parallel: int = 2
+    llm_parallel: int | None = None
     cron: str = "0 2 * * *"
     timezone: str = "UTC"
     log_level: str | None = None
@@ -193,7 +192,6 @@ def config_show_cmd(
     workspace: Annotated[Path | None, typer.Option("--workspace", "-w")] = None,
     source: Annotated[str | None, typer.Option()] = None,
     max_calls: Annotated[int | None, typer.Option()] = None,
-    n_eval: Annotated[int | None, typer.Option()] = None,
     n_obstetric: Annotated[int | None, typer.Option()] = None,
     n_adult: Annotated[int | None, typer.Option()] = None,
     llm_parallel: Annotated[int | None, typer.Option()] = None,

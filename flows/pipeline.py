@@ -18,7 +18,7 @@ Every flow takes the workspace folder as a path; the task runner is chosen with
 Usage::
 
     from flows.pipeline import pmlm_pipeline
-    result = pmlm_pipeline(workspace="pmlm-workspace", backend="local", n_eval=4)
+    result = pmlm_pipeline(workspace="pmlm-workspace", backend="local", n_obstetric=12)
     result.build.prompts.path, result.evaluation.report
 """
 
@@ -63,6 +63,10 @@ from promptenv.steps import EXPORT_FORMATS, quick_policy_settings
 from recsys.steps import QUICK_GRIDS
 
 TASK_RUNNERS = ("threads", "dask")
+#: What the main job compares: the bare question, the fixed prompts one would otherwise
+#: deploy, the oracle (told the plan: the ceiling) and the policy's prompts. `pmlm evaluate`
+#: compares every method, random edits and per-patient search included.
+MAIN_JOB_METHODS = ("general", "self", "peer", "pmlm_initial", "oracle", "pmlm")
 
 
 def make_task_runner(
@@ -333,7 +337,8 @@ class PipelineOutcome:
 def pmlm_pipeline(
     workspace: str | None = None,
     backend: str = "local",
-    n_eval: int = 2,
+    n_obstetric: int = 12,
+    n_adult: int = 4,
     source: str = "default",
     prompt_methods: list[str] | None = None,
     eval_methods: list[str] | None = None,
@@ -346,8 +351,8 @@ def pmlm_pipeline(
     """The main job: build (data, recommender) → train_policy → refine (signals, then the
     initial and the policy's prompts, one table) → evaluate → export.
 
-    ``n_eval`` test encounters per subset (obstetric, adult) are evaluated with the
-    LLM ``backend``; ``task_runner`` (threads or dask, with ``dask_address``) runs
+    ``n_obstetric`` and ``n_adult`` test encounters are evaluated with the LLM
+    ``backend`` (``eval_methods``, default `MAIN_JOB_METHODS`); ``task_runner`` (threads or dask, with ``dask_address``) runs
     the batches of signals and prompts (refine's); ``policy_timesteps`` PPO steps on ``policy_encounters``
     training encounters train the policy (see `quick_policy_settings`).
     """
@@ -368,9 +373,9 @@ def pmlm_pipeline(
     evaluation = evaluate(
         ws,
         backend,
-        eval_methods or [*METHODS, "random_edits", "pmlm"],
-        n_obstetric=n_eval,
-        n_adult=n_eval,
+        eval_methods or list(MAIN_JOB_METHODS),
+        n_obstetric=n_obstetric,
+        n_adult=n_adult,
     )
     exported = export(ws, [*prompt_methods, "pmlm"])
     publish_flow_summary(

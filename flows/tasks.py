@@ -278,6 +278,8 @@ class EvaluationOutcome:
     llm: str
     cache_hits: int
     cache_misses: int
+    #: did the policy beat the best fixed prompt and the bare question (`promptenv.verdict`)
+    verdict: str = ""
 
 
 @task(
@@ -323,6 +325,7 @@ def evaluate_with_llm(
         llm=result.llm,
         cache_hits=stats.hits,
         cache_misses=stats.misses,
+        verdict=files.verdict,
     )
 
 

@@ -221,6 +221,9 @@ class EvaluationFiles:
     table: Path  # evaluation.md: the methods table and the paired differences
     report: Path  # report.md, with plots
     html: Path  # report.html: the same, self-contained, with a page per sampled patient
+    #: one sentence: did the policy beat the best fixed prompt and the bare question
+    #: (`promptenv.verdict`; "" when the policy was not evaluated)
+    verdict: str = ""
 
 
 def budgeted_client(backend: str, ws: Workspace, max_calls: int | None) -> LLMClient:
@@ -295,6 +298,7 @@ def write_evaluation(ws: Workspace, result: Evaluation, client: LLMClient) -> Ev
     from promptenv.paired import paired_section
     from promptenv.report import write_report
     from promptenv.report_html import write_html_report
+    from promptenv.verdict import verdict
 
     ws.reports_dir.mkdir(parents=True, exist_ok=True)
     result.results.to_parquet(ws.reports_dir / "evaluation_results.parquet", index=False)
@@ -308,7 +312,11 @@ def write_evaluation(ws: Workspace, result: Evaluation, client: LLMClient) -> Ev
     path = ws.reports_dir / "evaluation.md"
     section = paired_section(result.results, EvalSettings())
     paired = "\n\n" + section if section else ""
-    atomic_write_bytes(path, (header + markdown_table(result.table) + paired + "\n").encode())
+    sentence = verdict(result.results)
+    closing = f"\n\n**{sentence}**" if sentence else ""
+    atomic_write_bytes(
+        path, (header + markdown_table(result.table) + paired + closing + "\n").encode()
+    )
     atomic_write_bytes(
         ws.reports_dir / "evaluation.json",
         json.dumps(
@@ -327,7 +335,7 @@ def write_evaluation(ws: Workspace, result: Evaluation, client: LLMClient) -> Ev
     info = policy_info_path(policy_dir(ws))
     trained = _read_json(info) if info.exists() else None
     html = write_html_report(ws.reports_dir, result, recsys, trained, (stats.hits, stats.misses))
-    return EvaluationFiles(path, report, html)
+    return EvaluationFiles(path, report, html, sentence)
 
 
 # --------------------------------------------------------------------------- export

@@ -91,7 +91,16 @@ def test_main_job_end_to_end_with_the_local_llm(tmp_path: Path, prefect_server: 
     """`pmlm run` (the README's first command) on a tiny evaluation sample: every artifact is written."""
     import pandas as pd
 
-    small = ["--n-eval", "1", "--policy-timesteps", "64", "--policy-encounters", "4"]
+    small = [
+        "--n-obstetric",
+        "1",
+        "--n-adult",
+        "1",
+        "--policy-timesteps",
+        "64",
+        "--policy-encounters",
+        "4",
+    ]
     output = _pmlm(prefect_server, "run", "-w", str(tmp_path), *small)
     prompts = pd.read_parquet(tmp_path / "tables" / "prompts.parquet")
     index = pd.read_parquet(tmp_path / "tables" / "index_encounters.parquet")
@@ -115,25 +124,20 @@ def test_main_job_end_to_end_with_the_local_llm(tmp_path: Path, prefect_server: 
     assert (refined.map(lambda p: p["policy"]) == policy["version"]).all()
     report = json.loads((tmp_path / "reports" / "evaluation.json").read_text())
     methods = {row["method"] for row in report["table"]}
-    assert methods == {
-        "general",
-        "full_record",
-        "retrieval",
-        "self",
-        "peer",
-        "pmlm_initial",
-        "oracle",
-        "random_edits",
-        "pmlm",
-    }
+    assert methods == {"general", "self", "peer", "pmlm_initial", "oracle", "pmlm"}
     exported = json.loads((tmp_path / "export" / "prompts.manifest.json").read_text())
     assert exported["rows"] == 2 * patients and exported["policy_version"] == policy["version"]
     assert 0 < report["calibration"]["threshold"] < 1
     rows = pd.read_parquet(tmp_path / "reports" / "evaluation_results.parquet")
     assert rows["answer"].str.len().gt(0).all()
     assert "Report:" in output and "Prompt table:" in output
+    # the closing sentence says how the policy did against the best fixed prompt
+    assert "1 obstetric test encounter of 1 patient" in output
+    assert "Verdict: PMLM cannot be judged on one patient" in output
+    assert "Verdict: PMLM " in (tmp_path / "reports" / "evaluation.md").read_text()
     # a second run answers every LLM question from the cache
     sample = ["--n-obstetric", "1", "--n-adult", "1", "--n-calibration", "2"]
+    sample += ["--methods", "general,self,peer,pmlm_initial,oracle,pmlm"]
     _pmlm(prefect_server, "evaluate", "-w", str(tmp_path), *sample)
     assert " 0 misses." in (tmp_path / "reports" / "evaluation.md").read_text()
 

@@ -38,7 +38,18 @@ def _run_main_job(ws: Path, backend: str, api_url: str, log: Path) -> subprocess
         return subprocess.Popen(
             # a short policy training: this test is about the resume, not the policy
             [
-                *(str(pmlm), "run", "-w", str(ws), "--backend", backend, "--n-eval", "2"),
+                *(
+                    str(pmlm),
+                    "run",
+                    "-w",
+                    str(ws),
+                    "--backend",
+                    backend,
+                    "--n-obstetric",
+                    "2",
+                    "--n-adult",
+                    "2",
+                ),
                 *("--policy-timesteps", "64", "--policy-encounters", "6"),
             ],
             stdout=out,
