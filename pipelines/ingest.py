@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from pipelines.errors import InputError
 from pipelines.identity import workspace_salt, write_crosswalk
 from pipelines.index import DEFAULT_SPLIT_SEED, index_encounters
 from pipelines.plans import plan_headers, plans_from_notes, plans_from_orders
@@ -30,7 +31,7 @@ PLAN_SOURCES: dict[str, str] = {"notes": "note", "orders": "events", "auto": "au
 def plan_choice(plans: str) -> str:
     """``derive``'s ``plans_from`` for a ``--plans`` choice (notes, orders, auto)."""
     if plans not in PLAN_SOURCES:
-        raise ValueError(f"--plans must be one of {', '.join(PLAN_SOURCES)}, not {plans!r}")
+        raise InputError(f"--plans must be one of {', '.join(PLAN_SOURCES)}, not {plans!r}")
     return PLAN_SOURCES[plans]
 
 

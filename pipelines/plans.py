@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from pipelines.errors import InputError
 from pipelines.schemas import PLAN_ITEMS, REFERENCE_PLANS
 
 #: The titles of a plan section's headers that Synthea writes (``# Assessment and Plan``,
@@ -53,13 +54,13 @@ def _norm_title(title: str) -> str:
 def plan_headers(headers: Sequence[str] | None = None) -> tuple[str, ...]:
     """The plan section titles to look for: ``headers``, else `DEFAULT_PLAN_HEADERS`.
 
-    Raises ValueError for an empty title (the message names the option).
+    Raises InputError for an empty title (the message names the option).
     """
     if headers is None:
         return DEFAULT_PLAN_HEADERS
     chosen = tuple(h.strip().lstrip("#").strip().rstrip(":").strip() for h in headers)
     if not chosen or not all(chosen):
-        raise ValueError(
+        raise InputError(
             f"--plan-header needs a section title such as 'Plan de tratamiento', not {headers!r}"
         )
     return chosen

@@ -80,7 +80,7 @@ _ID_KEYS = ("pmlm-staged-id-1", "pmlm-staged-id-2")
 _SUMMARY_COLUMNS: dict[str, list[str] | None] = {
     "patients": ["patient_id"],
     "encounters": ["encounter_id"],
-    "events": ["kind"],
+    "events": ["kind", "encounter_id"],  # encounter_id: `no_plan_reason` counts orders
     "notes": ["note_id"],
     "reference_plans": ["plan_source"],
     "plan_items": ["item_key"],
