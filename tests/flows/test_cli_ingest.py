@@ -319,3 +319,27 @@ def test_lookup_finds_the_pseudonym_and_the_prompt_rows(tmp_path: Path) -> None:
         MissingStepError.exit_code,
         "pmlm ingest",
     )
+
+
+def test_plan_headers_from_the_environment_or_the_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import typer
+
+    from flows.config import cli_defaults
+
+    folder = bundles_folder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PMLM_PLAN_HEADER", '["Plan de tratamiento"]')
+    defaults = cli_defaults(typer.main.get_command(app))
+    assert defaults["ingest"]["fhir"]["plan_header"] == ["Plan de tratamiento"]
+    ws = tmp_path / "ws"
+    args = ["ingest", "fhir", str(folder), "-w", str(ws), "--workers", "1", "--plans", "notes"]
+    result = runner.invoke(app, args, default_map=defaults)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((ws / "manifest.json").read_text())["steps"]["ingest"]["summary"]
+    assert summary["plan_sources"] == {"note": 4}
+    monkeypatch.delenv("PMLM_PLAN_HEADER")
+    (tmp_path / "pmlm.toml").write_text('plan-header = ["Plan", "Plan de tratamiento"]\n')
+    defaults = cli_defaults(typer.main.get_command(app))
+    assert defaults["ingest"]["omop"]["plan_header"] == ["Plan", "Plan de tratamiento"]
