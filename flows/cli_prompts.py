@@ -92,13 +92,13 @@ def lookup_cmd(
         typer.echo(
             f"No prompt table yet ({found.prompt_table}): run `pmlm run` or `pmlm prompts build`."
         )
-        return
-    typer.echo(f"{len(found.prompts)} prompt rows in {found.prompt_table}:")
-    for p in found.prompts.itertuples(index=False):
-        typer.echo(
-            f"  {p.patient_id}  {p.method:<14} encounter {p.encounter_id}  "
-            f"{p.index_time:%Y-%m-%d %H:%M}  {p.tokens} tokens"
-        )
+    else:
+        typer.echo(f"{len(found.prompts)} prompt rows in {found.prompt_table}:")
+        for p in found.prompts.itertuples(index=False):
+            typer.echo(
+                f"  {p.patient_id}  {p.method:<14} encounter {p.encounter_id}  "
+                f"{p.index_time:%Y-%m-%d %H:%M}  {p.tokens} tokens"
+            )
     if found.export is not None:
         typer.echo(f"Exported table: {found.export} (join on patient_id)")
     typer.echo("The text: pmlm prompts show PSEUDONYM --method METHOD")
