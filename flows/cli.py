@@ -92,6 +92,9 @@ app.add_typer(config_app, name="config")
 console = Console()
 
 
+#: ``reference_plans.plan_source`` → what the summary says.
+PLAN_FROM = {"note": "notes", "events": "orders recorded at the visit"}
+
 SplitSeedOpt = Annotated[
     int, typer.Option(help="Seed of the per-patient train/validation/test split.")
 ]
@@ -109,6 +112,8 @@ def print_summary(summary: dict[str, Any], title: str = "Cohort summary") -> Non
         table.add_row(f"  {kind}", str(n))
     table.add_row("notes", str(summary["notes"]))
     table.add_row("reference plans", str(summary["reference_plans"]))
+    for where, n in summary.get("plan_sources", {}).items():
+        table.add_row(f"  from {PLAN_FROM.get(where, where)}", str(n))
     table.add_row(
         "plan items (distinct)", f"{summary['plan_items']} ({summary['distinct_plan_items']})"
     )

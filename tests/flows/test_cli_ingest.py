@@ -137,6 +137,7 @@ def test_ingest_fhir_format_plans_and_plan_headers(tmp_path: Path) -> None:
     assert orders.exit_code == 0, orders.output
     summary = json.loads((ws / "manifest.json").read_text())["steps"]["ingest"]["summary"]
     assert summary["plan_sources"] == {"events": 4}
+    assert "from orders recorded at the visit" in orders.output  # the summary says where
 
 
 def test_bad_ingest_options_are_one_line_errors(tmp_path: Path) -> None:
