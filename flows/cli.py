@@ -227,7 +227,7 @@ def ingest_omop_cmd(
     where: Annotated[
         str | None,
         typer.Argument(
-            metavar="[PATH_OR_URL]",
+            metavar="PATH_OR_URL",
             help="OMOP CDM: a DuckDB file, a folder of CDM CSV files, or a SQLAlchemy URL "
             "(postgresql://user@host/db) [default: Eunomia].",
             show_default=False,
