@@ -344,3 +344,39 @@ def test_plan_headers_from_the_environment_or_the_config_file(
     (tmp_path / "pmlm.toml").write_text('plan-header = ["Plan", "Plan de tratamiento"]\n')
     defaults = cli_defaults(typer.main.get_command(app))
     assert defaults["ingest"]["omop"]["plan_header"] == ["Plan", "Plan de tratamiento"]
+
+
+def bulk_export(root: Path) -> Path:
+    """The two patients of `bundles_folder` as a Bulk Data export (one NDJSON file per
+    resource type, ``Type/id`` references, a manifest); returns the manifest's path."""
+    root.mkdir(parents=True)
+    lines: dict[str, list[str]] = {}
+    for patient in (PATIENT, PATIENT[:-1] + "9"):
+        entries = [e["resource"] for e in spanish_bundle(patient)["entry"]]
+        text = json.dumps(entries)
+        for r in entries:  # urn:uuid:ID → Type/ID
+            text = text.replace(f'"urn:uuid:{r["id"]}"', f'"{r["resourceType"]}/{r["id"]}"')
+        for r in json.loads(text):
+            lines.setdefault(r["resourceType"], []).append(json.dumps(r))
+    for rtype, rows in lines.items():
+        (root / f"{rtype}.ndjson").write_text("\n".join(rows) + "\n")
+    outputs = [{"type": t, "url": f"https://ehr.example.org/files/{t}.ndjson"} for t in lines]
+    (root / "manifest.json").write_text(json.dumps({"output": outputs}))
+    return root / "manifest.json"
+
+
+def test_ingest_fhir_of_a_bulk_export_by_folder_or_manifest(tmp_path: Path) -> None:
+    manifest = bulk_export(tmp_path / "bulk")
+    headers = ["--plan-header", "Plan de tratamiento"]
+    for i, (path, fmt) in enumerate(((manifest, "auto"), (manifest.parent, "bulk"))):
+        ws = tmp_path / f"ws{i}"
+        args = ["ingest", "fhir", str(path), "--format", fmt, "-w", str(ws), "--workers", "1"]
+        result = runner.invoke(app, [*args, *headers])
+        assert result.exit_code == 0, result.output
+        summary = json.loads((ws / "manifest.json").read_text())["steps"]["ingest"]["summary"]
+        assert summary["patients"] == 2 and summary["plan_sources"] == {"note": 4}
+        assert summary["quarantined"] == 0
+    wrong = runner.invoke(
+        app, ["ingest", "fhir", str(manifest.parent), "--format", "bundles", "-w", str(tmp_path)]
+    )
+    _one_line_error(wrong, InputError.exit_code, "holds no *.json FHIR bundles")
