@@ -41,9 +41,10 @@ def main() -> None:
 
     from pipelines.cohort import CohortSpec, generate_cohort
 
-    out = args.cohort or Path(tempfile.mkdtemp(prefix="pmlm-bench-")) / "cohort"
-    fhir_dir, _ = generate_cohort(CohortSpec(n=args.n, seed=args.seed), out)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(prefix="pmlm-bench-") as tmp:
+        # without --cohort the generated cohort is removed with the rest
+        out = args.cohort or Path(tmp) / "cohort"
+        fhir_dir, _ = generate_cohort(CohortSpec(n=args.n, seed=args.seed), out)
         bundles = replicate(fhir_dir, Path(tmp) / "fhir", args.scale)
         t0 = time.perf_counter()
         export_bulk(sorted(bundles.glob("*.json")), Path(tmp) / "bulk")

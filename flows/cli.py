@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from flows.cli_export import export_cmd
@@ -25,6 +26,7 @@ from flows.config import config_app
 from flows.errors import run_app
 from flows.options import DEBUG_ENV, LLMParallelOpt, PMLMGroup, WorkspaceOpt
 from flows.progress import LOG_LEVELS, bar, configure_output
+from pipelines.steps import describe_source
 from pipelines.workspace import Workspace
 from promptenv.llm.config import use_llm_parallel
 
@@ -91,6 +93,9 @@ app.add_typer(config_app, name="config")
 console = Console()
 
 
+#: ``reference_plans.plan_source`` → what the summary says.
+PLAN_FROM = {"note": "notes", "events": "orders recorded at the visit"}
+
 SplitSeedOpt = Annotated[
     int, typer.Option(help="Seed of the per-patient train/validation/test split.")
 ]
@@ -108,6 +113,8 @@ def print_summary(summary: dict[str, Any], title: str = "Cohort summary") -> Non
         table.add_row(f"  {kind}", str(n))
     table.add_row("notes", str(summary["notes"]))
     table.add_row("reference plans", str(summary["reference_plans"]))
+    for where, n in summary.get("plan_sources", {}).items():
+        table.add_row(f"  from {PLAN_FROM.get(where, where)}", str(n))
     table.add_row(
         "plan items (distinct)", f"{summary['plan_items']} ({summary['distinct_plan_items']})"
     )
@@ -164,10 +171,43 @@ def print_methods(rows: list[dict[str, Any]], title: str) -> None:
     )
 
 
+PlansOpt = Annotated[
+    str,
+    typer.Option(
+        "--plans",
+        help="Where reference plans come from: notes (the plan section of a visit's note), "
+        "orders (the orders recorded at the visit), or auto (the note where it has a plan, "
+        "else the orders).",
+    ),
+]
+PlanHeaderOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--plan-header",
+        help="Title of a note's plan section, repeatable (--plan-header 'Plan' --plan-header "
+        "'Plan de tratamiento') [default: 'Assessment and Plan' and 'Plan', as Synthea writes].",
+        show_default=False,
+    ),
+]
+
+
+def check_plan_options(plans: str, plan_header: list[str] | None) -> tuple[str, ...] | None:
+    """``--plans`` and ``--plan-header`` checked before anything is read (InputError: one line)."""
+    from pipelines.ingest import plan_choice
+    from pipelines.plans import plan_headers
+
+    plan_choice(plans)
+    return plan_headers(plan_header) if plan_header else None
+
+
 @ingest_app.command("fhir")
 def ingest_fhir_cmd(
-    folder: Annotated[
-        Path, typer.Argument(help="Folder of FHIR R4 bundles (Synthea output or its fhir/).")
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="A folder of FHIR R4 bundles (Synthea output or its fhir/, subfolders too), "
+            "a Bulk Data export folder (*.ndjson, *.ndjson.gz) or its manifest.json."
+        ),
     ],
     workspace: WorkspaceOpt = None,
     split_seed: SplitSeedOpt = 0,
@@ -178,36 +218,77 @@ def ingest_fhir_cmd(
             help="Reader processes (each holds 16 bundles at a time) [default: the number of CPUs].",
         ),
     ] = None,
+    fmt: Annotated[
+        str,
+        typer.Option("--format", help="auto (detected), bundles, or bulk (a Bulk Data export)."),
+    ] = "auto",
+    plans: PlansOpt = "auto",
+    plan_header: PlanHeaderOpt = None,
 ) -> None:
-    """Ingest a folder of FHIR R4 bundles (staged: 16 bundles per process, one table at a time)."""
+    """Ingest FHIR R4: bundles of any type in a folder tree, or a Bulk Data export (staged:
+    a few bundles or one group of patients per process, one table at a time)."""
+    from pipelines.fhir import detect_format
     from pipelines.ingest import ingest_fhir
 
+    headers = check_plan_options(plans, plan_header)
+    detect_format(path, fmt)  # a bad --format or a missing path: one line, nothing written
     ws = Workspace.at(workspace)
     started = time.perf_counter()
-    with bar("ingest: bundles read") as tick:
-        summary = ingest_fhir(ws, folder, split_seed=split_seed, workers=workers, progress=tick)
-    print_summary(summary, f"FHIR ingest of {folder} ({time.perf_counter() - started:.1f} s)")
+    with bar("ingest: files read") as tick:
+        summary = ingest_fhir(
+            ws,
+            path,
+            split_seed=split_seed,
+            workers=workers,
+            progress=tick,
+            fmt=fmt,
+            plans=plans,
+            plan_headers=headers,
+        )
+    print_summary(summary, f"FHIR ingest of {path} ({time.perf_counter() - started:.1f} s)")
     console.print(f"Tables written to {ws.tables_dir}")
 
 
 @ingest_app.command("omop")
 def ingest_omop_cmd(
-    path: Annotated[
-        Path | None,
-        typer.Argument(help="OMOP CDM DuckDB file or folder of CDM CSV files [default: Eunomia]."),
+    where: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="PATH_OR_URL",
+            help="OMOP CDM: a DuckDB file, a folder of CDM CSV files, or a SQLAlchemy URL "
+            "(postgresql://user@host/db) [default: Eunomia].",
+            show_default=False,
+        ),
     ] = None,
     workspace: WorkspaceOpt = None,
     split_seed: SplitSeedOpt = 0,
+    cdm_schema: Annotated[
+        str | None,
+        typer.Option(
+            "--cdm-schema", help="The database schema that holds the CDM tables (with a URL)."
+        ),
+    ] = None,
+    plans: PlansOpt = "auto",
+    plan_header: PlanHeaderOpt = None,
 ) -> None:
-    """Ingest an OMOP CDM 5.3 database (the Eunomia database when no path is given)."""
+    """Ingest an OMOP CDM 5.3 database (the Eunomia database when none is given)."""
     from pipelines.ingest import ingest_omop
+    from pipelines.omop import is_url
 
+    headers = check_plan_options(plans, plan_header)
+    location: Path | str | None = where if where is None or is_url(where) else Path(where)
     ws = Workspace.at(workspace)
     started = time.perf_counter()
-    summary = ingest_omop(ws, path, split_seed=split_seed)
-    print_summary(
-        summary, f"OMOP ingest of {path or 'Eunomia'} ({time.perf_counter() - started:.1f} s)"
+    summary = ingest_omop(
+        ws,
+        location,
+        split_seed=split_seed,
+        cdm_schema=cdm_schema,
+        plans=plans,
+        plan_headers=headers,
     )
+    title = describe_source(f"omop:{where}" if where else "omop").removeprefix("the ")
+    print_summary(summary, f"Ingest of {title} ({time.perf_counter() - started:.1f} s)")
     console.print(f"Tables written to {ws.tables_dir}")
 
 
@@ -283,6 +364,15 @@ def data_summary_cmd(
 @app.command("run")
 def run_cmd(
     workspace: WorkspaceOpt = None,
+    source: Annotated[
+        str,
+        typer.Option(
+            help="The data: default (the built-in cohort), fhir:PATH (bundles, a Bulk Data "
+            "export or its manifest.json), omop (Eunomia), omop:PATH_OR_URL (DuckDB file, CSV "
+            "folder, postgresql://...), or workspace (the tables of an earlier `pmlm ingest`, "
+            "e.g. with --plans or --cdm-schema).",
+        ),
+    ] = "default",
     backend: Annotated[
         str, typer.Option(help="LLM backend spec (local = SmolLM2-135M on this machine).")
     ] = "local",
@@ -319,7 +409,7 @@ def run_cmd(
         ),
     ] = 8,
 ) -> None:
-    """The main job on the built-in default cohort, as Prefect flows: data, recommenders, prompts, evaluation with the LLM, export."""
+    """The main job, as Prefect flows: data (the built-in default cohort, or --source), recommenders, prompts, evaluation with the LLM, export."""
     import os
 
     # before Prefect reads its settings: no usage telemetry unless the user asks for it
@@ -332,14 +422,16 @@ def run_cmd(
         raise typer.BadParameter(f"--task-runner must be one of {', '.join(TASK_RUNNERS)}")
     if dask_address and task_runner != "dask":
         raise typer.BadParameter("--dask-address needs --task-runner dask")
+    described = describe_source(source)  # a bad --source: one line, before Prefect starts
     ws = Workspace.at(workspace)
     started = time.perf_counter()
     console.print(
-        f"[bold]PMLM main job[/] on the built-in default cohort, workspace {ws.root.resolve()}"
+        f"[bold]PMLM main job[/] on {escape(described)}, workspace {escape(str(ws.root.resolve()))}"
     )
     console.print(f"Prefect: {prefect_destination()}", markup=False)
     result = pmlm_pipeline(
         workspace=str(ws.root),
+        source=source,
         backend=backend,
         n_obstetric=n_obstetric,
         n_adult=n_adult,
@@ -349,7 +441,7 @@ def run_cmd(
         policy_encounters=policy_encounters,
     )
     built = result.build
-    print_summary(built.summary, "Default cohort")
+    print_summary(built.summary, described[0].upper() + described[1:])
     prompts = result.refined
     training = result.policy.training
     console.print(

@@ -70,6 +70,41 @@ def show_cmd(
         console.print_json(r.provenance)
 
 
+@prompts_app.command("lookup")
+def lookup_cmd(
+    source_id: Annotated[
+        str,
+        typer.Argument(help="The patient's id in the source (FHIR Patient.id, OMOP person_id)."),
+    ],
+    workspace: WorkspaceOpt = None,
+    source_system: Annotated[
+        str | None,
+        typer.Option(help="Only this source system (fhir, omop) [default: any]."),
+    ] = None,
+) -> None:
+    """Find a source patient's pseudonym(s) and prompt rows (the crosswalk stays on premises)."""
+    from pipelines.identity import find_patient
+
+    ws = Workspace.at(workspace)
+    found = find_patient(ws, source_id, source_system)
+    for r in found.crosswalk.itertuples(index=False):
+        typer.echo(f"{r.source_system} {r.source_id} -> {r.patient_id}")
+    if found.prompts is None:
+        typer.echo(
+            f"No prompt table yet ({found.prompt_table}): run `pmlm run` or `pmlm prompts build`."
+        )
+    else:
+        typer.echo(f"{len(found.prompts)} prompt rows in {found.prompt_table}:")
+        for p in found.prompts.itertuples(index=False):
+            typer.echo(
+                f"  {p.patient_id}  {p.method:<14} encounter {p.encounter_id}  "
+                f"{p.index_time:%Y-%m-%d %H:%M}  {p.tokens} tokens"
+            )
+    if found.export is not None:
+        typer.echo(f"Exported table: {found.export} (join on patient_id)")
+    typer.echo("The text: pmlm prompts show PSEUDONYM --method METHOD")
+
+
 def evaluate_cmd(
     workspace: WorkspaceOpt = None,
     methods: Annotated[

@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     timezone: str = "UTC"
     log_level: str | None = None
     quiet: bool = False
+    #: titles of a note's plan section (``plan-header = ["Plan", "Plan de tratamiento"]``;
+    #: ``PMLM_PLAN_HEADER='["Plan", "Plan de tratamiento"]'``): `pipelines.plans.plan_headers`
+    plan_header: list[str] | None = None
 
 
 class _ToolPmlm(Settings):

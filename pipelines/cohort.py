@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from pipelines.errors import PMLMError
-from pipelines.schemas import ENCOUNTERS, EVENTS, NOTES, PATIENTS, QUARANTINE
+from pipelines.schemas import ENCOUNTERS, EVENTS, NOTES, PATIENTS, QUARANTINE, TABLES
 from pipelines.sources import IngestSummary, SourceTables
 from pipelines.workspace import Workspace, atomic_write_bytes, to_arrow
 
@@ -181,6 +181,10 @@ def load_snapshot(folder: Path = DEFAULT_COHORT_DIR) -> SourceTables:
             "(see pipelines/cohort.py)"
         )
     tables = {n: pq.read_table(folder / f"{n}.parquet").to_pandas() for n in SNAPSHOT_TABLES}
+    for name, df in tables.items():  # a nullable column added since the snapshot was made
+        for f in TABLES[name]:
+            if f.nullable and f.name not in df.columns:
+                df[f.name] = None
     meta = json.loads((folder / "PROVENANCE.json").read_text())
     s = meta.get("summary", {})
     summary = IngestSummary(

@@ -22,10 +22,12 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from pipelines.errors import InputError, MissingStepError
 from pipelines.sources import DEFAULT_SALT
 from pipelines.workspace import Workspace, atomic_write_bytes
 
@@ -88,11 +90,12 @@ def write_crosswalk(
 def lookup(workspace: Workspace, source_id: str, source_system: str | None = None) -> pd.DataFrame:
     """The crosswalk rows of ``source_id`` (in ``source_system`` when given).
 
-    Raises FileNotFoundError when the workspace has no crosswalk (ingest first).
+    Raises MissingStepError (a FileNotFoundError) when the workspace has no
+    crosswalk (ingest first).
     """
     path = private_dir(workspace) / "crosswalk.parquet"
     if not path.exists():
-        raise FileNotFoundError(
+        raise MissingStepError(
             f"{path} does not exist: run `pmlm ingest ...` with --workspace {workspace.root} first"
         )
     crosswalk = pd.read_parquet(path)
@@ -100,3 +103,45 @@ def lookup(workspace: Workspace, source_id: str, source_system: str | None = Non
     if source_system is not None:
         rows = rows[rows["source_system"] == source_system]
     return rows.reset_index(drop=True)
+
+
+#: The prompt table's columns that `find_patient` returns (not the prompt text itself).
+PROMPT_COLUMNS = ["patient_id", "encounter_id", "index_time", "method", "tokens"]
+
+
+@dataclass(frozen=True)
+class PatientRows:
+    """Where an app finds one source patient: her pseudonyms and her prompt rows."""
+
+    crosswalk: pd.DataFrame  # CROSSWALK_COLUMNS
+    prompts: pd.DataFrame | None  # PROMPT_COLUMNS of the workspace's prompt table; None: none yet
+    prompt_table: Path
+    export: Path | None  # the exported parquet, when `pmlm export` has run
+
+
+def find_patient(
+    workspace: Workspace, source_id: str, source_system: str | None = None
+) -> PatientRows:
+    """``source_id``'s pseudonyms (`lookup`) and her rows of the prompt table.
+
+    Raises InputError when the crosswalk does not hold ``source_id``.
+    """
+    rows = lookup(workspace, source_id, source_system)
+    if rows.empty:
+        where = f" of source system {source_system!r}" if source_system else ""
+        raise InputError(
+            f"no patient with source id {source_id!r}{where} in "
+            f"{private_dir(workspace) / 'crosswalk.parquet'}: check the id (and --source-system), "
+            "or ingest the source that holds her"
+        )
+    table = workspace.table_path("prompts")
+    prompts = None
+    if table.exists():
+        pseudonyms = set(rows["patient_id"])
+        frame = pd.read_parquet(table, columns=PROMPT_COLUMNS)
+        prompts = frame[frame["patient_id"].isin(pseudonyms)]
+        prompts = prompts.sort_values(["index_time", "method"], kind="stable").reset_index(
+            drop=True
+        )
+    export = workspace.root / "export" / "prompts.parquet"
+    return PatientRows(rows, prompts, table, export if export.exists() else None)

@@ -8,7 +8,7 @@ same way for both and writes all canonical tables.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +16,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from pipelines.errors import InputError
 from pipelines.identity import workspace_salt, write_crosswalk
 from pipelines.index import DEFAULT_SPLIT_SEED, index_encounters
-from pipelines.plans import plans_from_notes, plans_from_orders
+from pipelines.plans import plan_headers, plans_from_notes, plans_from_orders
 from pipelines.schemas import EVENT_KINDS, ROW_ORDER, SPLITS, TABLES
 from pipelines.sources import SOURCE_ID_COLUMN, SourceTables
 from pipelines.workspace import Workspace, to_arrow, transactional
@@ -30,18 +31,20 @@ PLAN_SOURCES: dict[str, str] = {"notes": "note", "orders": "events", "auto": "au
 def plan_choice(plans: str) -> str:
     """``derive``'s ``plans_from`` for a ``--plans`` choice (notes, orders, auto)."""
     if plans not in PLAN_SOURCES:
-        raise ValueError(f"--plans must be one of {', '.join(PLAN_SOURCES)}, not {plans!r}")
+        raise InputError(f"--plans must be one of {', '.join(PLAN_SOURCES)}, not {plans!r}")
     return PLAN_SOURCES[plans]
 
 
-def _plans(source: SourceTables, plans_from: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _plans(
+    source: SourceTables, plans_from: str, headers: Sequence[str] | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     if plans_from == "note":
-        return plans_from_notes(source.notes, source.events)
+        return plans_from_notes(source.notes, source.events, headers)
     if plans_from == "events":
         return plans_from_orders(source.events, source.encounters)
     if plans_from != "auto":
         raise ValueError(f"plans_from must be 'note', 'events' or 'auto', not {plans_from!r}")
-    noted, noted_items = plans_from_notes(source.notes, source.events)
+    noted, noted_items = plans_from_notes(source.notes, source.events, headers)
     ordered, ordered_items = plans_from_orders(source.events, source.encounters)
     extra = ~ordered["encounter_id"].isin(noted["encounter_id"])
     extra_items = ordered_items["encounter_id"].isin(ordered.loc[extra, "encounter_id"])
@@ -53,7 +56,10 @@ def _plans(source: SourceTables, plans_from: str) -> tuple[pd.DataFrame, pd.Data
 
 
 def derive(
-    source: SourceTables, split_seed: int = DEFAULT_SPLIT_SEED, plans_from: str | None = None
+    source: SourceTables,
+    split_seed: int = DEFAULT_SPLIT_SEED,
+    plans_from: str | None = None,
+    plan_headers: Sequence[str] | None = None,
 ) -> dict[str, pd.DataFrame]:
     """All canonical tables from record-level tables.
 
@@ -61,12 +67,13 @@ def derive(
     recorded at each encounter (``"events"``), or per encounter from its note
     where the parser finds a plan there, else from its orders (``"auto"``); by
     default (None) from the notes when the source has any, else from the orders.
+    ``plan_headers``: the titles of a note's plan section (`pipelines.plans.plan_headers`).
     Every derived row depends on one patient's records only, so a cohort can be
     derived in parts (`pipelines.staged`).
     """
     if plans_from is None:
         plans_from = "note" if len(source.notes) else "events"
-    plans, items = _plans(source, plans_from)
+    plans, items = _plans(source, plans_from, plan_headers)
     plans, items = (
         df.sort_values(ROW_ORDER[name], kind="stable", na_position="first").reset_index(drop=True)
         for name, df in (("reference_plans", plans), ("plan_items", items))
@@ -140,12 +147,16 @@ def write_cohort(
     input_description: str,
     split_seed: int = DEFAULT_SPLIT_SEED,
     plans: str = "auto",
+    plan_headers: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Derive and write every canonical table, record the step, and return the summary.
 
-    ``plans``: where reference plans come from (`PLAN_SOURCES`: notes, orders, auto).
+    ``plans``: where reference plans come from (`PLAN_SOURCES`: notes, orders, auto);
+    ``plan_headers``: the titles of a note's plan section (`pipelines.plans.plan_headers`).
     """
-    tables = derive(source, split_seed=split_seed, plans_from=plan_choice(plans))
+    tables = derive(
+        source, split_seed=split_seed, plans_from=plan_choice(plans), plan_headers=plan_headers
+    )
     if SOURCE_ID_COLUMN in source.patients.columns:
         crosswalk = source.patients[["patient_id", SOURCE_ID_COLUMN]].rename(
             columns={SOURCE_ID_COLUMN: "source_id"}
@@ -158,7 +169,7 @@ def write_cohort(
         workspace.write_table(name, table)
         if name in HASHED_TABLES:
             hashes[name] = row_hashes(table)
-    summary = summarize(tables, source.summary.as_dict())
+    summary = summarize(tables, source.summary.as_dict(), plan_headers)
     record_ingest(
         workspace,
         input_description=input_description,
@@ -170,7 +181,9 @@ def write_cohort(
 
 
 def summarize(
-    tables: dict[str, pd.DataFrame], ingest: dict[str, Any] | None = None
+    tables: dict[str, pd.DataFrame],
+    ingest: dict[str, Any] | None = None,
+    headers: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Counts a data scientist checks first; every figure is computed from the tables."""
     idx = tables["index_encounters"]
@@ -205,13 +218,13 @@ def summarize(
             "at the next encounter (plan_source = 'events'), not a physician's written plan"
         )
     if len(tables["reference_plans"]) == 0:
-        summary["remark"] = no_plan_reason(tables)
+        summary["remark"] = no_plan_reason(tables, headers)
     if ingest is not None:
         summary["ingest"] = ingest
     return summary
 
 
-def no_plan_reason(tables: dict[str, pd.DataFrame]) -> str:
+def no_plan_reason(tables: dict[str, pd.DataFrame], headers: Sequence[str] | None = None) -> str:
     """Why no reference plan was derived (a summary never shows a silent zero)."""
     events = tables["events"]
     orders = events["encounter_id"].notna() & events["kind"].isin(
@@ -219,10 +232,19 @@ def no_plan_reason(tables: dict[str, pd.DataFrame]) -> str:
     )
     notes = tables["notes"]
     return (
-        f"no reference plan could be derived: {len(notes)} notes, none with an "
-        f"'Assessment and Plan' section the parser knows (pipelines/plans.py), and "
-        f"{int(orders.sum())} orders recorded at an encounter"
-        + (": choose --plans orders" if orders.any() and len(notes) else "")
+        f"no reference plan could be derived: {len(notes)} notes, none with a plan section "
+        f"headed {' or '.join(repr(h) for h in plan_headers(headers))} (pipelines/plans.py), "
+        f"and {int(orders.sum())} orders recorded at an encounter"
+        + (
+            ": choose --plans orders, or name the notes' plan headers with --plan-header"
+            if orders.any() and len(notes)
+            else ""
+        )
+        + (
+            ": name the notes' plan section headers with --plan-header"
+            if len(notes) and not orders.any()
+            else ""
+        )
         + (
             "; every index encounter needs a next encounter with a plan"
             if not orders.any() and not len(notes)
@@ -255,13 +277,15 @@ def ingest_fhir(
     progress: Callable[[int, int], None] | None = None,
     fmt: str = "auto",
     plans: str = "auto",
+    plan_headers: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Read a FHIR input (bundles, or a Bulk Data export: ``fmt``) into the workspace;
     returns the summary.
 
     Staged (`pipelines.staged`): each worker process holds one chunk of bundles;
     this process about two copies of the largest table (events), not the cohort.
-    ``progress(files_read, files)`` follows the reading.
+    ``progress(files_read, files)`` follows the reading. ``plans`` (notes, orders,
+    auto) and ``plan_headers``: where reference plans come from (`write_cohort`).
     The patients' direct identifiers go to the deny-list (`pipelines.identifiers`).
     """
     from pipelines.fhir import bulk_files, bundle_files, detect_format
@@ -275,6 +299,7 @@ def ingest_fhir(
         workers=workers,
         fmt=fmt,
         plans=plans,
+        plan_headers=plan_headers,
         progress=progress,
     )
     kind = detect_format(Path(folder), fmt)
@@ -290,6 +315,7 @@ def ingest_omop(
     split_seed: int = DEFAULT_SPLIT_SEED,
     cdm_schema: str | None = None,
     plans: str = "auto",
+    plan_headers: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Read an OMOP CDM (DuckDB file, CSV folder or database URL with its ``cdm_schema``;
     None → Eunomia) into the workspace; returns the summary."""
@@ -301,5 +327,10 @@ def ingest_omop(
         source.patients["source_file"].iloc[0] if is_url(where) and len(source.patients) else where
     )
     return write_cohort(
-        workspace, source, input_description=f"omop:{shown}", split_seed=split_seed, plans=plans
+        workspace,
+        source,
+        input_description=f"omop:{shown}",
+        split_seed=split_seed,
+        plans=plans,
+        plan_headers=plan_headers,
     )

@@ -13,6 +13,14 @@ orders as sentences followed by bullets, for example::
     The patient was placed on a careplan:
     - routine antenatal care (regime/therapy)
 
+The section headers are configurable (``headers``, ``--plan-header``,
+``PMLM_PLAN_HEADERS``; default `DEFAULT_PLAN_HEADERS`): a Markdown heading
+(``# Plan de tratamiento``) or a line of its own ending in a colon (``Plan:``)
+whose title is one of them starts the plan section, which ends at the next
+heading of the same or a higher level. When the section holds a sub-heading
+that is also one of them (Synthea's ``## Plan``), the orders are read after it;
+otherwise from the whole section.
+
 Each item is resolved to a coded event of the same encounter when one has the
 same display (case-insensitive); its ``item_key`` is then ``SYSTEM|CODE``, the
 same key whatever the note's wording, otherwise ``text|display``.
@@ -24,14 +32,77 @@ encounter: procedures, medications, immunizations, care plans and measurements.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pandas as pd
 
+from pipelines.errors import InputError
 from pipelines.schemas import PLAN_ITEMS, REFERENCE_PLANS
 
-AP_HEADING = re.compile(r"^#\s*Assessment and Plan\s*$", re.IGNORECASE | re.MULTILINE)
-NEXT_TOP_HEADING = re.compile(r"^#\s+\S", re.MULTILINE)
+#: The titles of a plan section's headers that Synthea writes (``# Assessment and Plan``,
+#: then ``## Plan`` above the orders).
+DEFAULT_PLAN_HEADERS: tuple[str, ...] = ("Assessment and Plan", "Plan")
+_HEADING = re.compile(r"^(?P<marks>#{1,6})[ \t]*(?P<title>.*?)[ \t]*:?[ \t]*$", re.MULTILINE)
+_BARE = re.compile(r"^(?P<title>[^#\-\s][^\n:]*?)[ \t]*:[ \t]*$", re.MULTILINE)
+
+
+def _norm_title(title: str) -> str:
+    return " ".join(title.lower().split())
+
+
+def plan_headers(headers: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The plan section titles to look for: ``headers``, else `DEFAULT_PLAN_HEADERS`.
+
+    Raises InputError for an empty title (the message names the option).
+    """
+    if headers is None:
+        return DEFAULT_PLAN_HEADERS
+    chosen = tuple(h.strip().lstrip("#").strip().rstrip(":").strip() for h in headers)
+    if not chosen or not all(chosen):
+        raise InputError(
+            f"--plan-header needs a section title such as 'Plan de tratamiento', not {headers!r}"
+        )
+    return chosen
+
+
+def _headings(text: str) -> list[tuple[int, int, int, str]]:
+    """Every heading as (start, end, level, normalized title); a bare ``Title:`` line is level 1."""
+    found = [
+        (m.start(), m.end(), len(m["marks"]), _norm_title(m["title"]))
+        for m in _HEADING.finditer(text)
+    ]
+    found += [(m.start(), m.end(), 0, _norm_title(m["title"])) for m in _BARE.finditer(text)]
+    return sorted(found)
+
+
+def _plan_parts(note_text: str, headers: Sequence[str] | None) -> tuple[str, str] | None:
+    """(the plan section's text, the part of it that lists the orders), or None."""
+    wanted = {_norm_title(h) for h in plan_headers(headers)}
+    heads = _headings(note_text)
+    first = next((i for i, h in enumerate(heads) if h[3] in wanted), None)
+    if first is None:
+        return None
+    _, start, level, _ = heads[first]
+
+    def end_of(i: int, lvl: int) -> int:
+        # bare lines (level 0) never end a section: they are too common in prose
+        return next((h[0] for h in heads[i + 1 :] if 0 < h[2] <= max(lvl, 1)), len(note_text))
+
+    end = end_of(first, level)
+    section = note_text[start:end]
+    sub = next(
+        (
+            j
+            for j in range(first + 1, len(heads))
+            if heads[j][0] < end and heads[j][2] > level and heads[j][3] in wanted
+        ),
+        None,
+    )
+    if sub is None:
+        return section.strip(), section
+    return section.strip(), note_text[heads[sub][1] : min(end_of(sub, heads[sub][2]), end)]
+
 
 #: Lead-in sentence → plan item kind. Matched on the lower-cased line.
 LEAD_INS: tuple[tuple[str, str], ...] = (
@@ -41,6 +112,11 @@ LEAD_INS: tuple[tuple[str, str], ...] = (
     ("immunization", "immunization"),
     ("careplan", "careplan"),
     ("care plan", "careplan"),
+    # Spanish (EHDS, `synthea --locale es`)
+    ("procedimiento", "procedure"),
+    ("medicamento", "medication"),
+    ("vacuna", "immunization"),
+    ("plan de cuidados", "careplan"),
 )
 
 #: Which event kinds an item of each plan kind may resolve to, in preference order.
@@ -79,35 +155,35 @@ def _kind_of(lead_in: str) -> str:
     return "other"
 
 
-def assessment_and_plan(note_text: str) -> str | None:
-    """The text of the note's "Assessment and Plan" section, or None if it has none."""
-    match = AP_HEADING.search(note_text)
-    if match is None:
-        return None
-    rest = note_text[match.end() :]
-    following = NEXT_TOP_HEADING.search(rest)
-    return (rest[: following.start()] if following else rest).strip()
+def assessment_and_plan(note_text: str, headers: Sequence[str] | None = None) -> str | None:
+    """The text of the note's plan section ("Assessment and Plan"), or None if it has none."""
+    parts = _plan_parts(note_text, headers)
+    return None if parts is None else parts[0]
 
 
-def parse_plan(note_text: str, known_displays: dict[str, list[str]] | None = None) -> PlanSection:
-    """Parse the orders of a note's "Assessment and Plan" into (kind, display) items.
+def parse_plan(
+    note_text: str,
+    known_displays: dict[str, list[str]] | None = None,
+    headers: Sequence[str] | None = None,
+) -> PlanSection:
+    """Parse the orders of a note's plan section into (kind, display) items.
 
     ``known_displays`` maps a plan kind to the displays of the encounter's coded
     events; it splits inline lists ("given the following immunizations: a, b.")
     whose displays themselves contain commas. Without it, inline lists are
-    split on ", ".
+    split on ", ". ``headers``: the section titles (`plan_headers`).
     """
-    section = assessment_and_plan(note_text)
-    if section is None:
+    parts = _plan_parts(note_text, headers)
+    if parts is None:
         return PlanSection(text="", items=())
-    plan_part = section.split("## Plan", 1)[1] if "## Plan" in section else ""
+    section, plan_part = parts
     items: list[tuple[str, str]] = []
     kind = "other"
     for raw in plan_part.splitlines():
         line = raw.strip()
         if not line:
             continue
-        if line.startswith("- "):
+        if line.startswith(("- ", "* ")):
             display = line[2:].strip()
             if display:
                 items.append((kind, display))
@@ -150,9 +226,9 @@ INLINE_KINDS = ("immunization", "medication")
 
 
 def plans_from_notes(
-    notes: pd.DataFrame, events: pd.DataFrame
+    notes: pd.DataFrame, events: pd.DataFrame, headers: Sequence[str] | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Reference plans and their items from every note that has an "Assessment and Plan".
+    """Reference plans and their items from every note that has a plan section (``headers``).
 
     Returns (reference_plans, plan_items) frames with the canonical columns. A
     note whose plan lists no order ("No orders placed at this visit.") gives a
@@ -183,7 +259,7 @@ def plans_from_notes(
     for note in with_encounter.itertuples(index=False):
         if note.encounter_id in seen_encounters:
             continue
-        plan = parse_plan(note.text, knowns.get(note.encounter_id, {}))
+        plan = parse_plan(note.text, knowns.get(note.encounter_id, {}), headers)
         if not plan.text:
             continue
         seen_encounters.add(note.encounter_id)

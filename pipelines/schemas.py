@@ -86,6 +86,9 @@ EVENTS = pa.schema(
         pa.field("value", pa.float64()),
         pa.field("value_text", pa.string()),
         pa.field("unit", pa.string()),
+        # every coding of the concept when it has several (JSON list of "SYSTEM|CODE", in
+        # the source's order); code_system/code hold the preferred one. Null: one coding.
+        pa.field("codings", pa.string()),
     ]
 )
 

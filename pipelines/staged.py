@@ -31,7 +31,7 @@ import dataclasses
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,7 @@ from pipelines.ingest import (
     row_hashes,
     summarize,
 )
+from pipelines.plans import plan_headers as plan_headers_of
 from pipelines.schemas import QUARANTINE, ROW_ORDER, TABLES
 from pipelines.sources import IngestSummary, SourceTables, frame
 from pipelines.workspace import Workspace, to_arrow, transactional
@@ -79,7 +80,7 @@ _ID_KEYS = ("pmlm-staged-id-1", "pmlm-staged-id-2")
 _SUMMARY_COLUMNS: dict[str, list[str] | None] = {
     "patients": ["patient_id"],
     "encounters": ["encounter_id"],
-    "events": ["kind"],
+    "events": ["kind", "encounter_id"],  # encounter_id: `no_plan_reason` counts orders
     "notes": ["note_id"],
     "reference_plans": ["plan_source"],
     "plan_items": ["item_key"],
@@ -144,6 +145,7 @@ def stage_chunk(
     names: list[str],
     split_seed: int,
     plans_from: str | None,
+    headers: tuple[str, ...] | None,
     staging: Path,
     first_file: int,
 ) -> StagedChunk:
@@ -152,7 +154,7 @@ def stage_chunk(
     # Every row is staged; the derived rows of a chunk with repeated ids are replaced
     # later (`_rederive`), but they are derived from one occurrence of each.
     unique = dedupe(dataclasses.replace(source, summary=IngestSummary(source="fhir")), names)
-    derived = derive(unique, split_seed=split_seed, plans_from=plans_from)
+    derived = derive(unique, split_seed=split_seed, plans_from=plans_from, plan_headers=headers)
     del unique
     ids = {}
     patient_ids = pd.unique(source.patients["patient_id"].to_numpy(dtype=object))
@@ -232,6 +234,7 @@ def _rederive(
     summary: IngestSummary,
     split_seed: int,
     plans_from: str,
+    headers: tuple[str, ...] | None,
 ) -> tuple[dict[str, pa.Table], pd.DataFrame]:
     """The tables of the patients who hold a repeated id, derived again from their
     staged rows without the later occurrences; and the quarantine rows of those."""
@@ -269,7 +272,7 @@ def _rederive(
             summary=summary,
         )
     )
-    derived = derive(source, split_seed=split_seed, plans_from=plans_from)
+    derived = derive(source, split_seed=split_seed, plans_from=plans_from, plan_headers=headers)
     tables = {name: _part_table(name, getattr(source, name)) for name in RECORD_TABLES}
     tables.update({name: _part_table(name, derived[name]) for name in DERIVED_TABLES})
     return tables, pd.DataFrame(quarantine, columns=QUARANTINE.names)
@@ -312,6 +315,7 @@ def ingest_fhir_staged(
     chunk_files: int | None = None,
     fmt: str = "auto",
     plans: str = "auto",
+    plan_headers: Sequence[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Read a FHIR input (bundles or a Bulk Data export, `pipelines.fhir`) into
@@ -321,12 +325,14 @@ def ingest_fhir_staged(
     ``workers`` processes (default: the number of CPUs) stage chunks of
     ``chunk_files`` bundles (default ``fhir.CHUNK_FILES``; a Bulk Data export: one
     part of ``bulk.PATIENTS_PER_PART`` patients); neither changes the result.
-    ``plans``: where reference plans come from (`pipelines.ingest.PLAN_SOURCES`).
+    ``plans``: where reference plans come from (`pipelines.ingest.PLAN_SOURCES`);
+    ``plan_headers``: the titles of a note's plan section (`pipelines.plans.plan_headers`).
     The staging folder, ``WORKSPACE/.staging/ingest-*``, is removed at the end,
     also on error (and ``.staging`` when empty); one left by a killed ingest is
     removed by the next.
     """
     plans_from = plan_choice(plans)
+    headers = plan_headers_of(plan_headers) if plan_headers is not None else None
     salt = salt if salt is not None else workspace_salt(workspace)
     root = workspace.root / ".staging"
     root.mkdir(parents=True, exist_ok=True)
@@ -343,6 +349,7 @@ def ingest_fhir_staged(
             file_names,
             split_seed,
             plans_from,
+            headers,
             staging,
             workers=workers,
             progress=progress,
@@ -356,7 +363,15 @@ def ingest_fhir_staged(
         replacements: dict[str, pa.Table] = {}
         if affected is not None:
             replacements, extra = _rederive(
-                staging, chunks, drops, affected, file_names, summary, split_seed, plans_from
+                staging,
+                chunks,
+                drops,
+                affected,
+                file_names,
+                summary,
+                split_seed,
+                plans_from,
+                headers,
             )
             quarantines.append(extra)
 
@@ -386,7 +401,7 @@ def ingest_fhir_staged(
         )
         light["quarantine"] = quarantine.reset_index(drop=True)
         workspace.write_table("quarantine", light["quarantine"])
-        result = summarize(light, summary.as_dict())
+        result = summarize(light, summary.as_dict(), headers)
         record_ingest(
             workspace,
             input_description=f"fhir:{folder}",

@@ -344,6 +344,7 @@ def _event(
         "value": value,
         "value_text": None,
         "unit": "kg" if code == "29463-7" else ("mm[Hg]" if code == "8480-6" else None),
+        "codings": None,
     }
 
 

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from pipelines.fhir.values import (
     Coding,
     Rejected,
+    all_codings,
     as_dict,
     as_list,
     best_coding,
@@ -298,8 +299,14 @@ class EventFacts:
 EventParser = Callable[[Context, dict[str, Any]], EventFacts]
 
 
-def event_parser(rtype: str, kind: str) -> Callable[[EventParser], EventParser]:
-    """Register ``fn`` (resource → `EventFacts`) as the parser of event type ``rtype``."""
+def event_parser(
+    rtype: str, kind: str, concept: str | None = "code"
+) -> Callable[[EventParser], EventParser]:
+    """Register ``fn`` (resource → `EventFacts`) as the parser of event type ``rtype``.
+
+    ``concept``: the resource's CodeableConcept whose every coding the event's
+    ``codings`` keeps (`all_codings`; the parser chose the preferred one).
+    """
 
     def register(fn: EventParser) -> EventParser:
         def read(ctx: Context, rid: str, r: dict[str, Any]) -> None:
@@ -314,6 +321,7 @@ def event_parser(rtype: str, kind: str) -> Callable[[EventParser], EventParser]:
                 "kind": kind,
             }
             rows = [("", facts.coding, facts.value, facts.value_text, facts.unit), *facts.parts]
+            every = all_codings(r.get(concept)) if concept else None
             for suffix, (system, code, display), value, value_text, unit in rows:
                 ctx.add(
                     "events",
@@ -326,6 +334,7 @@ def event_parser(rtype: str, kind: str) -> Callable[[EventParser], EventParser]:
                         "value": value,
                         "value_text": value_text,
                         "unit": unit,
+                        "codings": None if suffix else every,
                     },
                 )
 
@@ -395,14 +404,14 @@ def _medication(ctx: Context, r: dict[str, Any]) -> Coding:
     return found
 
 
-@event_parser("MedicationRequest", "medication")
+@event_parser("MedicationRequest", "medication", "medicationCodeableConcept")
 def medication_request(ctx: Context, r: dict[str, Any]) -> EventFacts:
     status_filter(r, frozenset({"entered-in-error", "cancelled"}))
     coding = _medication(ctx, r)
     return EventFacts(coding, parse_time(r.get("authoredOn"), "authoredOn"))
 
 
-@event_parser("Immunization", "immunization")
+@event_parser("Immunization", "immunization", "vaccineCode")
 def immunization(ctx: Context, r: dict[str, Any]) -> EventFacts:
     status_filter(r, frozenset({"entered-in-error", "not-done"}))
     time, _ = _time_of(r, "occurrence", "recorded")
@@ -445,7 +454,7 @@ def observation(ctx: Context, r: dict[str, Any]) -> EventFacts:
     return facts
 
 
-@event_parser("CarePlan", "careplan")
+@event_parser("CarePlan", "careplan", None)
 def care_plan(ctx: Context, r: dict[str, Any]) -> EventFacts:
     status_filter(r, frozenset({"entered-in-error", "revoked"}))
     coded = []

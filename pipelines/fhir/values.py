@@ -8,6 +8,7 @@ a number where a string belongs, an object where a list belongs, a list nested
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -141,6 +142,19 @@ def best_coding(concept: Any, what: str, kind: str | None = None) -> Coding:
     if label:
         return None, None, label
     raise Rejected(f"{what} has no coding and no text")
+
+
+def all_codings(concept: Any) -> str | None:
+    """Every usable coding of a CodeableConcept as a JSON list of ``"SYSTEM|CODE"``, in its
+    order, when it has more than one (the events' ``codings``); None otherwise."""
+    if not isinstance(concept, dict) or not isinstance(concept.get("coding"), list):
+        return None
+    found = [
+        f"{c[0] or ''}|{c[1]}"
+        for c in (_coding(c) for c in concept["coding"] if isinstance(c, dict))
+        if c[1] is not None
+    ]
+    return json.dumps(list(dict.fromkeys(found))) if len(set(found)) > 1 else None
 
 
 def first_coding(concept: Any, what: str) -> Coding:

@@ -126,6 +126,7 @@ def _coded(events: pd.DataFrame, concepts: pd.DataFrame) -> pd.DataFrame:
     unit_code = events["unit_concept"].map(concepts["concept_code"]).astype(object)
     events["unit"] = events["unit_source"].where(events["unit_source"].notna(), unit_code)
     events["recorded_time"] = events["time"]  # set from the encounter by sorted_tables
+    events["codings"] = None  # one concept per OMOP row
     return events
 
 

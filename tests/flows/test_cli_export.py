@@ -161,3 +161,54 @@ def test_the_default_formats_are_every_export_form() -> None:
     help_text = runner.invoke(app, ["export", "--help"])
     assert help_text.exit_code == 0 and "--sql-url" in help_text.output
     assert "WORKSPACE/export" in help_text.output  # no default swallowed as rich markup
+
+
+def test_the_export_never_holds_the_crosswalk_or_the_secret(
+    workspace: Workspace, tmp_path: Path
+) -> None:
+    """The crosswalk (source id → pseudonym) and the pseudonym secret stay on premises:
+    no exported file, row or manifest entry carries them."""
+    import shutil
+
+    import pandas as pd
+
+    from pipelines.identity import private_dir, workspace_salt, write_crosswalk
+
+    ws = Workspace.at(tmp_path / "ws")
+    shutil.copytree(workspace.root, ws.root)
+    pseudonyms = sorted(set(pq.read_table(ws.table_path(PROMPT_TABLE))["patient_id"].to_pylist()))
+    source_ids = [f"MRN-{i:06d}-SOURCE" for i in range(len(pseudonyms))]
+    crosswalk = pd.DataFrame(
+        {"source_system": "fhir", "source_id": source_ids, "patient_id": pseudonyms}
+    )
+    write_crosswalk(ws, crosswalk, None, None)
+    secret = workspace_salt(ws)
+    assert (private_dir(ws) / "crosswalk.parquet").exists()
+    url = f"sqlite:///{tmp_path / 'app.db'}"
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app,
+        [
+            "export",
+            "-w",
+            str(ws.root),
+            "--out",
+            str(out),
+            "--formats",
+            "parquet,jsonl,sql",
+            "--sql-url",
+            url,
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in out.iterdir())
+    assert not any("crosswalk" in n or "key" in n or "private" in n for n in names), names
+    texts = [(out / "prompts.jsonl").read_text(), (out / "prompts.manifest.json").read_text()]
+    texts.append(pd.read_parquet(out / "prompts.parquet").to_json())
+    with sqlite3.connect(tmp_path / "app.db") as conn:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        texts.append(json.dumps(conn.execute("SELECT * FROM prompts").fetchall(), default=str))
+    assert tables == ["prompts"]
+    for text in texts:
+        assert "MRN-" not in text and secret not in text and "crosswalk" not in text
+    assert set(pd.read_parquet(out / "prompts.parquet")["patient_id"]) == set(pseudonyms)

@@ -151,3 +151,62 @@ def test_plans_from_orders_when_there_are_no_notes() -> None:
     assert plans.iloc[0]["plan_text"].endswith("- Pap smear")
     assert set(plans["plan_source"]) == {"events"}
     assert list(items["kind"]) == ["procedure", "medication"]
+
+
+SPANISH = """2024-03-02
+
+# Motivo de consulta
+Control prenatal.
+
+# Plan de tratamiento
+Se realizaron los siguientes procedimientos:
+- ecografía obstétrica
+Se prescribieron los siguientes medicamentos:
+- ácido fólico 5 mg
+
+# Seguimiento
+Volver en cuatro semanas.
+"""
+
+
+def test_spanish_plan_headers_parse_when_configured() -> None:
+    # the default headers are Synthea's: a Spanish note gives no plan ...
+    assert assessment_and_plan(SPANISH) is None
+    assert parse_plan(SPANISH).items == ()
+    # ... the configured ones do, and the section stops at the next heading of its level
+    plan = parse_plan(SPANISH, headers=["Plan", "Plan de tratamiento"])
+    assert plan.items == (
+        ("procedure", "ecografía obstétrica"),
+        ("medication", "ácido fólico 5 mg"),
+    )
+    assert "Volver" not in plan.text
+
+
+def test_a_bare_plan_line_and_a_sub_heading_are_plan_headers() -> None:
+    plain = "Paciente estable.\nPlan:\n- control de glucemia\n"
+    assert parse_plan(plain, headers=["Plan"]).items == (("other", "control de glucemia"),)
+    nested = "# Evaluación y plan\nEmbarazo normal.\n## Plan\n- vacuna antigripal\n"
+    plan = parse_plan(nested, headers=("Evaluación y plan", "plan:"))
+    assert plan.items == (("other", "vacuna antigripal"),)  # read after the sub-heading
+    assert plan.text.startswith("Embarazo normal.")
+
+
+def test_empty_plan_header_is_refused() -> None:
+    import pytest
+
+    from pipelines.plans import plan_headers
+
+    with pytest.raises(ValueError, match="--plan-header"):
+        plan_headers(["  "])
+    assert plan_headers(None) == ("Assessment and Plan", "Plan")
+
+
+def test_the_summary_says_why_no_plan_was_derived() -> None:
+    from pipelines.ingest import no_plan_reason
+
+    notes = pd.DataFrame({"note_id": ["n1"], "text": [SPANISH]})
+    events = pd.DataFrame({"encounter_id": pd.Series([], dtype=object), "kind": []})
+    reason = no_plan_reason({"notes": notes, "events": events}, None)
+    assert "'Assessment and Plan' or 'Plan'" in reason and "--plan-header" in reason
+    reason = no_plan_reason({"notes": notes, "events": events}, ["Plan de tratamiento"])
+    assert "'Plan de tratamiento'" in reason
