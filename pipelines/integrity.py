@@ -27,13 +27,16 @@ import os
 import secrets
 from pathlib import Path
 
+from pipelines.errors import StaleStateError
+
 SECRET_FILE = "secret"
 MAGIC = b"PMLM-HMAC-SHA256\n"
 _DIGEST = hashlib.sha256().digest_size
 
 
-class TamperedFileError(RuntimeError):
-    """A file that should carry this workspace's signature does not."""
+class TamperedFileError(StaleStateError):
+    """A workspace file that could run code when loaded and is not proven safe: it is not loaded
+    (exit code 5, as for other unusable state: recompute it)."""
 
 
 def secret_path(workspace_root: Path) -> Path:

@@ -237,17 +237,69 @@ def read_policy_info(folder: Path) -> PolicyInfo:
     return info
 
 
-def load_policy(folder: Path) -> Policy:
-    """Load a policy saved by `train_policy` (``models/policy`` of a workspace)."""
-    from sb3_contrib import MaskablePPO
+#: The member of an SB3 zip that holds the policy network's weights (a torch state dict).
+WEIGHTS_MEMBER = "policy.pth"
 
+
+def load_weights(zip_path: Path) -> Any:
+    """The policy network of ``zip_path``, rebuilt from this code and the zip's weights alone.
+
+    SB3's own ``load`` unpickles the zip's ``:serialized:`` entries (classes, spaces,
+    schedules), so a doctored zip would run code. Here nothing of the zip is unpickled:
+    the network is built from this code's observation and action spaces and the
+    default MlpPolicy, and ``policy.pth`` is read with ``torch.load(weights_only=True)``,
+    which accepts tensors and plain containers only. A zip that holds anything else,
+    or weights of another shape, is refused (`TamperedFileError`), nothing of it run.
+    """
+    import io
+    import pickle
+    import zipfile
+
+    import gymnasium as gym
+    import torch
+    from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
+
+    from pipelines.integrity import TamperedFileError
+    from promptenv.editing import N_CONFIG_FEATURES, N_EDITS, N_PATIENT_FEATURES
+
+    remedy = "delete it and retrain with `pmlm policy train` (or `pmlm run`)"
+    try:
+        with zipfile.ZipFile(zip_path) as archive:
+            raw = archive.read(WEIGHTS_MEMBER)
+    except (zipfile.BadZipFile, KeyError) as exc:
+        raise TamperedFileError(f"{zip_path} is not a policy PMLM saved ({exc}): {remedy}") from exc
+    try:
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        raise TamperedFileError(
+            f"{zip_path} holds more than weights in {WEIGHTS_MEMBER}, so it is not loaded "
+            f"(it could run code): {remedy}"
+        ) from exc
+    network = MaskableActorCriticPolicy(
+        gym.spaces.Box(0.0, 1.0, shape=(N_PATIENT_FEATURES + N_CONFIG_FEATURES,), dtype=np.float32),
+        gym.spaces.Discrete(N_EDITS),
+        lr_schedule=lambda _: 0.0,
+    )
+    try:
+        network.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise TamperedFileError(
+            f"{zip_path}'s weights do not fit this version's policy network: {remedy}"
+        ) from exc
+    network.set_training_mode(False)
+    return network
+
+
+def load_policy(folder: Path) -> Policy:
+    """Load a policy saved by `train_policy` (``models/policy`` of a workspace): its
+    ``policy.json`` and its network's weights (`load_weights`: nothing unpickled)."""
     zip_path = folder / POLICY_FILE
     if not zip_path.exists() or not policy_info_path(folder).exists():
         raise FileNotFoundError(
             f"no trained policy in {folder}: run `pmlm policy train` (or `pmlm run`) first"
         )
     info = read_policy_info(folder)
-    return Policy(MaskablePPO.load(zip_path, device="cpu"), info)
+    return Policy(load_weights(zip_path), info)
 
 
 # --------------------------------------------------------------------------- training
@@ -548,6 +600,7 @@ __all__ = [
     "calls_to_final",
     "choose_start",
     "load_policy",
+    "load_weights",
     "pick_training_encounters",
     "policy_dir",
     "read_policy_info",
