@@ -38,6 +38,9 @@ app = typer.Typer(
 )
 
 
+_OWN_SCOPE = [""]  # the budget scope the last command of this process made
+
+
 @app.callback()
 def _options(
     ctx: typer.Context,
@@ -55,10 +58,31 @@ def _options(
     debug: Annotated[
         bool, typer.Option("--debug", help="Show the traceback behind an error.")
     ] = False,
+    wait: Annotated[
+        float | None,
+        typer.Option(
+            "--wait",
+            min=0,
+            help="Seconds a writing command waits for another's workspace lock "
+            "(default: $PMLM_LOCK_WAIT, else 0: fail at once, naming the holder).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Options of every command; the others may also come from PMLM_* variables or pmlm.toml
-    (`pmlm config show`)."""
+    (`pmlm config show`). One LLM budget scope per command ($PMLM_BUDGET_SCOPE unless set), so
+    its Prefect retries and workers share its --max-calls."""
+    import os
+    import uuid
+
+    from pipelines.lock import WAIT_ENV
+    from promptenv.llm.budget import SCOPE_ENV
+
     ctx.meta[DEBUG_ENV] = debug
+    if wait is not None:
+        os.environ[WAIT_ENV] = str(wait)
+    if os.environ.get(SCOPE_ENV, _OWN_SCOPE[0]) == _OWN_SCOPE[0]:  # unset, or set by us before
+        _OWN_SCOPE[0] = os.environ[SCOPE_ENV] = f"pmlm-command-{uuid.uuid4().hex[:12]}"
     try:
         configure_output(quiet, log_level)
     except ValueError as exc:

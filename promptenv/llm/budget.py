@@ -15,8 +15,9 @@ and each is deleted in the transaction that records its attempt; so two
 processes cannot both take the last call. A hold left by a killed process is
 dropped once its process is gone (same host) or after ``HOLD_TTL_S``.
 
-The scope is ``Budget.scope``, else ``$PMLM_BUDGET_SCOPE`` (the CLI sets it
-once per command, so its retries and workers share one budget), else the run
+The scope is ``Budget.scope``, else ``$PMLM_BUDGET_SCOPE`` (``pmlm`` sets it
+once per command unless it is set, so the command's Prefect retries and the
+workers it starts share one budget), else the run
 id (a client that reuses a run id starts from what the ledger holds for it).
 """
 
