@@ -450,9 +450,10 @@ def run_cmd(
     ws = Workspace.at(workspace)
     started = time.perf_counter()
     console.print(
-        f"[bold]PMLM main job[/] on {escape(described)}, workspace {escape(str(ws.root.resolve()))}"
+        f"[bold]PMLM main job[/] on {escape(described)}, workspace {escape(str(ws.root.resolve()))}",
+        soft_wrap=True,  # paths stay whole, to copy
     )
-    console.print(f"Prefect: {prefect_destination()}", markup=False)
+    console.print(f"Prefect: {prefect_destination()}", markup=False, soft_wrap=True)
     result = pmlm_pipeline(
         workspace=str(ws.root),
         source=source,
@@ -482,7 +483,7 @@ def run_cmd(
         f"Methods compared with {result.evaluation.llm} on test patients' encounters",
     )
     if result.evaluation.verdict:
-        console.print(result.evaluation.verdict, markup=False)
+        console.print(result.evaluation.verdict, markup=False, soft_wrap=True)
     console.print(f"\nDone in {time.perf_counter() - started:.0f} s.")
     console.print(f"Prompt table: {result.refined.path}", markup=False)
     console.print(f"Report:       {result.evaluation.report}", markup=False)

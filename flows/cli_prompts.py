@@ -199,7 +199,7 @@ def evaluate_cmd(
         )
     console.print(markdown_table(result.table), markup=False)
     if files.verdict:
-        console.print(f"\n{files.verdict}", markup=False)
+        console.print(f"\n{files.verdict}", markup=False, soft_wrap=True)
     if grader is not None:
         console.print(f"Judge {grader.label}: {grader.stats.summary()}")
     console.print(f"Report with plots: {files.report}", markup=False)

@@ -69,3 +69,17 @@ def generated_cohort(
         fhir_dir, reused = generate_cohort(CohortSpec(n=30, seed=7), out / "cohort")
         assert reused == made_before
     return fhir_dir
+
+
+#: Variables a command sets for its own process (``--wait``, the budget scope, ``--llm-parallel``);
+#: in-process CLI tests must not leave them to the tests that follow on the same worker.
+PROCESS_WIDE_ENV = ("PMLM_LOCK_WAIT", "PMLM_BUDGET_SCOPE", "PMLM_LLM_PARALLEL")
+
+
+@pytest.fixture(autouse=True)
+def _restore_process_wide_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in PROCESS_WIDE_ENV:
+        # set, then delete: monkeypatch then restores the value from before the test
+        # (absent included) whatever the test's commands set meanwhile
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)

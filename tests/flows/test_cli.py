@@ -132,8 +132,9 @@ def test_main_job_end_to_end_with_the_local_llm(tmp_path: Path, prefect_server: 
     assert rows["answer"].str.len().gt(0).all()
     assert "Report:" in output and "Prompt table:" in output
     # the closing sentence says how the policy did against the best fixed prompt
-    assert "1 obstetric test encounter of 1 patient" in output
-    assert "Verdict: PMLM cannot be judged on one patient" in output
+    said = " ".join(output.split())
+    assert "1 obstetric test encounter of 1 patient" in said
+    assert "Verdict: PMLM cannot be judged on one patient" in said
     assert "Verdict: PMLM " in (tmp_path / "reports" / "evaluation.md").read_text()
     # a second run answers every LLM question from the cache
     sample = ["--n-obstetric", "1", "--n-adult", "1", "--n-calibration", "2"]

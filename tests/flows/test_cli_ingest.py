@@ -204,7 +204,13 @@ def _fake_outcome(summary: dict[str, Any], ws: Path) -> SimpleNamespace:
         refined=ns(
             rows=0, recomputed_patients=0, patients=0, path=ws / "tables" / "prompts.parquet"
         ),
-        evaluation=ns(llm="stub", markdown="| method |", report=ws / "reports" / "x.md"),
+        evaluation=ns(
+            llm="stub",
+            table=[],
+            verdict="",
+            markdown="| method |",
+            report=ws / "reports" / "x.md",
+        ),
         export=ns(manifest=ws / "export" / "prompts.manifest.json"),
     )
 
