@@ -38,9 +38,9 @@ The loop (`learn_with_reward_model`), with ``B`` = ``settings.max_llm_calls``
     Every LLM call goes through the same `AnswerReward` (cache, ledger, budget);
     the loop checks what is left before each batch and never asks for more,
     so it never spends more than ``B`` new answers in all (seed and validation
-    included), provided ``B`` covers what every training spends first: the answers
-    to the initial prompts and to the fixed prompts on validation (`promptenv.policy`);
-    each round's validation is then always affordable.
+    included), provided what every training spends first (the answers to the
+    initial prompts and to the fixed prompts on validation, `promptenv.policy`)
+    leaves at least one answer per validation encounter for the first validation.
 """
 
 from __future__ import annotations
