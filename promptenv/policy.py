@@ -139,9 +139,10 @@ class Policy:
         """True when no trained checkpoint beat the start config on validation: no edits."""
         return self.info.training.falls_back_to_start
 
-    def edit(self, case: EditCase) -> tuple[PromptConfig, list[str]]:
+    def edit(self, case: EditCase, deterministic: bool = True) -> tuple[PromptConfig, list[str]]:
         """The policy's edits of the start config for one case (no LLM call); the same
-        observations and masks as the environment it was trained in."""
+        observations and masks as the environment it was trained in (``deterministic=False``:
+        edits sampled from the policy, as in training's rollouts)."""
         config, trace = self.start, list[str]()
         if self.falls_back_to_start:
             return config, trace
@@ -149,7 +150,7 @@ class Policy:
         for edits in range(self.max_edits + 1):
             mask = step_mask(config, last, edits, self.max_edits)
             obs = observation(case.features, config, edits, self.max_edits)
-            action, _ = self.model.predict(obs, action_masks=mask, deterministic=True)
+            action, _ = self.model.predict(obs, action_masks=mask, deterministic=deterministic)
             a = int(action)
             if a == STOP:
                 break
@@ -158,8 +159,10 @@ class Policy:
             trace.append(EDITS[a].label)
         return config, trace
 
-    def edit_many(self, cases: Sequence[EditCase]) -> list[tuple[PromptConfig, list[str]]]:
-        return [self.edit(c) for c in cases]
+    def edit_many(
+        self, cases: Sequence[EditCase], deterministic: bool = True
+    ) -> list[tuple[PromptConfig, list[str]]]:
+        return [self.edit(c, deterministic) for c in cases]
 
     def prompts(self, cases: Sequence[EditCase], method: str = "pmlm") -> list[Prompt]:
         """Refined prompts, with the edit trace and the policy version in their provenance."""

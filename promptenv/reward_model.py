@@ -56,12 +56,8 @@ from numpy.typing import NDArray
 from stable_baselines3.common.callbacks import BaseCallback
 
 from promptenv.editing import (
-    STOP,
     EditCase,
-    apply_edit,
     config_features,
-    observation,
-    step_mask,
 )
 from promptenv.env import AnswerReward, PromptEditEnv
 from promptenv.llm.client import progress_lines
@@ -219,20 +215,12 @@ def policy_configs(
     max_edits: int,
     deterministic: bool = True,
 ) -> list[PromptConfig]:
-    """The config the policy ends at for each case (sampled when not ``deterministic``)."""
-    out = []
-    for case in cases:
-        config, last = start, None
-        for edits in range(max_edits + 1):
-            mask = step_mask(config, last, edits, max_edits)
-            obs = observation(case.features, config, edits, max_edits)
-            action, _ = model.predict(obs, action_masks=mask, deterministic=deterministic)
-            a = int(action)
-            if a == STOP:
-                break
-            config, last = apply_edit(config, a), a
-        out.append(config)
-    return out
+    """The config the policy ends at for each case (sampled when not ``deterministic``):
+    `promptenv.policy.Policy.edit` on the model being trained."""
+    from promptenv.policy import Policy, PolicyInfo
+
+    info = PolicyInfo(settings=PolicySettings(max_edits=max_edits), start=StartConfig(config=start))
+    return [config for config, _ in Policy(model, info).edit_many(cases, deterministic)]
 
 
 def _uncertain_first(
@@ -360,7 +348,7 @@ def learn_with_reward_model(
                 strict=True,
             )
         ]
-        ask = _uncertain_first([*heading], data, proxy, fitted, max_edits)
+        ask = _uncertain_first(heading, data, proxy, fitted, max_edits)
         ask += _uncertain_first(sampled, data, proxy, fitted, max_edits)
         share = left() // (rounds - r)
         data.add(
