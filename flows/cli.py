@@ -23,7 +23,7 @@ from flows.cli_prompts import evaluate_cmd, prompts_app
 from flows.cli_recsys import recsys_app
 from flows.cli_serve import serve_cmd
 from flows.config import config_app
-from flows.errors import run_app
+from flows.errors import prefect_defaults, run_app, temporary_server_errors
 from flows.options import DEBUG_ENV, LLMParallelOpt, PMLMGroup, WorkspaceOpt
 from flows.progress import LOG_LEVELS, bar, configure_output
 from pipelines.steps import describe_source
@@ -434,10 +434,7 @@ def run_cmd(
     ] = 8,
 ) -> None:
     """The main job, as Prefect flows: data (the built-in default cohort, or --source), recommenders, prompts, evaluation with the LLM, export."""
-    import os
-
-    # before Prefect reads its settings: no usage telemetry unless the user asks for it
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    prefect_defaults()  # before Prefect reads its settings
     from flows.pipeline import TASK_RUNNERS, pmlm_pipeline, prefect_destination
 
     use_llm_parallel(llm_parallel)
@@ -454,17 +451,18 @@ def run_cmd(
         soft_wrap=True,  # paths stay whole, to copy
     )
     console.print(f"Prefect: {prefect_destination()}", markup=False, soft_wrap=True)
-    result = pmlm_pipeline(
-        workspace=str(ws.root),
-        source=source,
-        backend=backend,
-        n_obstetric=n_obstetric,
-        n_adult=n_adult,
-        task_runner=task_runner,
-        dask_address=dask_address,
-        policy_timesteps=policy_timesteps,
-        policy_encounters=policy_encounters,
-    )
+    with temporary_server_errors():
+        result = pmlm_pipeline(
+            workspace=str(ws.root),
+            source=source,
+            backend=backend,
+            n_obstetric=n_obstetric,
+            n_adult=n_adult,
+            task_runner=task_runner,
+            dask_address=dask_address,
+            policy_timesteps=policy_timesteps,
+            policy_encounters=policy_encounters,
+        )
     built = result.build
     print_summary(built.summary, described[0].upper() + described[1:])
     prompts = result.refined

@@ -10,13 +10,13 @@ Mounted by ``flows.cli`` as ``app.command("serve")(serve_cmd)``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
+from flows.errors import prefect_defaults
 from flows.options import WorkspaceOpt
 from pipelines.workspace import Workspace
 
@@ -95,8 +95,7 @@ def serve_cmd(
     ] = "local",
 ) -> None:
     """Serve the nightly refresh (on --cron) and an on-demand evaluation against a Prefect server."""
-    # before Prefect reads its settings: no usage telemetry unless the user asks for it
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    prefect_defaults()  # before Prefect reads its settings
     from prefect import serve
     from prefect.settings import get_current_settings
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import typer
@@ -60,6 +62,39 @@ def error_line(exc: PMLMError) -> str:
     return f"error: {message}" + (f" ({hint})" if hint else "")
 
 
+#: Seconds the temporary Prefect server may take to start, unless
+#: ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`` says otherwise. Prefect's own
+#: 20 s is too short for its first start on a busy 2-core machine, where it creates
+#: its database (measured: a fresh machine's first ``make run`` failed at 20 s).
+SERVER_STARTUP_SECONDS = 120
+SERVER_STARTUP_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+
+
+def prefect_defaults() -> None:
+    """PMLM's defaults for Prefect settings the user did not set: no usage telemetry, and
+    `SERVER_STARTUP_SECONDS` for the temporary server. Call before Prefect is imported:
+    it reads its settings once."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault(SERVER_STARTUP_ENV, str(SERVER_STARTUP_SECONDS))
+
+
+@contextmanager
+def temporary_server_errors() -> Iterator[None]:
+    """Turn the temporary Prefect server's failure to start into a `ConfigError` that says
+    what to do."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "ephemeral Prefect API server" not in str(exc):
+            raise
+        raise ConfigError(
+            "the temporary Prefect server did not start within "
+            f"{os.environ.get(SERVER_STARTUP_ENV, 20)} s: "
+            f"raise {SERVER_STARTUP_ENV}, or set PREFECT_API_URL to a running server "
+            "(`prefect server start`)"
+        ) from exc
+
+
 def run_app(app: typer.Typer, args: list[str] | None = None, **extra: Any) -> None:
     """Run ``app`` with the config file's defaults (`flows.config`).
 
@@ -80,4 +115,12 @@ def run_app(app: typer.Typer, args: list[str] | None = None, **extra: Any) -> No
     app(args, default_map=defaults, **extra)
 
 
-__all__ = ["CLI_HINTS", "EXIT_CODES", "error_line", "run_app"]
+__all__ = [
+    "CLI_HINTS",
+    "EXIT_CODES",
+    "SERVER_STARTUP_SECONDS",
+    "error_line",
+    "prefect_defaults",
+    "run_app",
+    "temporary_server_errors",
+]

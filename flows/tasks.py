@@ -13,7 +13,9 @@ batch's ``key`` hashes its patients' records and states, the recommender and the
 peer pool. The workspace path is not part of a key: the cache records and
 results live in the workspace itself (``WORKSPACE/cache/prefect/``, see
 `in_workspace`), so a new workspace never sees another's, and a copied one
-keeps its own. LLM clients are made inside the task and never enter a key.
+keeps its own. LLM clients are made inside the task and never enter a key. The
+records are cloudpickle, so they are signed with the workspace's secret and a
+doctored one is refused before Prefect reads it (`flows.result_storage`).
 
 Retries. The task that calls an LLM is retried (``retries=2``) when its failure
 may pass by itself (the LLM's transient failures outlasting the client's own
@@ -37,6 +39,7 @@ from prefect.states import State
 from prefect.tasks import Task
 
 from flows.publish import publish_manifest, publish_report_link
+from flows.result_storage import SignedLocalFileSystem, saved
 from pipelines.workspace import Workspace
 from promptenv.policy import PolicySettings, TrainingSummary
 from promptenv.prompt_table import (
@@ -76,9 +79,12 @@ class PackageCode(CachePolicy):
 CODE = PackageCode()
 
 
-def cache_storage(workspace: str | Path) -> Path:
-    """Where the cached tasks of ``workspace`` keep their results and cache records."""
-    return (Workspace.at(workspace).cache_dir / PREFECT_CACHE).resolve()
+def cache_storage(workspace: str | Path) -> SignedLocalFileSystem:
+    """Where the cached tasks of ``workspace`` keep their results and cache records: signed
+    files (`flows.result_storage`), so a doctored record is refused, never unpickled."""
+    ws = Workspace.at(workspace)
+    folder = (ws.cache_dir / PREFECT_CACHE).resolve()
+    return SignedLocalFileSystem(basepath=str(folder), workspace_root=str(ws.root.resolve()))
 
 
 def in_workspace(cached_task: T, workspace: str | Path, *, refresh: bool = False) -> T:
@@ -87,7 +93,7 @@ def in_workspace(cached_task: T, workspace: str | Path, *, refresh: bool = False
     ``refresh=True`` runs it even on a cache hit and stores the new result.
     """
     configured = cached_task.with_options(
-        result_storage=cache_storage(workspace), refresh_cache=refresh
+        result_storage=saved(cache_storage(workspace)), refresh_cache=refresh
     )
     return cast(T, configured)
 

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from pipelines.integrity import MAGIC
 from pipelines.sources import SourceTables
 
 runner = CliRunner()
@@ -60,7 +61,10 @@ def test_build_writes_every_patients_prompt_as_the_prompt_table_module_does(
     steps = json.loads((built_workspace / "manifest.json").read_text())["steps"]
     assert steps["prompts"]["rows"] == len(table)
     assert (built_workspace / "cache" / "refresh" / "build.json").exists()
-    assert any((built_workspace / "cache" / "prefect").iterdir()), "no cached task results"
+    records = [p for p in (built_workspace / "cache" / "prefect").rglob("*") if p.is_file()]
+    assert records, "no cached task results"
+    unsigned = [p.name for p in records if not p.read_bytes().startswith(MAGIC)]
+    assert not unsigned, f"cached task results without the workspace's signature: {unsigned}"
 
 
 @pytest.mark.slow
