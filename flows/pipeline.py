@@ -216,6 +216,10 @@ class RefreshOutcome:
     export: ExportOutcome
 
 
+# The parameters refresh shares with `build` are spelt out again on purpose: Prefect builds each
+# flow's parameter schema (UI, deployments' ``parameters`` by name: `flows.cli_serve`) from its own
+# signature, so one options object would rename them; and refresh cannot call build, which fits
+# on every data change (refresh fits only when asked or when nothing is fitted) and writes no export.
 @flow(name="pmlm-refresh")
 def refresh(
     workspace: str | None = None,

@@ -179,6 +179,44 @@ class Policy:
         return out
 
 
+def policy_in_training(model: Any, start: PromptConfig, max_edits: int) -> Policy:
+    """The network being trained (``model``) as a `Policy` that edits ``start``: it edits as
+    the saved policy will (nothing of training's record is needed for that)."""
+    return Policy(
+        model,
+        PolicyInfo(settings=PolicySettings(max_edits=max_edits), start=StartConfig(config=start)),
+    )
+
+
+def validate_policy(
+    model: Any,
+    env: PromptEditEnv,
+    reward: AnswerReward,
+    timesteps: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> ValidationPoint:
+    """The deterministic policy's mean LLM reward over ``env``'s start config on ``env``'s
+    (validation) encounters, as the validation point at ``timesteps`` PPO steps.
+
+    Each encounter's edited config and start config are answered in one batch, in that order
+    (``progress`` follows its LLM calls); the start configs' answers are usually in the
+    reward's memory already (`choose_start` answered them). Used by `learn` (the final
+    validation) and by `promptenv.reward_model` (each round's)."""
+    policy = policy_in_training(model, env.initial, env.max_edits)
+    pairs = [
+        pair
+        for case, (config, _) in zip(env.cases, policy.edit_many(env.cases), strict=True)
+        for pair in ((case, config), (case, env.initial))
+    ]
+    answered = reward.answer_many(pairs, progress=progress)
+    total = 0.0
+    for edited, start in zip(answered[::2], answered[1::2], strict=True):
+        total += edited.score.reward - start.score.reward
+    return ValidationPoint(
+        float(timesteps), float(reward.llm_calls), total / max(1, len(env.cases))
+    )
+
+
 def training_summary(policy: Policy) -> str:
     """One line on what training did and what was kept, for logs and the command line."""
     training, start = policy.info.training, policy.info.start.method
@@ -449,7 +487,12 @@ def learn(
     monitor = TrainingMonitor(reward, log, settings.timesteps, settings.max_llm_calls, say, tick)
     model.learn(total_timesteps=settings.timesteps, callback=CallbackList([monitor, evaluation]))
     if not log.validation or log.validation[-1].timesteps < log.timesteps:
-        log.record(_final_validation(model, eval_env, reward, log.timesteps, say), None)
+        point = validate_policy(model, eval_env, reward, log.timesteps)
+        say(
+            f"final validation: reward over initial {point.validation_reward:+.4f} "
+            f"({reward.llm_calls} LLM calls)"
+        )
+        log.record(point, None)
     return log
 
 
@@ -565,30 +608,6 @@ def train_policy(
     return TrainedPolicy(policy, log, folder)
 
 
-def _final_validation(
-    model: Any, env: PromptEditEnv, reward: AnswerReward, timesteps: int, say: Progress
-) -> ValidationPoint:
-    """Score the final policy on the validation encounters (when the last eval was earlier)."""
-    policy = Policy(
-        model,
-        PolicyInfo(
-            settings=PolicySettings(max_edits=env.max_edits),
-            start=StartConfig(config=env.initial),
-        ),
-    )
-    total = 0.0
-    for case, (config, _) in zip(env.cases, policy.edit_many(env.cases), strict=True):
-        total += reward(case, config) - reward(case, env.initial)
-    point = ValidationPoint(
-        float(timesteps), float(reward.llm_calls), total / max(1, len(env.cases))
-    )
-    say(
-        f"final validation: reward over initial {point.validation_reward:+.4f} "
-        f"({reward.llm_calls} LLM calls)"
-    )
-    return point
-
-
 __all__ = [
     "INFO_FILE",
     "POLICY_FILE",
@@ -606,7 +625,9 @@ __all__ = [
     "load_weights",
     "pick_training_encounters",
     "policy_dir",
+    "policy_in_training",
     "read_policy_info",
     "save_policy",
     "train_policy",
+    "validate_policy",
 ]

@@ -10,7 +10,7 @@ when it is opened. What it shows:
   `promptenv.report`);
 - the recommenders' test metrics and their nDCG plot, when given;
 - the policy's validation curve (reward over the initial prompt against the
-  LLM calls training spent), when a trained policy's ``policy.json`` is given;
+  LLM calls training spent), when a trained policy's record (`PolicyInfo`) is given;
 - a section per sampled test patient (`patient_cases`): her prompt under each
   method with each fragment's provenance (events, peers with their support
   counts, recommender scores, the policy's edits), the LLM's answer, and the
@@ -35,6 +35,7 @@ from matplotlib.figure import Figure
 
 from pipelines.workspace import atomic_write_bytes
 from promptenv.evaluate import Evaluation
+from promptenv.policy_info import PolicyInfo, ValidationPoint
 from promptenv.report import (
     calls_figure,
     ndcg_column,
@@ -163,19 +164,19 @@ def recsys_table_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def policy_curve_figure(curve: Sequence[Mapping[str, float]]) -> Figure:
+def policy_curve_figure(curve: Sequence[ValidationPoint]) -> Figure:
     """Validation reward over the initial prompt against the LLM calls training had spent."""
     fig = Figure(figsize=(6.4, 3.4), layout="constrained")
     ax = fig.subplots()
-    calls = [p["llm_calls"] for p in curve]
-    rewards = [p["validation_reward"] for p in curve]
+    calls = [p.llm_calls for p in curve]
+    rewards = [p.validation_reward for p in curve]
     ax.plot(calls, rewards, marker="o", color="#4c78a8")
     best = int(np.argmax(rewards))
     ax.plot([calls[best]], [rewards[best]], marker="*", markersize=14, color="#e45756", ls="")
     for p in curve:
         ax.annotate(
-            f"{p['timesteps']:.0f} steps",
-            (p["llm_calls"], p["validation_reward"]),
+            f"{p.timesteps:.0f} steps",
+            (p.llm_calls, p.validation_reward),
             textcoords="offset points",
             xytext=(4, 6),
             fontsize=8,
@@ -332,7 +333,7 @@ def _patient_section(number: int, case: PatientCase) -> str:
 def render_html(
     evaluation: Evaluation,
     recsys_table: pd.DataFrame | None,
-    policy_info: Mapping[str, Any] | None,
+    policy_info: PolicyInfo | None,
     cases: Sequence[PatientCase],
     cache_stats: tuple[int, int] | None = None,
 ) -> str:
@@ -388,23 +389,26 @@ def render_html(
             _img(fig, f"{column} per recommender and subset", "recsys-plot"),
         ]
     body.append('<h2 id="policy">Policy training</h2>')
-    training = (policy_info or {}).get("training", {})
-    curve = training.get("validation_curve") or []
-    if not curve:
+    if policy_info is None or not policy_info.training.validation_curve:
         body.append(
             "<p>No trained policy with a validation curve: run <code>pmlm policy train</code>.</p>"
         )
     else:
+        training = policy_info.training
         fallback = (
             " No checkpoint beat the initial prompt on validation: the policy makes no edit."
-            if training.get("falls_back_to_initial")
+            if training.falls_back_to_start
             else ""
         )
         body += [
-            f"<p>Policy {_h((policy_info or {}).get('version', ''))}: "
-            f"{_h(training.get('episodes', '?'))} training episodes, "
-            f"{_h(training.get('llm_calls', '?'))} LLM calls.{_h(fallback)}</p>",
-            _img(policy_curve_figure(curve), "Policy validation curve", "policy-curve"),
+            f"<p>Policy {_h(policy_info.version)}: "
+            f"{_h(training.episodes)} training episodes, "
+            f"{_h(training.llm_calls)} LLM calls.{_h(fallback)}</p>",
+            _img(
+                policy_curve_figure(training.validation_curve),
+                "Policy validation curve",
+                "policy-curve",
+            ),
         ]
     body += [_patient_section(i, c) for i, c in enumerate(cases, 1)]
     if not cases:
@@ -424,7 +428,7 @@ def write_html_report(
     reports_dir: Path,
     evaluation: Evaluation,
     recsys_table: pd.DataFrame | None,
-    policy_info: Mapping[str, Any] | None,
+    policy_info: PolicyInfo | None,
     cache_stats: tuple[int, int] | None = None,
     n_patients: int = 3,
 ) -> Path:

@@ -217,10 +217,10 @@ def policy_configs(
 ) -> list[PromptConfig]:
     """The config the policy ends at for each case (sampled when not ``deterministic``):
     `promptenv.policy.Policy.edit` on the model being trained."""
-    from promptenv.policy import Policy, PolicyInfo
+    from promptenv.policy import policy_in_training
 
-    info = PolicyInfo(settings=PolicySettings(max_edits=max_edits), start=StartConfig(config=start))
-    return [config for config, _ in Policy(model, info).edit_many(cases, deterministic)]
+    policy = policy_in_training(model, start, max_edits)
+    return [config for config, _ in policy.edit_many(cases, deterministic)]
 
 
 def _uncertain_first(
@@ -251,22 +251,18 @@ def _uncertain_first(
 def validate(
     model: Any, eval_env: PromptEditEnv, reward: AnswerReward, timesteps: int, say: Progress
 ) -> ValidationPoint:
-    """The deterministic policy's mean LLM reward over the start config on VALIDATION encounters."""
-    cases, start = eval_env.cases, eval_env.initial
-    configs = policy_configs(model, cases, start, eval_env.max_edits)
-    answered = reward.answer_many(
-        [*zip(cases, configs, strict=True), *((c, start) for c in cases)],
-        progress=progress_lines(say, "validation answers"),
-    )
-    n = len(cases)
-    gain = float(
-        np.mean([answered[i].score.reward - answered[n + i].score.reward for i in range(n)])
+    """The deterministic policy's mean LLM reward over the start config on VALIDATION encounters
+    (`promptenv.policy.validate_policy`), said with the LLM calls spent so far."""
+    from promptenv.policy import validate_policy
+
+    point = validate_policy(
+        model, eval_env, reward, timesteps, progress_lines(say, "validation answers")
     )
     say(
-        f"validation at {timesteps} steps: reward over the start prompt {gain:+.4f} "
-        f"({reward.llm_calls} LLM calls so far)"
+        f"validation at {timesteps} steps: reward over the start prompt "
+        f"{point.validation_reward:+.4f} ({reward.llm_calls} LLM calls so far)"
     )
-    return ValidationPoint(float(timesteps), float(reward.llm_calls), gain)
+    return point
 
 
 class _Steps(BaseCallback):

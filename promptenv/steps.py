@@ -37,7 +37,7 @@ from promptenv.evaluate import EvalSettings, Evaluation
 from promptenv.fragments import PatientSignals
 from promptenv.llm import LLMClient
 from promptenv.policy import Policy, PolicySettings, TrainedPolicy, load_policy
-from promptenv.policy_info import policy_dir, policy_info_path, saved_policy_version
+from promptenv.policy_info import PolicyInfo, policy_dir, policy_info_path, saved_policy_version
 from promptenv.prompt_table import PROMPT_TABLE, Which, build_prompt_table, write_prompt_table
 from promptenv.prompts import METHODS
 from recsys.type_aliases import Progress, Tick
@@ -333,7 +333,7 @@ def write_evaluation(ws: Workspace, result: Evaluation, client: LLMClient) -> Ev
     recsys = pd.read_csv(recsys_csv) if recsys_csv.exists() else None
     report = write_report(ws.reports_dir, result, recsys, (stats.hits, stats.misses))
     info = policy_info_path(policy_dir(ws))
-    trained = _read_json(info) if info.exists() else None
+    trained = PolicyInfo.from_json(_read_json(info)) if info.exists() else None
     html = write_html_report(ws.reports_dir, result, recsys, trained, (stats.hits, stats.misses))
     return EvaluationFiles(path, report, html, sentence)
 

@@ -1,11 +1,12 @@
-"""Fixtures of the flow tests: one Prefect test server per session, one built workspace."""
+"""Fixtures of the flow tests: one Prefect test server per session, one built workspace,
+the stub LLM server."""
 
 from __future__ import annotations
 
 import importlib.util
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,28 @@ def stub_llm_server() -> Any:
     sys.modules.setdefault("llm_stub_server", module)
     spec.loader.exec_module(module)
     return module.StubLLMServer
+
+
+@pytest.fixture
+def echo_llm(
+    stub_llm_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> Callable[[], AbstractContextManager[tuple[Any, str]]]:
+    """``with echo_llm() as (stub, backend):`` runs the echoing stub LLM server for the block
+    (it stops at the block's end, so a command after it can show that it needs no LLM);
+    ``backend`` is the ``--backend`` that reaches it. The stub's API key is set and
+    $OPENAI_BASE_URL unset for the test."""
+    monkeypatch.setenv("OPENAI_API_KEY", "stub-key")
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+
+    @contextmanager
+    def running() -> Iterator[tuple[Any, str]]:
+        stub = stub_llm_server(echo=True).start()
+        try:
+            yield stub, f"openai:stub-model@{stub.url}/v1"
+        finally:
+            stub.stop()
+
+    return running
 
 
 @pytest.fixture(scope="session")

@@ -16,22 +16,14 @@ runner = CliRunner()
 
 
 @pytest.mark.slow
-def test_max_calls_zero_makes_no_call(
-    built_workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stub_llm_server: Any
-) -> None:
+def test_max_calls_zero_makes_no_call(built_workspace: Path, tmp_path: Path, echo_llm: Any) -> None:
     ws = tmp_path / "ws"
     shutil.copytree(built_workspace, ws)
-    monkeypatch.setenv("OPENAI_API_KEY", "stub-key")
-    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-    stub = stub_llm_server(echo=True).start()
-    try:
-        backend = f"openai:stub-model@{stub.url}/v1"
+    with echo_llm() as (stub, backend):
         args = ["evaluate", "-w", str(ws), "--backend", backend, "--max-calls", "0"]
         args += ["--methods", "general,peer", "--n-obstetric", "2", "--n-adult", "0"]
         result = runner.invoke(app, args)
         asked = len(stub.requests)
-    finally:
-        stub.stop()
     assert asked == 0
     assert result.exit_code == BudgetExceeded.exit_code, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]

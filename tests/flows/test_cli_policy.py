@@ -17,27 +17,16 @@ runner = CliRunner()
 
 
 @pytest.mark.slow
-def test_policy_train_show_apply(
-    built_workspace: Path,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    stub_llm_server: Any,
-) -> None:
+def test_policy_train_show_apply(built_workspace: Path, tmp_path: Path, echo_llm: Any) -> None:
     ws = tmp_path / "ws"
     shutil.copytree(built_workspace, ws)
-    monkeypatch.setenv("OPENAI_API_KEY", "stub-key")
-    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-    stub = stub_llm_server(echo=True).start()
-    try:
-        backend = f"openai:stub-model@{stub.url}/v1"
+    with echo_llm() as (stub, backend):
         args = ["--timesteps", "64", "--n-train", "4", "--n-validation", "2", "--eval-freq", "32"]
         trained = runner.invoke(
             app, ["policy", "train", "-w", str(ws), "--backend", backend, *args]
         )
         assert trained.exit_code == 0, trained.output
         asked = len(stub.requests)
-    finally:
-        stub.stop()
     assert asked > 0
     info = json.loads((ws / "models" / "policy" / "policy.json").read_text())
     assert f"policy {info['version']}" in trained.output
@@ -62,7 +51,7 @@ def test_policy_train_with_the_reward_model_and_batched_answers(
     built_workspace: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    stub_llm_server: Any,
+    echo_llm: Any,
 ) -> None:
     """``--reward-model`` trains in rounds within ``--max-llm-calls``; ``--llm-parallel`` reaches
     every LLM client of the process (through $PMLM_LLM_PARALLEL)."""
@@ -70,19 +59,13 @@ def test_policy_train_with_the_reward_model_and_batched_answers(
 
     ws = tmp_path / "ws"
     shutil.copytree(built_workspace, ws)
-    monkeypatch.setenv("OPENAI_API_KEY", "stub-key")
-    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     monkeypatch.setenv(PARALLEL_ENV, "1")  # monkeypatch restores what the command sets
-    stub = stub_llm_server(echo=True).start()
-    try:
-        backend = f"openai:stub-model@{stub.url}/v1"
+    with echo_llm() as (_, backend):
         args = ["--reward-model", "--model-rounds", "2", "--timesteps", "64", "--n-train", "4"]
         args += ["--n-validation", "2", "--max-llm-calls", "30", "--llm-parallel", "3"]
         trained = runner.invoke(
             app, ["policy", "train", "-w", str(ws), "--backend", backend, *args]
         )
-    finally:
-        stub.stop()
     assert trained.exit_code == 0, trained.output
     assert ClientConfig().local_parallel == 3
     info = json.loads((ws / "models" / "policy" / "policy.json").read_text())

@@ -233,6 +233,16 @@ def test_training_keeps_the_policy_that_did_best_on_validation(
     assert training.final_validation_reward == curve[-1].validation_reward
 
 
+class FirstEdit:
+    """A network that always picks the first allowed edit other than stop."""
+
+    def predict(self, obs: object, action_masks: np.ndarray, deterministic: bool) -> tuple:
+        from promptenv.editing import STOP
+
+        allowed = [a for a in np.flatnonzero(action_masks) if a != STOP]
+        return (allowed[0] if allowed else STOP), None
+
+
 def test_a_policy_that_beat_no_checkpoint_keeps_its_start_prompt(
     trained: tuple[TrainedPolicy, LLMClient, EchoBackend],
     default_tables: dict[str, pd.DataFrame],
@@ -240,15 +250,7 @@ def test_a_policy_that_beat_no_checkpoint_keeps_its_start_prompt(
 ) -> None:
     """When validation found no checkpoint better than the initial prompt, the saved policy
     edits nothing whatever its network says, says so, and has a version of its own."""
-    from promptenv.editing import STOP
     from promptenv.policy import Policy
-
-    class FirstEdit:
-        """A network that always picks the first allowed edit other than stop."""
-
-        def predict(self, obs: object, action_masks: np.ndarray, deterministic: bool) -> tuple:
-            allowed = [a for a in np.flatnonzero(action_masks) if a != STOP]
-            return (allowed[0] if allowed else STOP), None
 
     rows = default_tables["index_encounters"]
     rows = rows[rows["split"] == "test"].head(6)
@@ -352,6 +354,35 @@ def test_calls_to_final_reward() -> None:
     ]
     assert calls_to_final(curve) == 20.0
     assert np.isnan(calls_to_final([]))
+
+
+def test_validation_is_the_mean_reward_of_the_policy_s_prompts_over_the_start_prompt(
+    default_tables: dict[str, pd.DataFrame], tmp_path: Path
+) -> None:
+    """`validate_policy` (PPO's final validation and each reward-model round's): on every
+    encounter of the environment, the policy's edits of the environment's start config are
+    answered and scored against the start config's answer, the LLM calls counted."""
+    from promptenv.env import PromptEditEnv
+    from promptenv.policy import policy_in_training, validate_policy
+    from promptenv.prompts import fixed_config
+
+    cases = obstetric_test_cases(default_tables, 5)
+    start = fixed_config("peer")
+    backend = EchoBackend()
+    client = LLMClient(backend, workspace=tmp_path / "ws", use_cache=False)
+    reward = AnswerReward(client, PlanScorer(threshold=0.5), SHORT.params)
+    env = PromptEditEnv(cases, reward, max_edits=3, initial=start, sequential=True)
+    ticks: list[tuple[int, int]] = []
+    point = validate_policy(FirstEdit(), env, reward, 96, lambda d, t: ticks.append((d, t)))
+
+    edited = [cfg for cfg, _ in policy_in_training(FirstEdit(), start, 3).edit_many(cases)]
+    assert all(cfg != start for cfg in edited)
+    assert backend.calls == 2 * len(cases) and ticks[-1] == (2 * len(cases), 2 * len(cases))
+    gains = [reward(c, cfg) - reward(c, start) for c, cfg in zip(cases, edited, strict=True)]
+    assert backend.calls == 2 * len(cases)  # every answer above was in the reward's memory
+    assert (point.timesteps, point.llm_calls) == (96.0, 2.0 * len(cases))
+    assert point.validation_reward == pytest.approx(np.mean(gains))
+    assert len(set(gains)) > 1  # the edits change the answers: a wrong pairing would show
 
 
 def obstetric_test_cases(tables: dict[str, pd.DataFrame], n: int) -> list[EditCase]:

@@ -176,3 +176,35 @@ def test_pmlm_evaluate_writes_the_report_with_the_workspaces_recommender_table(
     assert "LLM cache: 4 hits, 9 misses." in report and "| blend |" in report
     assert (ws.reports_dir / RECSYS_PLOT).exists()
     assert capsys.readouterr().out == ""  # a step writes files, never the console
+
+
+def test_the_html_report_shows_the_workspaces_saved_policy(tmp_path: Path) -> None:
+    """`write_evaluation` reads the workspace's ``policy.json`` (as `PolicyInfo`) for the HTML
+    report's policy section: its version, cost, curve and whether it makes no edit."""
+    import json
+    from types import SimpleNamespace
+
+    from pipelines.workspace import Workspace
+    from promptenv.llm import CacheStats
+    from promptenv.policy_info import (
+        PolicyInfo,
+        TrainingSummary,
+        ValidationPoint,
+        policy_dir,
+        policy_info_path,
+    )
+    from promptenv.steps import write_evaluation
+
+    ws = Workspace.at(tmp_path)
+    curve = (ValidationPoint(32.0, 12.0, -0.01), ValidationPoint(64.0, 20.0, -0.02))
+    training = TrainingSummary(
+        episodes=7, llm_calls=20, validation_curve=curve, falls_back_to_start=True
+    )
+    path = policy_info_path(policy_dir(ws))
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(PolicyInfo(training=training, version="abc123").to_json()))
+    client = SimpleNamespace(cache_stats=CacheStats(hits=4, misses=9))
+    written = write_evaluation(ws, synthetic_evaluation(), client)  # type: ignore[arg-type]
+    page = written.html.read_text()
+    assert "Policy abc123: 7 training episodes, 20 LLM calls." in page
+    assert "the policy makes no edit" in page and 'id="policy-curve"' in page

@@ -16,6 +16,7 @@ from PIL import Image
 from test_report import METHODS, recsys_table, synthetic_evaluation
 
 from promptenv.evaluate import Evaluation
+from promptenv.policy_info import PolicyInfo
 from promptenv.report_html import HTML_FILE, patient_cases, render_html, write_html_report
 
 PLAN = ["Prenatal visit (regime/therapy)", "Hemoglobin A1c measurement", "Influenza vaccine"]
@@ -75,15 +76,21 @@ def with_prompts(evaluation: Evaluation) -> Evaluation:
     return Evaluation(results, evaluation.table, evaluation.calibration, evaluation.llm)
 
 
-def policy_info() -> dict[str, object]:
+def policy_json(**training: object) -> dict[str, object]:
+    """A ``policy.json`` with a validation curve (and ``training``'s other keys)."""
     curve = [
         {"timesteps": t, "llm_calls": 10.0 * i, "validation_reward": r}
         for i, (t, r) in enumerate([(64, -0.02), (128, 0.01), (192, 0.04), (256, 0.03)], 1)
     ]
     return {
         "version": "pol-1234",
-        "training": {"episodes": 40, "llm_calls": 41, "validation_curve": curve},
+        "training": {"episodes": 40, "llm_calls": 41, "validation_curve": curve, **training},
     }
+
+
+def policy_info(**training: object) -> PolicyInfo:
+    """The `PolicyInfo` of `policy_json`, as the report gets it."""
+    return PolicyInfo.from_json(policy_json(**training))
 
 
 def test_patient_cases_sample_test_patients_with_every_method(tmp_path: Path) -> None:
@@ -130,6 +137,23 @@ def test_without_prompts_recommenders_or_policy_the_page_says_what_to_run(tmp_pa
     with pytest.raises(ValueError, match="evaluation table is empty"):
         empty = synthetic_evaluation()
         render_html(Evaluation(empty.results, empty.table.iloc[0:0], {}, "x"), None, None, [])
+
+
+@pytest.mark.parametrize(
+    ("training", "falls_back"),
+    [
+        ({}, False),
+        ({"falls_back_to_start": True}, True),
+        ({"falls_back_to_initial": True}, True),  # a policy.json of before the start config
+    ],
+)
+def test_the_policy_section_says_when_the_policy_makes_no_edit(
+    tmp_path: Path, training: dict[str, object], falls_back: bool
+) -> None:
+    page = render_html(synthetic_evaluation(), None, policy_info(**training), [])
+    assert "Policy pol-1234: 40 training episodes, 41 LLM calls." in page
+    assert ("the policy makes no edit" in page) == falls_back
+    assert 'id="policy-curve"' in page
 
 
 def chromium() -> str:
