@@ -313,6 +313,9 @@ def learn_with_reward_model(
         fitted = data.fit(settings.seed + r)
         scored = ModelReward(data.known, fitted, proxy, max_edits)
         model.set_env(PromptEditEnv(train_cases, scored, max_edits=max_edits, initial=start.config))
+        # set_env's new vector env is unseeded: its episodes would start from fresh entropy,
+        # and two trainings with the same settings would differ
+        model.get_env().seed(settings.seed + r)
         model.learn(
             total_timesteps=settings.model_timesteps,
             reset_num_timesteps=False,

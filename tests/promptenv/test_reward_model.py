@@ -114,3 +114,42 @@ def test_the_reward_model_loop_never_spends_more_than_its_llm_budget(
         assert spent > 45  # a larger budget is used, between the rounds
     # the saved policy loads and edits like the trained one
     assert load_policy(tmp_path / "policy").info.settings.reward_model
+
+
+def test_the_reward_model_loop_is_reproducible(
+    default_tables: dict[str, pd.DataFrame], tmp_path: Path
+) -> None:
+    """Two trainings with the same settings, each with its own (empty) answer cache, give the
+    same validation curve and the same weights."""
+    import torch
+
+    settings = PolicySettings(
+        n_train=8,
+        n_validation=4,
+        n_steps=64,
+        batch_size=32,
+        n_epochs=2,
+        n_calibration=4,
+        max_llm_calls=90,
+        reward_model=True,
+        model_rounds=2,
+        model_timesteps=128,
+    )
+    runs = []
+    for name in ("first", "second"):
+        client = LLMClient(EchoBackend(), workspace=tmp_path / name)
+        _, calibration = calibrated_scorer(client, default_tables, 4)
+        result = train_policy(
+            client,
+            default_tables,
+            history_signals(default_tables),  # type: ignore[arg-type]
+            tmp_path / name / "policy",
+            settings,
+            calibration=calibration,
+        )
+        runs.append(result.policy)
+    first, second = (p.info.training.validation_curve for p in runs)
+    assert first == second
+    weights = [p.model.policy.state_dict() for p in runs]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
