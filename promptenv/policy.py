@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+from numpy.typing import NDArray
 
 from pipelines.index import ContextStore
 from pipelines.workspace import atomic_write_bytes
@@ -188,6 +189,36 @@ def policy_in_training(model: Any, start: PromptConfig, max_edits: int) -> Polic
     )
 
 
+def validation_gains(
+    model: Any,
+    env: PromptEditEnv,
+    reward: AnswerReward,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[NDArray[np.float64], NDArray[np.object_]]:
+    """Per encounter of ``env`` (validation): the deterministic policy's reward minus the
+    start config's, and the encounter's patient.
+
+    Each encounter's edited config and start config are answered in one batch, in that order
+    (``progress`` follows its LLM calls); the start configs' answers are usually in the
+    reward's memory already (`choose_start` answered them)."""
+    policy = policy_in_training(model, env.initial, env.max_edits)
+    pairs = [
+        pair
+        for case, (config, _) in zip(env.cases, policy.edit_many(env.cases), strict=True)
+        for pair in ((case, config), (case, env.initial))
+    ]
+    answered = reward.answer_many(pairs, progress=progress)
+    gains = np.array(
+        [
+            edited.score.reward - start.score.reward
+            for edited, start in zip(answered[::2], answered[1::2], strict=True)
+        ],
+        dtype=float,
+    )
+    patients = np.array([str(c.context.patient["patient_id"]) for c in env.cases], dtype=object)
+    return gains, patients
+
+
 def validate_policy(
     model: Any,
     env: PromptEditEnv,
@@ -196,22 +227,13 @@ def validate_policy(
     progress: Callable[[int, int], None] | None = None,
 ) -> ValidationPoint:
     """The deterministic policy's mean LLM reward over ``env``'s start config on ``env``'s
-    (validation) encounters, as the validation point at ``timesteps`` PPO steps.
-
-    Each encounter's edited config and start config are answered in one batch, in that order
-    (``progress`` follows its LLM calls); the start configs' answers are usually in the
-    reward's memory already (`choose_start` answered them). Used by `learn` (the final
-    validation) and by `promptenv.reward_model` (each round's)."""
-    policy = policy_in_training(model, env.initial, env.max_edits)
-    pairs = [
-        pair
-        for case, (config, _) in zip(env.cases, policy.edit_many(env.cases), strict=True)
-        for pair in ((case, config), (case, env.initial))
-    ]
-    answered = reward.answer_many(pairs, progress=progress)
+    (validation) encounters (`validation_gains`), as the validation point at ``timesteps``
+    PPO steps. Used by `learn` (the final validation) and by `promptenv.reward_model` (each
+    round's)."""
+    gains, _ = validation_gains(model, env, reward, progress)
     total = 0.0
-    for edited, start in zip(answered[::2], answered[1::2], strict=True):
-        total += edited.score.reward - start.score.reward
+    for gain in gains:
+        total += float(gain)
     return ValidationPoint(
         float(timesteps), float(reward.llm_calls), total / max(1, len(env.cases))
     )
@@ -220,16 +242,19 @@ def validate_policy(
 def training_summary(policy: Policy) -> str:
     """One line on what training did and what was kept, for logs and the command line."""
     training, start = policy.info.training, policy.info.start.method
+    low, high = training.kept_validation_low, training.kept_validation_high
+    interval = "" if low is None or high is None else f" [{low:+.4f}, {high:+.4f}]"
     kept = (
-        f"no checkpoint beat the start prompt ({start}) on validation, so it keeps that prompt"
+        f"no checkpoint beat the start prompt ({start}) on validation beyond noise, so it "
+        "keeps that prompt"
         if policy.falls_back_to_start
         else f"kept the weights of step {training.kept_timesteps:.0f}"
     )
     return (
         f"policy {policy.version}: {training.episodes} episodes from the {start} prompt, "
         f"{training.llm_calls} LLM calls, cache hit rate {training.cache_hit_rate:.0%}; {kept} "
-        f"(validation reward over {start} {training.kept_validation_reward:+.4f}; last "
-        f"{training.final_validation_reward:+.4f}); {training.seconds:.0f} s"
+        f"(validation reward over {start} {training.kept_validation_reward:+.4f}{interval}; "
+        f"last {training.final_validation_reward:+.4f}); {training.seconds:.0f} s"
     )
 
 
@@ -489,45 +514,90 @@ def learn(
     if not log.validation or log.validation[-1].timesteps < log.timesteps:
         point = validate_policy(model, eval_env, reward, log.timesteps)
         say(
-            f"final validation: reward over initial {point.validation_reward:+.4f} "
+            f"final validation: reward over the start prompt {point.validation_reward:+.4f} "
             f"({reward.llm_calls} LLM calls)"
         )
         log.record(point, None)
     return log
 
 
+@dataclass(frozen=True)
+class KeptCheckpoint:
+    """The validation point of the weights kept, whether the policy falls back to its start
+    config, and the kept gain's interval over validation patients (None: not computed)."""
+
+    point: ValidationPoint
+    falls_back: bool
+    interval: tuple[float, float] | None = None
+
+
+#: Resamples of the kept gain's interval (`keep_checkpoint`).
+INTERVAL_RESAMPLES = 2000
+
+
 def keep_checkpoint(
-    model: Any, log: TrainingLog, settings: PolicySettings, say: Progress
-) -> tuple[ValidationPoint, bool]:
-    """Load the best validation checkpoint (``keep_best``) into ``model``; returns the kept point
-    and whether the policy falls back to its start config (no checkpoint beat it)."""
+    model: Any,
+    log: TrainingLog,
+    settings: PolicySettings,
+    eval_env: PromptEditEnv,
+    reward: AnswerReward,
+    say: Progress,
+) -> KeptCheckpoint:
+    """Load the best validation checkpoint (``keep_best``) into ``model``, and decide whether
+    the policy falls back to its start config.
+
+    It falls back when no checkpoint beat the start config on the validation mean, and
+    (``require_interval``) when the kept checkpoint's gain is not beyond the 95% interval
+    bootstrapped over validation patients: the checkpoint was chosen as the best of several
+    on these same encounters, so a small mean gain on a few of them is mostly that choice's
+    luck. (The interval is still optimistic for the same reason: it is a floor, not a test.)
+    The gains come from answers the validation already received (no new LLM call when the
+    policy is deterministic)."""
+    from promptenv.paired import cluster_bootstrap_ci
+
     last = log.validation[-1]
     if settings.keep_best and log.best_weights is not None and log.best is not None:
         # the policy kept is the one that did best on validation patients (early stopping)
         model.policy.load_state_dict(log.best_weights)
         say(
             f"keeping the policy of step {log.best.timesteps:.0f} (validation reward over "
-            f"initial {log.best.validation_reward:+.4f}; last {last.validation_reward:+.4f})"
+            f"the start prompt {log.best.validation_reward:+.4f}; last {last.validation_reward:+.4f})"
         )
     kept = log.best if settings.keep_best and log.best is not None else last
-    falls_back = settings.keep_best and kept.validation_reward <= 0
-    if falls_back:
+    if settings.keep_best and kept.validation_reward <= 0:
         say(
             f"no checkpoint beat the start prompt on validation (best "
             f"{kept.validation_reward:+.4f}): the policy keeps the start prompt (no edit)"
         )
-    return kept, falls_back
+        return KeptCheckpoint(kept, True)
+    if not (settings.keep_best and settings.require_interval):
+        return KeptCheckpoint(kept, False)
+    gains, patients = validation_gains(model, eval_env, reward)
+    low, high = cluster_bootstrap_ci(gains, patients, INTERVAL_RESAMPLES, settings.seed)
+    interval = (low, high)
+    shown = (
+        f"{float(gains.mean()):+.4f} [{low:+.4f}, {high:+.4f}] over "
+        f"{len(set(patients))} validation patients"
+    )
+    if not low > 0:  # NaN (fewer than 2 patients) falls back too
+        say(
+            f"the policy's validation gain over the start prompt, {shown}, is not beyond "
+            "its interval: the policy keeps the start prompt (no edit)"
+        )
+        return KeptCheckpoint(kept, True, interval)
+    say(f"the policy's validation gain over the start prompt: {shown}")
+    return KeptCheckpoint(kept, False, interval)
 
 
 def summarize(
     log: TrainingLog,
     reward: AnswerReward,
-    kept: ValidationPoint,
-    falls_back: bool,
+    checkpoint: KeptCheckpoint,
     seconds: float,
 ) -> TrainingSummary:
     """What training did and cost (`TrainingSummary`)."""
-    stats = reward.client.cache_stats
+    stats, kept = reward.client.cache_stats, checkpoint.point
+    low, high = checkpoint.interval or (None, None)
     return TrainingSummary(
         timesteps=log.timesteps,
         episodes=log.episodes,
@@ -541,7 +611,9 @@ def summarize(
         final_validation_reward=log.validation[-1].validation_reward,
         kept_timesteps=kept.timesteps,
         kept_validation_reward=kept.validation_reward,
-        falls_back_to_start=falls_back,
+        falls_back_to_start=checkpoint.falls_back,
+        kept_validation_low=None if low is None or np.isnan(low) else float(low),
+        kept_validation_high=None if high is None or np.isnan(high) else float(high),
         llm_calls_to_kept_validation_reward=kept.llm_calls,
         llm_calls_to_final_validation_reward=calls_to_final(log.validation),
         seconds=round(seconds, 1),
@@ -589,7 +661,7 @@ def train_policy(
         )
     else:
         log = learn(model, episodes, eval_env, settings, say, tick)
-    kept, falls_back = keep_checkpoint(model, log, settings, say)
+    checkpoint = keep_checkpoint(model, log, settings, eval_env, episodes.reward, say)
     info = PolicyInfo(
         settings=settings,
         trained_with=TrainedWith(
@@ -600,7 +672,7 @@ def train_policy(
             validation_encounters=len(episodes.validation),
             versions=dict(versions or {}),
         ),
-        training=summarize(log, episodes.reward, kept, falls_back, time.perf_counter() - started),
+        training=summarize(log, episodes.reward, checkpoint, time.perf_counter() - started),
         start=start,
     )
     policy = save_policy(model, info, folder)
@@ -610,7 +682,9 @@ def train_policy(
 
 __all__ = [
     "INFO_FILE",
+    "INTERVAL_RESAMPLES",
     "POLICY_FILE",
+    "KeptCheckpoint",
     "Policy",
     "PolicyInfo",
     "PolicySettings",
@@ -630,4 +704,5 @@ __all__ = [
     "save_policy",
     "train_policy",
     "validate_policy",
+    "validation_gains",
 ]

@@ -116,7 +116,7 @@ class KeepBestOnValidation(BaseCallback):
         self.log.record(point, lambda: copy.deepcopy(self.model.policy.state_dict()))
         if self.progress:
             self.progress(
-                f"validation at {parent.num_timesteps} steps: reward over initial "
+                f"validation at {parent.num_timesteps} steps: reward over the start prompt "
                 f"{parent.last_mean_reward:+.4f} ({self.reward.llm_calls} LLM calls so far)"
             )
         return True

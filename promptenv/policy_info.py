@@ -85,6 +85,9 @@ class PolicySettings:
     max_llm_calls: int = 800
     #: keep the weights that scored best on validation (early stopping), not the last ones
     keep_best: bool = True
+    #: with ``keep_best``: keep the trained edits only when their validation gain over the start
+    #: config is beyond the 95% interval bootstrapped over validation patients (else fall back)
+    require_interval: bool = True
     #: train against a learned reward model (`promptenv.reward_model`): ``model_rounds``
     #: rounds of ``model_timesteps`` PPO steps each, LLM calls only between rounds
     reward_model: bool = False
@@ -174,6 +177,10 @@ class TrainingSummary:
     #: no checkpoint beat the start config (`StartConfig`) on validation: the policy makes no
     #: edit ("falls_back_to_initial" in files written before the start was chosen)
     falls_back_to_start: bool = False
+    #: the kept checkpoint's validation gain over the start config: 95% interval bootstrapped
+    #: over validation patients (None: not computed, e.g. the policy fell back on its mean)
+    kept_validation_low: float | None = None
+    kept_validation_high: float | None = None
     llm_calls_to_kept_validation_reward: float = 0.0
     llm_calls_to_final_validation_reward: float = 0.0
     seconds: float = 0.0

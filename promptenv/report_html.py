@@ -183,7 +183,7 @@ def policy_curve_figure(curve: Sequence[ValidationPoint]) -> Figure:
         )
     ax.axhline(0.0, color="#888", lw=1, ls="--")
     ax.set_xlabel("LLM calls spent in training")
-    ax.set_ylabel("validation reward over initial")
+    ax.set_ylabel("validation reward over the start prompt")
     ax.grid(alpha=0.3)
     return fig
 
@@ -396,7 +396,8 @@ def render_html(
     else:
         training = policy_info.training
         fallback = (
-            " No checkpoint beat the initial prompt on validation: the policy makes no edit."
+            f" No checkpoint beat the start prompt ({escape(policy_info.start.method)}) on "
+            "validation: the policy makes no edit."
             if training.falls_back_to_start
             else ""
         )

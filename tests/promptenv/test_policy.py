@@ -577,3 +577,44 @@ def test_a_policy_that_beats_no_fixed_prompt_falls_back_to_the_best_one(
     prompts = reloaded.prompts(cases[:2])
     assert [p.provenance["start"] for p in prompts] == ["peer", "peer"]
     assert "keeps that prompt" in training_summary(reloaded)
+
+
+@pytest.mark.parametrize(
+    ("gains", "patients", "falls_back"),
+    [
+        # a positive mean that one patient's luck makes: not beyond the interval
+        ([0.9, -0.3, 0.6, -0.4, 0.5, -0.2], ["a", "b", "c", "d", "e", "f"], True),
+        # every patient gains: beyond it
+        ([0.3, 0.2, 0.4, 0.25, 0.35, 0.3], ["a", "b", "c", "d", "e", "f"], False),
+        # two encounters of one patient are one draw: no interval, so no edit
+        ([0.3, 0.4], ["a", "a"], True),
+    ],
+)
+def test_a_validation_gain_within_its_interval_falls_back_to_the_start_prompt(
+    monkeypatch: pytest.MonkeyPatch, gains: list[float], patients: list[str], falls_back: bool
+) -> None:
+    import promptenv.policy as policy_module
+    from promptenv.policy import keep_checkpoint
+    from promptenv.policy_callbacks import TrainingLog
+
+    log = TrainingLog()
+    log.record(ValidationPoint(64.0, 10.0, float(np.mean(gains))), None)
+    said: list[str] = []
+    monkeypatch.setattr(
+        policy_module,
+        "validation_gains",
+        lambda *_a, **_k: (np.array(gains), np.array(patients, dtype=object)),
+    )
+    kept = keep_checkpoint(None, log, TINY, None, None, said.append)  # type: ignore[arg-type]
+    assert kept.falls_back is falls_back
+    assert kept.point == log.validation[-1]
+    low, high = kept.interval or (np.nan, np.nan)
+    if len(set(patients)) < 2:
+        assert np.isnan(low) and "not beyond" in said[-1]
+    else:
+        assert low <= np.mean(gains) <= high
+        assert (low > 0) is not falls_back
+        assert ("not beyond" in said[-1]) is falls_back
+    # without the interval rule, a positive mean keeps the edits
+    loose = dataclasses.replace(TINY, require_interval=False)
+    assert not keep_checkpoint(None, log, loose, None, None, said.append).falls_back  # type: ignore[arg-type]
