@@ -36,11 +36,19 @@ def _parallel(raw: str, where: str) -> int:
     return n
 
 
+#: Local answers generated together by default. Measured on the 2-core machine
+#: (BENCHMARKS.md, "Batched local generation"; 2 threads, OMP_WAIT_POLICY=passive, the
+#: fastest setting one at a time in both runs): a batch of 8 answered the same 32
+#: evaluation prompts 1.30x faster than one at a time on a quiet machine and 1.05x under
+#: a load of 3 to 17, so batching is never slower there; 27-31 of 32 answers equal the
+#: one-at-a-time answer, and recall did not move. ``--llm-parallel 1`` answers one at a time.
+DEFAULT_LOCAL_PARALLEL = 8
+
+
 def env_local_parallel() -> int:
-    """``$PMLM_LLM_PARALLEL``, else 1 (one answer at a time: batching measured only 1.04-1.05x
-    faster on this 2-core machine under load, see BENCHMARKS.md)."""
+    """``$PMLM_LLM_PARALLEL``, else `DEFAULT_LOCAL_PARALLEL`."""
     raw = os.environ.get(PARALLEL_ENV, "").strip()
-    return _parallel(raw, PARALLEL_ENV + "=") if raw else 1
+    return _parallel(raw, PARALLEL_ENV + "=") if raw else DEFAULT_LOCAL_PARALLEL
 
 
 def use_llm_parallel(n: int | None) -> None:

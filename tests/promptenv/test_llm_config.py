@@ -5,14 +5,21 @@ from __future__ import annotations
 import pytest
 
 from pipelines.errors import ConfigError
-from promptenv.llm.config import PARALLEL_ENV, ClientConfig, use_llm_parallel
+from promptenv.llm.config import (
+    DEFAULT_LOCAL_PARALLEL,
+    PARALLEL_ENV,
+    ClientConfig,
+    use_llm_parallel,
+)
 
 
 def test_llm_parallel_reaches_every_new_client(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(PARALLEL_ENV, raising=False)
-    assert ClientConfig().local_parallel == 1  # one answer at a time unless asked
+    assert ClientConfig().local_parallel == DEFAULT_LOCAL_PARALLEL == 8  # as measured
     use_llm_parallel(None)
-    assert ClientConfig().local_parallel == 1
+    assert ClientConfig().local_parallel == DEFAULT_LOCAL_PARALLEL
+    use_llm_parallel(1)
+    assert ClientConfig().local_parallel == 1  # one at a time, as asked
     use_llm_parallel(4)
     assert ClientConfig().local_parallel == 4
     assert ClientConfig(local_parallel=2).local_parallel == 2  # an explicit value wins
