@@ -428,8 +428,8 @@ def run_cmd(
     policy_encounters: Annotated[
         int,
         typer.Option(
-            help="Training encounters of that policy training (half as many validation "
-            "encounters; at most 4 LLM calls per training encounter).",
+            help="Training encounters of that policy training (1.5 times as many validation "
+            "encounters; at most 8 LLM calls per training encounter).",
         ),
     ] = 8,
 ) -> None:
