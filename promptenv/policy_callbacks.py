@@ -80,8 +80,8 @@ class TrainingMonitor(BaseCallback):
             if self.progress and self.tick is None and self.n_calls % self.lines_every == 0:
                 # the same figures as lines, for logs (the flows show no bar)
                 self.progress(
-                    f"step {self.num_timesteps}/{self.timesteps}: running reward over "
-                    f"initial {recent:+.3f}, cache hit rate {hit:.0%}, "
+                    f"step {self.num_timesteps}/{self.timesteps}: running reward over the "
+                    f"start prompt {recent:+.3f}, cache hit rate {hit:.0%}, "
                     f"{reward.llm_calls} LLM calls"
                 )
         if reward.llm_calls >= self.max_llm_calls:
