@@ -24,9 +24,18 @@ from flows.cli_recsys import recsys_app
 from flows.cli_serve import serve_cmd
 from flows.config import config_app
 from flows.errors import prefect_defaults, run_app, temporary_server_errors
-from flows.options import DEBUG_ENV, LLMParallelOpt, PMLMGroup, WorkspaceOpt
+from flows.options import (
+    DEBUG_ENV,
+    CdmSchemaOpt,
+    FormatOpt,
+    LLMParallelOpt,
+    PlanHeaderOpt,
+    PlansOpt,
+    PMLMGroup,
+    WorkspaceOpt,
+)
 from flows.progress import LOG_LEVELS, bar, configure_output
-from pipelines.steps import describe_source
+from pipelines.steps import check_source_options, describe_source
 from pipelines.workspace import Workspace
 from promptenv.llm.config import use_llm_parallel
 
@@ -195,26 +204,6 @@ def print_methods(rows: list[dict[str, Any]], title: str) -> None:
     )
 
 
-PlansOpt = Annotated[
-    str,
-    typer.Option(
-        "--plans",
-        help="Where reference plans come from: notes (the plan section of a visit's note), "
-        "orders (the orders recorded at the visit), or auto (the note where it has a plan, "
-        "else the orders).",
-    ),
-]
-PlanHeaderOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--plan-header",
-        help="Title of a note's plan section, repeatable (--plan-header 'Plan' --plan-header "
-        "'Plan de tratamiento') [default: 'Assessment and Plan' and 'Plan', as Synthea writes].",
-        show_default=False,
-    ),
-]
-
-
 def check_plan_options(plans: str, plan_header: list[str] | None) -> tuple[str, ...] | None:
     """``--plans`` and ``--plan-header`` checked before anything is read (InputError: one line)."""
     from pipelines.ingest import plan_choice
@@ -242,10 +231,7 @@ def ingest_fhir_cmd(
             help="Reader processes (each holds 16 bundles at a time) [default: the number of CPUs].",
         ),
     ] = None,
-    fmt: Annotated[
-        str,
-        typer.Option("--format", help="auto (detected), bundles, or bulk (a Bulk Data export)."),
-    ] = "auto",
+    fmt: FormatOpt = "auto",
     plans: PlansOpt = "auto",
     plan_header: PlanHeaderOpt = None,
 ) -> None:
@@ -286,12 +272,7 @@ def ingest_omop_cmd(
     ] = None,
     workspace: WorkspaceOpt = None,
     split_seed: SplitSeedOpt = 0,
-    cdm_schema: Annotated[
-        str | None,
-        typer.Option(
-            "--cdm-schema", help="The database schema that holds the CDM tables (with a URL)."
-        ),
-    ] = None,
+    cdm_schema: CdmSchemaOpt = None,
     plans: PlansOpt = "auto",
     plan_header: PlanHeaderOpt = None,
 ) -> None:
@@ -392,11 +373,15 @@ def run_cmd(
         str,
         typer.Option(
             help="The data: default (the built-in cohort), fhir:PATH (bundles, a Bulk Data "
-            "export or its manifest.json), omop (Eunomia), omop:PATH_OR_URL (DuckDB file, CSV "
-            "folder, postgresql://...), or workspace (the tables of an earlier `pmlm ingest`, "
-            "e.g. with --plans or --cdm-schema).",
+            "export or its manifest.json; --format), omop (Eunomia), omop:PATH_OR_URL (DuckDB "
+            "file, CSV folder, postgresql://... with --cdm-schema), or workspace (the tables "
+            "of an earlier `pmlm ingest`). fhir: and omop: take --plans and --plan-header.",
         ),
     ] = "default",
+    fmt: FormatOpt = "auto",
+    plans: PlansOpt = "auto",
+    plan_header: PlanHeaderOpt = None,
+    cdm_schema: CdmSchemaOpt = None,
     backend: Annotated[
         str, typer.Option(help="LLM backend spec (local = SmolLM2-135M on this machine).")
     ] = "local",
@@ -444,6 +429,14 @@ def run_cmd(
     if dask_address and task_runner != "dask":
         raise typer.BadParameter("--dask-address needs --task-runner dask")
     described = describe_source(source)  # a bad --source: one line, before Prefect starts
+    headers = check_plan_options(plans, plan_header)
+    ingest: dict[str, Any] = {
+        "fmt": fmt,
+        "plans": plans,
+        "plan_headers": headers,
+        "cdm_schema": cdm_schema,
+    }
+    check_source_options(source, **ingest)  # an option of another source: one line too
     ws = Workspace.at(workspace)
     started = time.perf_counter()
     console.print(
@@ -462,6 +455,7 @@ def run_cmd(
             dask_address=dask_address,
             policy_timesteps=policy_timesteps,
             policy_encounters=policy_encounters,
+            ingest=ingest,
         )
     built = result.build
     print_summary(built.summary, described[0].upper() + described[1:])

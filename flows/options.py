@@ -36,6 +36,37 @@ LLMParallelOpt = Annotated[
     ),
 ]
 
+#: ``--format`` of a FHIR input (`pipelines.fhir.detect_format`).
+FormatOpt = Annotated[
+    str,
+    typer.Option("--format", help="auto (detected), bundles, or bulk (a Bulk Data export)."),
+]
+#: ``--cdm-schema`` of an OMOP database URL.
+CdmSchemaOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--cdm-schema", help="The database schema that holds the CDM tables (with a URL)."
+    ),
+]
+PlansOpt = Annotated[
+    str,
+    typer.Option(
+        "--plans",
+        help="Where reference plans come from: notes (the plan section of a visit's note), "
+        "orders (the orders recorded at the visit), or auto (the note where it has a plan, "
+        "else the orders).",
+    ),
+]
+PlanHeaderOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--plan-header",
+        help="Title of a note's plan section, repeatable (--plan-header 'Plan' --plan-header "
+        "'Plan de tratamiento') [default: 'Assessment and Plan' and 'Plan', as Synthea writes].",
+        show_default=False,
+    ),
+]
+
 
 #: Set (to anything) to see the traceback behind an error line.
 DEBUG_ENV = "PMLM_DEBUG"

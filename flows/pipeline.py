@@ -168,6 +168,7 @@ def build(
     refit: bool = False,
     full: bool = False,
     with_prompts: bool = True,
+    ingest: dict[str, Any] | None = None,
 ) -> BuildOutcome:
     """Canonical tables → recommender → signals → initial prompts (``tables/prompts.parquet``).
 
@@ -176,12 +177,14 @@ def build(
     since the last build (``full=True`` recomputes all). ``grids`` defaults to
     `QUICK_GRIDS`; ``methods`` to ``["pmlm_initial"]``. ``with_prompts=False`` stops
     after the fit (the main job writes the table once, with the policy's prompts).
+    ``ingest``: the ingest options of ``source`` (`pipelines.steps.prepare_source`'s
+    ``fmt``, ``plans``, ``plan_headers``, ``cdm_schema``).
     """
     log = get_run_logger()
     ws = _workspace(workspace)
     spec = PromptTableSpec(tuple(methods or ["pmlm_initial"]), which, batch_size=batch_size)  # type: ignore[arg-type]
     log.info(f"Step 1/3: canonical tables, reference plans, index encounters and split ({source})")
-    summary = prepare_cohort(ws, source, split_seed)
+    summary = prepare_cohort(ws, source, split_seed, ingest)
     fingerprint = fingerprint_records(ws)
     log.info(
         "Step 2/3: recommenders (baselines, LightFM, ALS, BPR, item-kNN, blend), "
@@ -351,6 +354,7 @@ def pmlm_pipeline(
     batch_size: int = 32,
     policy_timesteps: int = 256,
     policy_encounters: int = 8,
+    ingest: dict[str, Any] | None = None,
 ) -> PipelineOutcome:
     """The main job: build (data, recommender) → train_policy → refine (signals, then the
     initial and the policy's prompts, one table) → evaluate → export.
@@ -358,13 +362,21 @@ def pmlm_pipeline(
     ``n_obstetric`` and ``n_adult`` test encounters are evaluated with the LLM
     ``backend`` (``eval_methods``, default `MAIN_JOB_METHODS`); ``task_runner`` (threads or dask, with ``dask_address``) runs
     the batches of signals and prompts (refine's); ``policy_timesteps`` PPO steps on ``policy_encounters``
-    training encounters train the policy (see `quick_policy_settings`).
+    training encounters train the policy (see `quick_policy_settings`). ``ingest``: the
+    ingest options of ``source`` (`build`).
     """
     ws = _workspace(workspace)
     prompt_methods = list(prompt_methods or ["pmlm_initial"])
     runner = make_task_runner(task_runner, dask_address)
     # the prompt table is written once, by refine, with the policy's prompts
-    built = build(ws, source, methods=prompt_methods, batch_size=batch_size, with_prompts=False)
+    built = build(
+        ws,
+        source,
+        methods=prompt_methods,
+        batch_size=batch_size,
+        with_prompts=False,
+        ingest=ingest,
+    )
     policy = train_policy(
         ws,
         backend,

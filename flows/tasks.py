@@ -130,11 +130,17 @@ def _worth_retrying(_task: Task[Any, Any], _run: object, state: State[Any]) -> b
 
 
 @task(name="prepare-cohort", cache_policy=NO_CACHE)
-def prepare_cohort(workspace: str, source: str = "default", split_seed: int = 0) -> dict[str, Any]:
-    """Canonical tables, reference plans, index encounters and the split (`pipelines.steps.prepare_source`)."""
+def prepare_cohort(
+    workspace: str,
+    source: str = "default",
+    split_seed: int = 0,
+    ingest: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Canonical tables, reference plans, index encounters and the split
+    (`pipelines.steps.prepare_source`; ``ingest``: its keyword options, e.g. ``plans``)."""
     from pipelines.steps import prepare_source
 
-    return prepare_source(Workspace.at(workspace), source, split_seed)
+    return prepare_source(Workspace.at(workspace), source, split_seed, **(ingest or {}))
 
 
 @task(name="fingerprint-records", cache_policy=NO_CACHE)

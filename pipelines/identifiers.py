@@ -120,6 +120,21 @@ def _patient_resources(path: Path, parser: simdjson.Parser) -> list[dict[str, An
     return resources
 
 
+def merge_identifiers(
+    into: dict[str, PatientIdentifiers], found: dict[str, PatientIdentifiers]
+) -> dict[str, PatientIdentifiers]:
+    """Add ``found`` to ``into`` (in place, returned): a patient read twice (a repeat,
+    or a conflicting duplicate) keeps every value of both, in the order first seen."""
+    for pid, entry in found.items():
+        merged = into.get(pid)
+        if merged is None:
+            into[pid] = {f: list(entry.get(f, [])) for f in FIELDS}
+            continue
+        for f in FIELDS:
+            merged[f] = list(dict.fromkeys([*merged[f], *entry.get(f, [])]))
+    return into
+
+
 def fhir_identifiers(
     files: Iterable[Path], salt: str | None = None
 ) -> dict[str, PatientIdentifiers]:
@@ -127,6 +142,9 @@ def fhir_identifiers(
 
     A file or line that is not readable is skipped: the ingest quarantines it and
     no row of it reaches the tables. ``salt`` must be the ingest's (the workspace's).
+    The ingest does not call this (its readers collect the same identifiers while
+    they read each file once: `pipelines.fhir.reader.FhirReader`); it is the
+    reference that tests hold the ingest's deny-list to.
     """
     parser = simdjson.Parser()
     found: dict[str, PatientIdentifiers] = {}
@@ -134,7 +152,8 @@ def fhir_identifiers(
         for patient in _patient_resources(path, parser):
             rid = patient.get("id")
             if isinstance(rid, str) and rid:
-                found[pseudonym("fhir", rid, salt)] = patient_identifiers(patient, salt)
+                pid = pseudonym("fhir", rid, salt)
+                merge_identifiers(found, {pid: patient_identifiers(patient, salt)})
     return found
 
 

@@ -286,13 +286,12 @@ def ingest_fhir(
     this process about two copies of the largest table (events), not the cohort.
     ``progress(files_read, files)`` follows the reading. ``plans`` (notes, orders,
     auto) and ``plan_headers``: where reference plans come from (`write_cohort`).
-    The patients' direct identifiers go to the deny-list (`pipelines.identifiers`).
+    The patients' direct identifiers go to the deny-list (`pipelines.identifiers`),
+    collected by the workers as they read (each file is read once).
     """
-    from pipelines.fhir import bulk_files, bundle_files, detect_format
-    from pipelines.identifiers import fhir_identifiers, write_identifiers
     from pipelines.staged import ingest_fhir_staged
 
-    summary = ingest_fhir_staged(
+    return ingest_fhir_staged(
         workspace,
         folder,
         split_seed=split_seed,
@@ -302,11 +301,6 @@ def ingest_fhir(
         plan_headers=plan_headers,
         progress=progress,
     )
-    kind = detect_format(Path(folder), fmt)
-    found = bundle_files(folder) if kind == "bundles" else bulk_files(folder)
-    identifiers = fhir_identifiers(found.files, workspace_salt(workspace))
-    write_identifiers(workspace, identifiers)  # the deny-list
-    return summary
 
 
 def ingest_omop(

@@ -106,6 +106,9 @@ class SourceTables:
     notes: pd.DataFrame
     quarantine: pd.DataFrame
     summary: IngestSummary
+    #: pseudonym → the direct identifiers of its source records (the deny-list,
+    #: `pipelines.identifiers`); a FHIR reader fills it from the Patients it reads
+    identifiers: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
 
 def frame(rows: list[dict[str, Any]], schema_names: list[str]) -> pd.DataFrame:

@@ -8,8 +8,9 @@ Synthea women. This module writes the same tables in three steps:
    chunk, a worker sorts the record tables, derives reference plans and index
    encounters (each derived row depends on one patient's records only), hashes
    every row, and writes each table as an Arrow file in a staging folder inside
-   the workspace. It returns the ingest counts and a 128-bit hash of every
-   record's id.
+   the workspace. It returns the ingest counts, a 128-bit hash of every
+   record's id, and its patients' direct identifiers (the deny-list,
+   `pipelines.identifiers`), so that no file is read twice.
 2. **Duplicates.** Ids repeated across chunks are found from those hashes; the
    first occurrence is kept, as one reader would. The patients who hold such an
    id are derived again, together, from their staged rows. A clean cohort has
@@ -54,6 +55,7 @@ from pipelines.fhir import (
     typed,
 )
 from pipelines.fhir.merge import FIRST_COLUMN, REPEAT_COLUMN, content_hashes, resolve_duplicates
+from pipelines.identifiers import PatientIdentifiers, merge_identifiers, write_identifiers
 from pipelines.identity import workspace_salt, write_crosswalk
 from pipelines.index import DEFAULT_SPLIT_SEED
 from pipelines.ingest import (
@@ -101,6 +103,8 @@ class StagedChunk:
     #: staged row, in order
     ids: dict[str, pd.DataFrame]
     patient_ids: np.ndarray
+    #: pseudonym → direct identifiers of the chunk's Patients (`pipelines.identifiers`)
+    identifiers: dict[str, PatientIdentifiers]
 
 
 def _id_hashes(values: pd.Series) -> pd.DataFrame:
@@ -181,6 +185,7 @@ def stage_chunk(
         n_notes=len(ids["notes"]),
         ids=ids,
         patient_ids=patient_ids,
+        identifiers=source.identifiers,
     )
 
 
@@ -327,7 +332,8 @@ def ingest_fhir_staged(
     part of ``bulk.PATIENTS_PER_PART`` patients); neither changes the result.
     ``plans``: where reference plans come from (`pipelines.ingest.PLAN_SOURCES`);
     ``plan_headers``: the titles of a note's plan section (`pipelines.plans.plan_headers`).
-    The staging folder, ``WORKSPACE/.staging/ingest-*``, is removed at the end,
+    The deny-list (``private/identifiers.json``) is written from the identifiers the
+    workers collected. The staging folder, ``WORKSPACE/.staging/ingest-*``, is removed at the end,
     also on error (and ``.staging`` when empty); one left by a killed ingest is
     removed by the next.
     """
@@ -400,6 +406,10 @@ def ingest_fhir_staged(
             ROW_ORDER["quarantine"], kind="stable", na_position="first"
         )
         light["quarantine"] = quarantine.reset_index(drop=True)
+        identifiers: dict[str, PatientIdentifiers] = {}
+        for c in chunks:  # in input order, as one reader would meet them
+            merge_identifiers(identifiers, c.identifiers)
+        write_identifiers(workspace, identifiers)  # the deny-list, from the one reading
         workspace.write_table("quarantine", light["quarantine"])
         result = summarize(light, summary.as_dict(), headers)
         record_ingest(

@@ -51,6 +51,50 @@ def describe_source(source: str) -> str:
     return f"the OMOP CDM {where}"
 
 
+#: The ingest options each kind of source takes (the others are refused: `check_source_options`).
+SOURCE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "fhir": ("--format", "--plans", "--plan-header"),
+    "omop": ("--plans", "--plan-header", "--cdm-schema"),
+    "default": (),
+    "workspace": (),
+}
+
+
+def check_source_options(
+    source: str,
+    *,
+    fmt: str = "auto",
+    plans: str = "auto",
+    plan_headers: Sequence[str] | None = None,
+    cdm_schema: str | None = None,
+) -> None:
+    """Raise InputError (one line) when an ingest option given (other than its default)
+    does not apply to ``source``, or a ``--plans`` choice is unknown; reads nothing."""
+    from pipelines.ingest import plan_choice
+
+    kind, _ = parse_source(source)
+    given = {
+        "--format": fmt != "auto",
+        "--plans": plans != "auto",
+        "--plan-header": bool(plan_headers),
+        "--cdm-schema": cdm_schema is not None,
+    }
+    for option, on in given.items():
+        if on and option not in SOURCE_OPTIONS[kind]:
+            takes = [k for k, options in SOURCE_OPTIONS.items() if option in options]
+            extra = (
+                ": the workspace's tables keep the plans of their ingest; re-run "
+                f"`pmlm ingest` with {option}"
+                if kind == "workspace"
+                else ""
+            )
+            raise InputError(
+                f"{option} does not apply to --source {source}: it is for "
+                f"{' and '.join(f'{k}:' for k in takes)} sources{extra}"
+            )
+    plan_choice(plans)
+
+
 def prepare_source(
     ws: Workspace,
     source: str = "default",
@@ -68,12 +112,16 @@ def prepare_source(
     ``omop:PATH_OR_URL`` (``cdm_schema``), or ``workspace`` (the tables an earlier
     ingest wrote are kept as they are; ``split_seed`` is then theirs). ``plans``
     and ``plan_headers``: where reference plans come from (`pipelines.ingest.write_cohort`).
-    Returns the data summary (`pipelines.ingest.summarize`).
+    Returns the data summary (`pipelines.ingest.summarize`). An option that does not
+    apply to ``source`` is refused (`check_source_options`).
     """
     from pipelines.cohort import prepare_default_cohort
     from pipelines.ingest import ingest_fhir, ingest_omop, load_tables, summarize
     from pipelines.omop import is_url
 
+    check_source_options(
+        source, fmt=fmt, plans=plans, plan_headers=plan_headers, cdm_schema=cdm_schema
+    )
     kind, where = parse_source(source)
     if kind == "default":
         return prepare_default_cohort(ws, split_seed=split_seed)
@@ -110,6 +158,8 @@ def records_fingerprint(ws: Workspace) -> str:
 
 __all__ = [
     "SOURCE_FORMS",
+    "SOURCE_OPTIONS",
+    "check_source_options",
     "describe_source",
     "parse_source",
     "prepare_source",

@@ -216,11 +216,27 @@ class _Router:
             self.route(origin, raw, final=False)
 
 
+#: The order in which files of a type are routed (others: 2).
+_READ_FIRST = {"Patient": 0, "DocumentReference": 1, "Binary": 3}
+
+
+def _file_type(path: Path) -> str:
+    """The resource type a file of an export holds, from its name (``Patient.ndjson``,
+    ``Patient.2.ndjson.gz``, ``1.Patient.ndjson``); only the routing order depends on it."""
+    parts = path.name.split(".")
+    return next((p for p in parts if p in _READ_FIRST), parts[0])
+
+
 def partition_export(files: list[Path], names: list[str], staging: Path) -> Partition:
     """Route every line of ``files`` (named ``names``) to part files in ``staging``."""
     staging.mkdir(parents=True, exist_ok=True)
     router = _Router(staging, names)
-    for number, path in enumerate(files):
+    # Patients first, so that the lines of other types find their part at once instead
+    # of waiting in memory (an export lists Patient.ndjson after most types); Binaries
+    # after the DocumentReferences that point at them. Rows keep their file's number.
+    order = sorted(range(len(files)), key=lambda n: _READ_FIRST.get(_file_type(files[n]), 2))
+    for number in order:
+        path = files[number]
         try:
             router.read_file(number, path)
         except (OSError, EOFError) as exc:  # a truncated or corrupt gzip file

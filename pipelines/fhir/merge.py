@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from pipelines.fhir.reader import FILE_COLUMN, SOURCE_ID_COLUMN, FhirReader, origin_name
 from pipelines.fhir.resources import KIND_RESOURCE, SOURCE
+from pipelines.identifiers import merge_identifiers
 from pipelines.schemas import QUARANTINE, ROW_ORDER, TABLES
 from pipelines.sources import IngestSummary, SourceTables
 
@@ -268,7 +269,10 @@ def merge_chunks(
         merged[name] = pd.concat(frames, ignore_index=True)
         for p in parts:  # free each chunk's copy as soon as it is merged
             setattr(p, name, None)
-    tables = dedupe(SourceTables(summary=summary, **merged), names)
+    identifiers: dict[str, dict[str, list[str]]] = {}
+    for p in parts:
+        merge_identifiers(identifiers, p.identifiers)
+    tables = dedupe(SourceTables(summary=summary, identifiers=identifiers, **merged), names)
     for name in ID_COLUMNS:  # patients keep SOURCE_ID_COLUMN for the crosswalk
         setattr(tables, name, getattr(tables, name).drop(columns=[FILE_COLUMN]))
     del merged, parts

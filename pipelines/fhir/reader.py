@@ -22,9 +22,10 @@ import simdjson
 
 from pipelines.fhir.resources import RESOURCE_PARSERS, SOURCE, Filtered
 from pipelines.fhir.values import Coding, Rejected, reference_id, reference_target
+from pipelines.identifiers import PatientIdentifiers, merge_identifiers, patient_identifiers
 from pipelines.identity import file_id
 from pipelines.schemas import ENCOUNTERS, EVENTS, NOTES, PATIENTS, QUARANTINE
-from pipelines.sources import SOURCE_ID_COLUMN, IngestSummary, SourceTables, frame
+from pipelines.sources import SOURCE_ID_COLUMN, IngestSummary, SourceTables, frame, pseudonym
 
 #: Internal column: the origin of a row (file number × 2**32 + line), dropped before writing.
 FILE_COLUMN = "_file"
@@ -138,6 +139,8 @@ class FhirReader:
         # rows are turned into frames now and then: dicts cost ~10× the memory
         self.parts: dict[str, list[pd.DataFrame]] = {name: [] for name in _TABLES}
         self.quarantine: list[dict[str, Any]] = []
+        #: pseudonym → direct identifiers of every Patient read (kept or not): the deny-list
+        self.identifiers: dict[str, PatientIdentifiers] = {}
         # Of the current unit: source patient id → pseudonym, encounter id → pseudonym
         # of its patient, supporting resources (references resolve within a unit).
         self.patient_ids: dict[str, str] = {}
@@ -276,6 +279,9 @@ class FhirReader:
         try:
             if not isinstance(rid, str) or not rid:
                 raise Rejected("missing id")
+            if rtype == "Patient":  # before parsing: a quarantined Patient's names are denied too
+                pid = pseudonym(SOURCE, rid, self.salt)
+                merge_identifiers(self.identifiers, {pid: patient_identifiers(resource, self.salt)})
             parse(self, rid, resource)
         except Filtered as why:
             s.skipped_by_reason[f"{rtype} {why}"] += 1
@@ -326,6 +332,7 @@ class FhirReader:
             notes=concat("notes"),
             quarantine=frame(self.quarantine, QUARANTINE.names),
             summary=self.summary,
+            identifiers=self.identifiers,
         )
 
 

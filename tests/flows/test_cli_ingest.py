@@ -386,3 +386,105 @@ def test_ingest_fhir_of_a_bulk_export_by_folder_or_manifest(tmp_path: Path) -> N
         app, ["ingest", "fhir", str(manifest.parent), "--format", "bundles", "-w", str(tmp_path)]
     )
     _one_line_error(wrong, InputError.exit_code, "holds no *.json FHIR bundles")
+
+
+def test_run_forwards_the_ingest_options_to_prepare_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`pmlm run --source fhir:PATH --plans notes --plan-header ...` reaches the ingest: the
+    Spanish notes' plans are found only with the header given."""
+    import flows.pipeline
+    from pipelines.steps import prepare_source
+
+    folder = bundles_folder(tmp_path)
+    seen: list[dict[str, Any]] = []
+
+    def fake_pipeline(workspace: str, source: str, **kwargs: Any) -> SimpleNamespace:
+        seen.append(kwargs["ingest"])
+        summary = prepare_source(Workspace.at(workspace), source, **kwargs["ingest"])
+        return _fake_outcome(summary, Path(workspace))
+
+    monkeypatch.setattr(flows.pipeline, "pmlm_pipeline", fake_pipeline)
+    ws = tmp_path / "ws"
+    base = ["run", "-w", str(ws), "--source", f"fhir:{folder}", "--format", "bundles"]
+    result = runner.invoke(app, [*base, "--plans", "notes", "--plan-header", "Plan de tratamiento"])
+    assert result.exit_code == 0, result.output
+    assert seen[-1] == {
+        "fmt": "bundles",
+        "plans": "notes",
+        "plan_headers": ("Plan de tratamiento",),
+        "cdm_schema": None,
+    }
+    summary = json.loads((ws / "manifest.json").read_text())["steps"]["ingest"]["summary"]
+    assert summary["reference_plans"] == 4 and summary["plan_sources"] == {"note": 4}
+    orders = runner.invoke(app, [*base, "--plans", "orders"])
+    assert orders.exit_code == 0, orders.output
+    summary = json.loads((ws / "manifest.json").read_text())["steps"]["ingest"]["summary"]
+    assert summary["plan_sources"] == {"events": 4}
+
+
+def test_run_refuses_an_ingest_option_of_another_source_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import flows.pipeline
+
+    def never(**_: Any) -> None:
+        raise AssertionError("the flow must not start")
+
+    monkeypatch.setattr(flows.pipeline, "pmlm_pipeline", never)
+    base = ["run", "-w", str(tmp_path), "--source"]
+    cases = [
+        (["fhir:/data", "--cdm-schema", "cdm"], "--cdm-schema does not apply", "omop:"),
+        (["omop:/cdm.duckdb", "--format", "bulk"], "--format does not apply", "fhir:"),
+        (["default", "--plans", "orders"], "--plans does not apply", "fhir: and omop:"),
+        (["workspace", "--plan-header", "Plan"], "--plan-header does not apply", "pmlm ingest"),
+        (["fhir:/data", "--plans", "soap"], "--plans must be one of", "'soap'"),
+    ]
+    for args, *needles in cases:
+        _one_line_error(runner.invoke(app, [*base, *args]), InputError.exit_code, *needles)
+    assert not (tmp_path / "tables").exists()
+
+
+def test_the_main_job_flows_hand_the_ingest_options_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pmlm_pipeline → build → prepare_cohort → prepare_source, each passing ``ingest`` on."""
+    import logging
+
+    import flows.pipeline
+    import flows.tasks
+    import pipelines.steps
+
+    options = {"plans": "orders", "plan_headers": None, "fmt": "bundles", "cdm_schema": None}
+    seen: dict[str, Any] = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_build(*args: Any, **kwargs: Any) -> None:
+        seen["build"] = kwargs["ingest"]
+        raise Stop
+
+    real_build = flows.pipeline.build
+    monkeypatch.setattr(flows.pipeline, "build", fake_build)
+    with pytest.raises(Stop):
+        flows.pipeline.pmlm_pipeline.fn(workspace=str(tmp_path), ingest=options)
+    assert seen["build"] == options
+
+    def fake_prepare_cohort(ws: str, source: str, split_seed: int, ingest: Any) -> None:
+        seen["prepare_cohort"] = ingest
+        raise Stop
+
+    monkeypatch.setattr(flows.pipeline, "get_run_logger", lambda: logging.getLogger("t"))
+    monkeypatch.setattr(flows.pipeline, "prepare_cohort", fake_prepare_cohort)
+    with pytest.raises(Stop):
+        real_build.fn(workspace=str(tmp_path), source="fhir:x", ingest=options)
+    assert seen["prepare_cohort"] == options
+
+    def fake_prepare_source(ws: Workspace, source: str, split_seed: int, **kw: Any) -> Any:
+        seen["prepare_source"] = kw
+        return {}
+
+    monkeypatch.setattr(pipelines.steps, "prepare_source", fake_prepare_source)
+    flows.tasks.prepare_cohort.fn(str(tmp_path), "fhir:x", 0, options)
+    assert seen["prepare_source"] == options

@@ -161,3 +161,27 @@ def test_format_is_detected_or_chosen(tmp_path: Path) -> None:
         read_fhir_folder(tmp_path / "bulk", fmt="bundles")
     with pytest.raises(FhirInputError, match="unknown FHIR format 'xml'"):
         read_fhir_folder(tmp_path / "bulk", fmt="xml")
+
+
+@pytest.mark.slow
+def test_the_deny_list_of_the_one_reading_equals_the_reference_reader(
+    generated_cohort: Path, bulk_cohort: Path, tmp_path: Path
+) -> None:
+    """The staged ingest's workers collect the identifiers as they read (each file is
+    read once); they equal `fhir_identifiers`' second reading, for bundles and Bulk Data."""
+    import json
+
+    from pipelines.fhir import bulk_files, bundle_files
+    from pipelines.identifiers import fhir_identifiers, identifiers_path
+    from pipelines.ingest import ingest_fhir
+
+    for name, folder, files in (
+        ("bundles", generated_cohort, bundle_files(generated_cohort).files),
+        ("bulk", bulk_cohort, bulk_files(bulk_cohort).files),
+    ):
+        ws = Workspace.at(tmp_path / name)
+        ingest_fhir(ws, folder, workers=2)
+        written = json.loads(identifiers_path(ws).read_text())["patients"]
+        reference = fhir_identifiers(files, workspace_salt(ws))
+        assert len(reference) == 30 and all(v["names"] for v in reference.values())
+        assert written == reference, name

@@ -101,3 +101,22 @@ def test_a_damaged_file_says_how_to_rebuild_it(tmp_path: Path) -> None:
         ValueError, match=r"identifiers.json is not a deny-list file .*`pmlm ingest"
     ):
         load_identifiers(ws)
+
+
+def test_a_patient_read_twice_keeps_the_values_of_both(tmp_path: Path) -> None:
+    """A conflicting duplicate Patient: the deny-list keeps both names (reference and
+    reader alike), and the reader's match the reference's."""
+    from pipelines.fhir import read_fhir_folder
+
+    first = {"resourceType": "Patient", "id": "p1", "name": [{"given": ["Ana"], "family": "Roe"}]}
+    second = {**first, "name": [{"given": ["Eva"], "family": "Poe"}], "birthDate": "1990-01-01"}
+    paths = []
+    for i, patient in enumerate((first, second)):
+        bundle = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": patient}]}
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps(bundle))
+    reference = fhir_identifiers(paths, salt="s")
+    (entry,) = reference.values()
+    assert {"Ana", "Roe", "Eva", "Poe", "Ana Roe", "Eva Poe"} <= set(entry["names"])
+    assert entry["dates"] == ["1990-01-01"]
+    assert read_fhir_folder(tmp_path, salt="s", workers=1).identifiers == reference
