@@ -460,11 +460,7 @@ def run_cmd(
     built = result.build
     print_summary(built.summary, described[0].upper() + described[1:])
     prompts = result.refined
-    training = result.policy.training
-    console.print(
-        f"Recommender: {built.recommender}. Policy {result.policy.version}: "
-        f"{training.episodes} training episodes, {training.llm_calls} LLM calls."
-    )
+    console.print(f"Recommender: {built.recommender}. {result.policy.describe()}")
     console.print(
         f"{prompts.rows} prompts (PMLM initial and PMLM refined by the policy); signals and "
         f"prompts computed for {prompts.recomputed_patients} of {prompts.patients} patients "

@@ -127,14 +127,6 @@ def _export_note(result: ExportOutcome) -> str:
     return f"{result.rows} prompts exported; manifest `{result.manifest}`."
 
 
-def _policy_note(result: PolicyOutcome) -> str:
-    training = result.training
-    return (
-        f"Policy {result.version}: {training.episodes} training episodes, "
-        f"{training.llm_calls} LLM calls."
-    )
-
-
 @dataclass(frozen=True)
 class BuildOutcome:
     """What a build or refresh did: the data summary, the fit (None when not refit), the prompts."""
@@ -402,7 +394,7 @@ def pmlm_pipeline(
         methods=pd.DataFrame(evaluation.table),
         llm=evaluation.llm,
         report=evaluation.report.parent / HTML_FILE,
-        notes=[_policy_note(policy), _prompts_note(refined), _export_note(exported)],
+        notes=[policy.describe(), _prompts_note(refined), _export_note(exported)],
     )
     return PipelineOutcome(built, policy, refined, evaluation, exported)
 
@@ -427,7 +419,7 @@ def train_policy(
         outcome = in_workspace(train_policy_task, ws, refresh=True)(
             ws, backend, fingerprint, recommender, settings
         )
-    publish_flow_summary("pmlm-train-policy", notes=[_policy_note(outcome)])
+    publish_flow_summary("pmlm-train-policy", notes=[outcome.describe()])
     return outcome
 
 

@@ -248,6 +248,22 @@ class PolicyOutcome:
     version: str
     path: Path
     training: TrainingSummary
+    #: the fixed prompt training started from, and a fall-back keeps (`StartConfig.method`)
+    start: str = "pmlm_initial"
+
+    def describe(self) -> str:
+        """One line for the main job's output and its flow artifact."""
+        training = self.training
+        kept = (
+            f"it beat no fixed prompt on validation beyond noise, so `pmlm` is the {self.start} "
+            "prompt, unedited"
+            if training.falls_back_to_start
+            else f"its edits start from the {self.start} prompt"
+        )
+        return (
+            f"Policy {self.version}: {training.episodes} training episodes, "
+            f"{training.llm_calls} LLM calls; {kept}."
+        )
 
 
 @task(
@@ -274,7 +290,8 @@ def train_policy_task(
         progress=_progress(),
     )
     _say(training_summary(result.policy))
-    return PolicyOutcome(result.policy.version, result.path, result.policy.info.training)
+    info = result.policy.info
+    return PolicyOutcome(result.policy.version, result.path, info.training, info.start.method)
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -35,6 +35,8 @@ FIXED_PROMPTS: tuple[str, ...] = (
 
 
 def _judge(lo: float, hi: float) -> str:
+    if lo == hi == 0:
+        return "gives the same recall as"
     if lo > 0:
         return "beats"
     if hi < 0:
@@ -78,7 +80,8 @@ def verdict(
     for rival in compared:
         row = by.loc[rival]
         # the table holds rival − method: turn it round to method − rival
-        diff, lo, hi = -row["difference"], -row["hi"], -row["lo"]
+        # (0.0 - x, not -x: an exact tie prints +0.000, not -0.000)
+        diff, lo, hi = 0.0 - row["difference"], 0.0 - row["hi"], 0.0 - row["lo"]
         label = "the bare question" if rival == "general" else "the best fixed prompt on them"
         parts.append(
             f"against {label} ({rival}, {means[rival]:.3f}): {diff:+.3f} [{lo:+.3f}, {hi:+.3f}]"

@@ -78,3 +78,13 @@ def test_one_patient_gives_no_interval_and_says_so() -> None:
 def test_no_policy_no_sentence() -> None:
     assert verdict(_results({"general": 0.1, "peer": 0.4}, 0.02)) == ""
     assert verdict(_results({"pmlm": 0.4}, 0.02)) == ""
+
+
+def test_prompts_that_are_the_best_fixed_ones_are_said_to_be_the_same() -> None:
+    """A policy that fell back to the peer prompt answers exactly as peer: +0.000, no sign."""
+    rows = _results({"general": 0.1, "peer": 0.5}, 0.02)
+    same = rows[rows["method"] == "peer"].assign(method="pmlm")
+    sentence = verdict(pd.concat([rows, same], ignore_index=True))
+    assert "(peer, " in sentence and "+0.000 [+0.000, +0.000]" in sentence
+    assert "-0.000" not in sentence
+    assert "PMLM gives the same recall as the best fixed prompt on them (peer)" in sentence
