@@ -99,7 +99,7 @@ def test_main_job_end_to_end_with_the_local_llm(tmp_path: Path, prefect_server: 
         "--policy-timesteps",
         "64",
         "--policy-encounters",
-        "4",
+        "2",
     ]
     output = _pmlm(prefect_server, "run", "-w", str(tmp_path), *small)
     prompts = pd.read_parquet(tmp_path / "tables" / "prompts.parquet")
@@ -114,7 +114,8 @@ def test_main_job_end_to_end_with_the_local_llm(tmp_path: Path, prefect_server: 
     policy = json.loads((tmp_path / "models" / "policy" / "policy.json").read_text())
     training = policy["training"]
     assert training["timesteps"] == 64 or (training["stopped_by_budget"] and training["episodes"])
-    assert policy["trained_with"]["train_encounters"] == 4
+    assert policy["trained_with"]["train_encounters"] == 2
+    assert policy["trained_with"]["validation_encounters"] == 3  # 1.5 per training encounter
     # the budget stops training; validation episodes already started still finish
     settings = policy["settings"]
     assert (

@@ -197,10 +197,13 @@ def test_ingest_omop_of_an_unreachable_server_is_one_line(tmp_path: Path) -> Non
 
 
 def _fake_outcome(summary: dict[str, Any], ws: Path) -> SimpleNamespace:
+    from flows.tasks import PolicyOutcome
+    from promptenv.policy_info import TrainingSummary
+
     ns = SimpleNamespace
     return ns(
         build=ns(summary=summary, recommender="popularity"),
-        policy=ns(version="v0", training=ns(episodes=0, llm_calls=0)),
+        policy=PolicyOutcome("v0", ws / "models" / "policy", TrainingSummary()),
         refined=ns(
             rows=0, recomputed_patients=0, patients=0, path=ws / "tables" / "prompts.parquet"
         ),

@@ -4,7 +4,8 @@
 patients of the default cohort (`write_cohort`, the OMOP and snapshot path);
 ``fhir FOLDER`` ingests a folder of FHIR bundles (`ingest_fhir`, staged);
 ``fit MODELS`` fits the comma-separated recommenders on a synthetic cohort (written
-first if the workspace has no tables); ``copy FOLDER`` copies a workspace; ``hold SIGNAL`` holds the workspace lock until the file SIGNAL exists.
+first if the workspace has no tables); ``export N`` exports a table of N rows to
+``WORKSPACE/export`` as Parquet and JSONL (`export_table`); ``copy FOLDER`` copies a workspace; ``hold SIGNAL`` holds the workspace lock until the file SIGNAL exists.
 With ``PMLM_FAULT_AFTER_WRITES=k`` the process dies (exit 9) after its k-th write.
 """
 
@@ -51,6 +52,14 @@ def main(step: str, root: str, arg: str) -> None:
                 for name, frame in synthetic_cohort(n_patients=36, seed=5).items():
                     ws.write_table(name, frame)
         fit_models(ws, arg.split(","), blend=False)
+    elif step == "export":
+        import pyarrow as pa
+
+        from pipelines.export import export_table
+
+        rows = int(arg)
+        table = pa.table({"patient_id": [f"p{i}" for i in range(rows)], "n": list(range(rows))})
+        export_table(table, Path(root) / "export", formats=("parquet", "jsonl"))
     elif step == "hold":
         with ws.transaction("hold"):
             print("holding", flush=True)

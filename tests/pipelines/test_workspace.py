@@ -195,6 +195,45 @@ def test_a_killed_fit_leaves_the_old_models_or_the_new(tmp_path: Path) -> None:
     )
 
 
+def _export_rows(folder: Path) -> tuple[int, int, int] | None:
+    """Rows of the export in ``folder`` by its manifest, its Parquet and its JSONL file (None:
+    no export), after a reader finished a committed one."""
+    import pyarrow.parquet as pq
+
+    from pipelines.workspace import recover
+
+    recover(folder)
+    manifest = folder / "prompts.manifest.json"
+    if not manifest.exists():
+        return None
+    rows = json.loads(manifest.read_text())["rows"]
+    parquet = pq.read_table(folder / "prompts.parquet").num_rows
+    jsonl = len((folder / "prompts.jsonl").read_text().splitlines())
+    return rows, parquet, jsonl
+
+
+def test_a_killed_export_leaves_the_old_files_or_the_new(tmp_path: Path) -> None:
+    """The files and the manifest publish together: after a kill at any write, the export
+    is wholly the old one (3 rows) or wholly the new one (5 rows)."""
+    old_root = tmp_path / "old"
+    assert run_step("export", str(old_root), "3").returncode == 0
+    assert _export_rows(old_root / "export") == (3, 3, 3)
+    seen = {3: 0, 5: 0}
+    for k in range(1, 100):
+        root = tmp_path / f"ws-{k}"
+        shutil.copytree(old_root, root)
+        done = run_step("export", str(root), "5", fault=k)
+        got = _export_rows(root / "export")
+        assert got in {(3, 3, 3), (5, 5, 5)}, f"kill after write {k}: a mixed export {got}"
+        assert got is not None
+        seen[got[0]] += 1
+        shutil.rmtree(root)
+        if done.returncode == 0:
+            break
+        assert done.returncode == 9, done.stderr[-2000:]
+    assert seen[3] >= 1 and seen[5] >= 1, seen  # kills before and after the commit point
+
+
 def test_a_transaction_publishes_everything_at_its_end_or_nothing(tmp_path: Path) -> None:
     ws = Workspace.at(tmp_path)
     ws.write_table("patients", _patients(2))
