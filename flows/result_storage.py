@@ -81,7 +81,7 @@ class SignedLocalFileSystem(LocalFileSystem):
         return self._write(path, content)
 
 
-_SAVED: dict[tuple[str, str, str], SignedLocalFileSystem] = {}
+_SAVED: dict[tuple[str, str], SignedLocalFileSystem] = {}
 
 
 def saved(storage: SignedLocalFileSystem) -> SignedLocalFileSystem:
@@ -89,7 +89,8 @@ def saved(storage: SignedLocalFileSystem) -> SignedLocalFileSystem:
     task's ``result_storage`` must be; named after its folder."""
     from prefect.settings import PREFECT_API_URL
 
-    key = (str(storage.basepath), storage.workspace_root, str(PREFECT_API_URL.value()))
+    # the folder fixes the workspace (it lies inside it), so it and the server are the key
+    key = (str(storage.basepath), str(PREFECT_API_URL.value()))
     if key not in _SAVED:
         name = "pmlm-cache-" + hashlib.sha256(key[0].encode()).hexdigest()[:20]
         storage.save(name, overwrite=True, _sync=True)  # type: ignore[call-arg]

@@ -231,9 +231,7 @@ def validate_policy(
     PPO steps. Used by `learn` (the final validation) and by `promptenv.reward_model` (each
     round's)."""
     gains, _ = validation_gains(model, env, reward, progress)
-    total = 0.0
-    for gain in gains:
-        total += float(gain)
+    total = sum(gains.tolist())  # left to right, as the validation callbacks add
     return ValidationPoint(
         float(timesteps), float(reward.llm_calls), total / max(1, len(env.cases))
     )
