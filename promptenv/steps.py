@@ -94,7 +94,18 @@ def build_workspace_prompts(
     table = build_prompt_table(
         load_tables(ws), methods, WorkspaceSignals(ws), check_which(which), policy=policy
     )
-    write_prompt_table(ws, table)
+    with ws.transaction("prompts") as txn:  # the table and its manifest entry, together
+        write_prompt_table(ws, table)
+        txn.record_step(
+            "prompts",
+            {
+                "rows": len(table),
+                "patients": int(table["patient_id"].nunique()),
+                "methods": list(methods),
+                "which": which,
+                "output": str(ws.table_path(PROMPT_TABLE)),
+            },
+        )
     return table
 
 

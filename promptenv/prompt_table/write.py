@@ -1,5 +1,6 @@
-"""Write a prompt-table build: merge the batches, write the table, then the state the next
-refresh compares with; and the whole build in one process (`refresh_prompt_table`)."""
+"""Write a prompt-table build: merge the batches, then publish the table, the state the next
+refresh compares with and the manifest entry in one workspace transaction; and the whole
+build in one process (`refresh_prompt_table`)."""
 
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ def write_refreshed_table(
 ) -> RefreshResult:
     """Merge the batches' rows into the prompt table, write it, then the refresh state.
 
-    The table is written before the state, so a crash in between makes the next
-    build recompute everyone (its table no longer matches the recorded one).
+    The table, the refresh state and the manifest entry are one workspace transaction
+    (`pipelines.workspace`): a kill leaves the previous build or this one, never a table
+    beside another build's state.
     """
     if len(prompts) != len(plan.batches) or len(signals) != len(plan.batches):
         raise ValueError(
@@ -43,6 +45,66 @@ def write_refreshed_table(
         )
     ws = Workspace.at(plan.workspace)
     recomputed = {p for b in plan.batches for p in b.patient_ids}
+    state = refresh_dir(ws)
+    path = ws.table_path(PROMPT_TABLE)
+    # read, merge and publish under the workspace lock: the table, the state the next
+    # refresh compares with and the manifest entry publish together, so a kill leaves the
+    # previous build whole or this one, and no other build publishes in between
+    with ws.transaction("prompts") as txn:
+        table, queries = _merge(ws, plan, recomputed, prompts, signals)
+        if plan.full_reason is not None or plan.batches or plan.removed:
+            write_prompt_table(ws, table)  # an unchanged table keeps its file (and its sha256)
+        write_frame(state / "patients.parquet", pd.read_parquet(plan.run_dir / "records.parquet"))
+        write_frame(state / "states.parquet", pd.read_parquet(plan.run_dir / "states.parquet"))
+        write_frame(state / "queries.parquet", queries)
+        build = {
+            "spec": plan.spec.identity(),
+            "model": plan.model,
+            "model_fingerprint": plan.model_fingerprint,
+            "table_sha256": file_sha256(txn.staged_version(path) or path),
+            "rows": len(table),
+            "patients": plan.patients,
+            "recomputed_patients": len(recomputed),
+            "reasons": dict(plan.reasons),
+            "removed": len(plan.removed),
+            "full_reason": plan.full_reason,
+            "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        atomic_write_bytes(state / "build.json", json.dumps(build, indent=2).encode())
+        txn.record_step(
+            "prompts",
+            {
+                k: build[k]
+                for k in ("model", "rows", "patients", "recomputed_patients", "full_reason")
+            }
+            | {"methods": list(plan.spec.methods), "which": plan.spec.which, "output": str(path)},
+        )
+    # this run's scratch states, and those a crashed run left (one build at a time per
+    # workspace), once the build is published
+    for run_dir in state.glob("run-*"):
+        shutil.rmtree(run_dir)
+    return RefreshResult(
+        path=path,
+        recommender=plan.model,
+        rows=len(table),
+        patients=plan.patients,
+        recomputed_patients=len(recomputed),
+        reasons=dict(plan.reasons),
+        removed=len(plan.removed),
+        full_reason=plan.full_reason,
+        batches=len(plan.batches),
+    )
+
+
+def _merge(
+    ws: Workspace,
+    plan: PromptPlan,
+    recomputed: set[str],
+    prompts: Sequence[pd.DataFrame],
+    signals: Sequence[BatchSignals],
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The new prompt table (the kept rows of the others, the batches' new rows, in a stable
+    order) and the new queries of the refresh state."""
     drop = recomputed | set(plan.removed)
     new_rows = [frame for frame in prompts if len(frame)]
     columns = list(PROMPTS_SCHEMA.names)
@@ -63,50 +125,9 @@ def write_refreshed_table(
         .drop(columns="_method")
         .reset_index(drop=True)[columns]
     )
-    unchanged = plan.full_reason is None and not plan.batches and not plan.removed
-    if not unchanged:  # an unchanged table keeps its file (and its sha256)
-        write_prompt_table(ws, table)
     new_queries = [s.queries for s in signals if len(s.queries)]
     queries = pd.concat([queries, *new_queries], ignore_index=True)
-
-    state = refresh_dir(ws)
-    write_frame(state / "patients.parquet", pd.read_parquet(plan.run_dir / "records.parquet"))
-    write_frame(state / "states.parquet", pd.read_parquet(plan.run_dir / "states.parquet"))
-    write_frame(state / "queries.parquet", queries.sort_values("encounter_id"))
-    path = ws.table_path(PROMPT_TABLE)
-    build = {
-        "spec": plan.spec.identity(),
-        "model": plan.model,
-        "model_fingerprint": plan.model_fingerprint,
-        "table_sha256": file_sha256(path),
-        "rows": len(table),
-        "patients": plan.patients,
-        "recomputed_patients": len(recomputed),
-        "reasons": dict(plan.reasons),
-        "removed": len(plan.removed),
-        "full_reason": plan.full_reason,
-        "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    atomic_write_bytes(state / "build.json", json.dumps(build, indent=2).encode())
-    # this run's states, and those a crashed run left (one build at a time per workspace)
-    for run_dir in state.glob("run-*"):
-        shutil.rmtree(run_dir)
-    ws.record_step(
-        "prompts",
-        {k: build[k] for k in ("model", "rows", "patients", "recomputed_patients", "full_reason")}
-        | {"methods": list(plan.spec.methods), "which": plan.spec.which, "output": str(path)},
-    )
-    return RefreshResult(
-        path=path,
-        recommender=plan.model,
-        rows=len(table),
-        patients=plan.patients,
-        recomputed_patients=len(recomputed),
-        reasons=dict(plan.reasons),
-        removed=len(plan.removed),
-        full_reason=plan.full_reason,
-        batches=len(plan.batches),
-    )
+    return table, queries.sort_values("encounter_id")
 
 
 def refresh_prompt_table(

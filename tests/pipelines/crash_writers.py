@@ -5,7 +5,12 @@ patients of the default cohort (`write_cohort`, the OMOP and snapshot path);
 ``fhir FOLDER`` ingests a folder of FHIR bundles (`ingest_fhir`, staged);
 ``fit MODELS`` fits the comma-separated recommenders on a synthetic cohort (written
 first if the workspace has no tables); ``export N`` exports a table of N rows to
-``WORKSPACE/export`` as Parquet and JSONL (`export_table`); ``copy FOLDER`` copies a workspace; ``hold SIGNAL`` holds the workspace lock until the file SIGNAL exists.
+``WORKSPACE/export`` as Parquet and JSONL (`export_table`); ``prompts WHICH:METHODS`` builds
+the prompt table of the comma-separated METHODS for the WHICH encounters with the refresh
+(`refresh_prompt_table`: the table,
+its refresh state and its manifest entry), fitting a synthetic cohort first if the workspace
+has no tables; ``copy FOLDER`` copies a workspace; ``hold SIGNAL`` holds the workspace lock
+until the file SIGNAL exists.
 With ``PMLM_FAULT_AFTER_WRITES=k`` the process dies (exit 9) after its k-th write.
 """
 
@@ -33,6 +38,17 @@ def cohort_subset(n: int) -> SourceTables:
     return dataclasses.replace(source, **tables)
 
 
+def synthetic_tables(ws: Workspace) -> None:
+    """The tables of a small synthetic cohort, unless the workspace has tables."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from synthetic_cohort import synthetic_cohort
+
+    if not ws.has_table("patients"):
+        with ws.transaction("synthetic"):
+            for name, frame in synthetic_cohort(n_patients=36, seed=5).items():
+                ws.write_table(name, frame)
+
+
 def main(step: str, root: str, arg: str) -> None:
     ws = Workspace.at(root)
     if step == "cohort":
@@ -44,14 +60,18 @@ def main(step: str, root: str, arg: str) -> None:
     elif step == "fit":
         from recsys.steps import fit_models
 
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from synthetic_cohort import synthetic_cohort
+        synthetic_tables(ws)
+        fit_models(ws, arg.split(","), blend=False)
+    elif step == "prompts":
+        from promptenv.prompt_table import PromptTableSpec, refresh_prompt_table
+        from recsys.steps import fit_models
 
         if not ws.has_table("patients"):
-            with ws.transaction("synthetic"):
-                for name, frame in synthetic_cohort(n_patients=36, seed=5).items():
-                    ws.write_table(name, frame)
-        fit_models(ws, arg.split(","), blend=False)
+            synthetic_tables(ws)
+            fit_models(ws, ["popularity"], blend=False)
+        which, methods = arg.split(":")
+        spec = PromptTableSpec(methods=tuple(methods.split(",")), which=which)  # type: ignore[arg-type]
+        refresh_prompt_table(ws, spec)
     elif step == "export":
         import pyarrow as pa
 

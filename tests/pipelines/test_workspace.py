@@ -122,7 +122,30 @@ def state(ws: Workspace) -> dict[str, object]:
         "steps": steps,
         "models": models,
         **{n: pa.Table.from_pandas(t) for n, t in tables.items()},
+        **prompt_build(ws),
     }
+
+
+def prompt_build(ws: Workspace) -> dict[str, object]:
+    """The prompt table (but its ``created_at``) and the refresh state the next build
+    compares with, checked to belong together: the build records the table's sha256."""
+    import pyarrow.parquet as pq
+
+    from pipelines.export import file_sha256
+
+    table, build_json = ws.table_path("prompts"), ws.cache_dir / "refresh" / "build.json"
+    assert table.exists() == build_json.exists(), "a prompt table without its build, or back"
+    if not table.exists():
+        return {}
+    build = json.loads(build_json.read_text())
+    assert build["table_sha256"] == file_sha256(table), "the table of another build"
+    found: dict[str, object] = {
+        "prompts": pq.read_table(table).drop(["created_at"]),
+        "build": {k: v for k, v in build.items() if k not in ("written_at", "table_sha256")},
+    }
+    for name in ("patients", "states", "queries"):
+        found[f"refresh/{name}"] = pq.read_table(ws.cache_dir / "refresh" / f"{name}.parquet")
+    return found
 
 
 def same(a: dict[str, object], b: dict[str, object]) -> bool:
@@ -132,13 +155,22 @@ def same(a: dict[str, object], b: dict[str, object]) -> bool:
     )
 
 
+def differing(a: dict[str, object], b: dict[str, object]) -> list[str]:
+    """The keys whose values differ (or that only one side has)."""
+    return sorted(
+        k for k in a.keys() | b.keys() if k not in a or k not in b or not same({k: a[k]}, {k: b[k]})
+    )
+
+
 def kill_at_every_boundary(
     tmp_path: Path, first: list[str], second: list[str], before: int = 8, after: int = 8
 ) -> int:
-    """Run step ``first``, then ``second`` killed after its 1st, 2nd, ... write until it
-    finishes; after each kill the workspace must be the first state or the second."""
+    """Run step ``first``, then ``second`` over it, killed after its 1st, 2nd, ... write
+    until it finishes; after each kill the workspace must be the first state or the state
+    of ``second`` run over ``first`` unkilled."""
     old_root, new_root = tmp_path / "old", tmp_path / "new"
     assert run_step(first[0], str(old_root), first[1]).returncode == 0
+    shutil.copytree(old_root, new_root)  # the new state: the second step over the first
     assert run_step(second[0], str(new_root), second[1]).returncode == 0
     old, new = state(Workspace.at(old_root)), state(Workspace.at(new_root))
     assert not same(old, new)
@@ -151,7 +183,10 @@ def kill_at_every_boundary(
         if same(got, new):
             seen["new"] += 1
         else:
-            assert same(got, old), f"kill after write {k}: neither the old state nor the new"
+            assert same(got, old), (
+                f"kill after write {k}: neither the old state nor the new; unlike the new: "
+                f"{differing(got, new)}, unlike the old: {differing(got, old)}"
+            )
             seen["old"] += 1
         assert not list(root.glob(".txn/*/COMMIT")), k  # a committed step: finished by the reader
         Workspace.at(root).record_step("next", {})  # the next writer drops an uncommitted one
@@ -193,6 +228,23 @@ def test_a_killed_fit_leaves_the_old_models_or_the_new(tmp_path: Path) -> None:
         before=3,
         after=3,
     )
+
+
+def test_a_killed_prompt_build_leaves_the_old_build_or_the_new(tmp_path: Path) -> None:
+    """The prompt table, the refresh state (build.json and its parquet files) and the
+    manifest entry publish together: a kill leaves the one-method build whole, or the
+    three-method one, never a table beside the other build's state."""
+    old = tmp_path / "old"
+    assert run_step("prompts", str(old), "latest:general").returncode == 0
+    shutil.copytree(old, tmp_path / "base")
+    writes = kill_at_every_boundary(
+        tmp_path / "k",
+        ["copy", str(tmp_path / "base")],
+        ["prompts", "latest:general,self,pmlm_initial"],
+        before=5,
+        after=5,
+    )
+    assert writes >= 11  # 5 files staged, the commit point, 5 files and the manifest renamed
 
 
 def _export_rows(folder: Path) -> tuple[int, int, int] | None:
