@@ -37,6 +37,7 @@ from flows.options import (
 from flows.progress import LOG_LEVELS, bar, configure_output
 from pipelines.steps import check_source_options, describe_source
 from pipelines.workspace import Workspace
+from promptenv.encounters import CALIBRATION_ENCOUNTERS
 from promptenv.llm.config import use_llm_parallel
 
 app = typer.Typer(
@@ -391,6 +392,15 @@ def run_cmd(
     n_adult: Annotated[
         int, typer.Option(min=0, help="Adult (non-obstetric) test encounters compared too.")
     ] = 4,
+    n_calibration: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Validation encounters that choose the matching threshold, shared by the "
+            "policy training and the evaluation (calibrated once per workspace and LLM; "
+            f"fewer than {CALIBRATION_ENCOUNTERS} give a rough threshold: for a quick try only).",
+        ),
+    ] = CALIBRATION_ENCOUNTERS,
     llm_parallel: LLMParallelOpt = None,
     task_runner: Annotated[
         str,
@@ -456,6 +466,7 @@ def run_cmd(
             policy_timesteps=policy_timesteps,
             policy_encounters=policy_encounters,
             ingest=ingest,
+            n_calibration=n_calibration,
         )
     built = result.build
     print_summary(built.summary, described[0].upper() + described[1:])

@@ -347,6 +347,7 @@ def pmlm_pipeline(
     policy_timesteps: int = 256,
     policy_encounters: int = 8,
     ingest: dict[str, Any] | None = None,
+    n_calibration: int = CALIBRATION_ENCOUNTERS,
 ) -> PipelineOutcome:
     """The main job: build (data, recommender) → train_policy → refine (signals, then the
     initial and the policy's prompts, one table) → evaluate → export.
@@ -355,7 +356,8 @@ def pmlm_pipeline(
     ``backend`` (``eval_methods``, default `MAIN_JOB_METHODS`); ``task_runner`` (threads or dask, with ``dask_address``) runs
     the batches of signals and prompts (refine's); ``policy_timesteps`` PPO steps on ``policy_encounters``
     training encounters train the policy (see `quick_policy_settings`). ``ingest``: the
-    ingest options of ``source`` (`build`).
+    ingest options of ``source`` (`build`). ``n_calibration`` validation encounters
+    calibrate the matching threshold that training and evaluation share.
     """
     ws = _workspace(workspace)
     prompt_methods = list(prompt_methods or ["pmlm_initial"])
@@ -373,7 +375,7 @@ def pmlm_pipeline(
         ws,
         backend,
         built.recommender,
-        quick_policy_settings(policy_timesteps, n_train=policy_encounters),
+        quick_policy_settings(policy_timesteps, n_calibration, n_train=policy_encounters),
     )
     refined = refine.with_options(task_runner=runner)(
         ws, policy.version, prompt_methods, batch_size=batch_size
@@ -384,6 +386,7 @@ def pmlm_pipeline(
         eval_methods or list(MAIN_JOB_METHODS),
         n_obstetric=n_obstetric,
         n_adult=n_adult,
+        n_calibration=n_calibration,
     )
     exported = export(ws, [*prompt_methods, "pmlm"])
     publish_flow_summary(

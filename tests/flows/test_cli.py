@@ -100,6 +100,8 @@ def test_main_job_end_to_end_with_the_local_llm(tmp_path: Path, prefect_server: 
         "64",
         "--policy-encounters",
         "2",
+        "--n-calibration",
+        "4",
     ]
     output = _pmlm(prefect_server, "run", "-w", str(tmp_path), *small)
     prompts = pd.read_parquet(tmp_path / "tables" / "prompts.parquet")
@@ -129,6 +131,9 @@ def test_main_job_end_to_end_with_the_local_llm(tmp_path: Path, prefect_server: 
     exported = json.loads((tmp_path / "export" / "prompts.manifest.json").read_text())
     assert exported["rows"] == 2 * patients and exported["policy_version"] == policy["version"]
     assert 0 < report["calibration"]["threshold"] < 1
+    # training and evaluation scored with the one calibration of --n-calibration encounters
+    assert report["calibration"]["n_encounters"] == 4
+    assert policy["trained_with"]["threshold"] == report["calibration"]["threshold"]
     rows = pd.read_parquet(tmp_path / "reports" / "evaluation_results.parquet")
     assert rows["answer"].str.len().gt(0).all()
     assert "Report:" in output and "Prompt table:" in output
@@ -138,7 +143,7 @@ def test_main_job_end_to_end_with_the_local_llm(tmp_path: Path, prefect_server: 
     assert "Verdict: PMLM cannot be judged on one patient" in said
     assert "Verdict: PMLM " in (tmp_path / "reports" / "evaluation.md").read_text()
     # a second run answers every LLM question from the cache
-    sample = ["--n-obstetric", "1", "--n-adult", "1", "--n-calibration", "2"]
+    sample = ["--n-obstetric", "1", "--n-adult", "1", "--n-calibration", "4"]
     sample += ["--methods", "general,self,peer,pmlm_initial,oracle,pmlm"]
     _pmlm(prefect_server, "evaluate", "-w", str(tmp_path), *sample)
     assert " 0 misses." in (tmp_path / "reports" / "evaluation.md").read_text()
