@@ -46,7 +46,7 @@ import pandas as pd
 from numpy.typing import NDArray
 
 from pipelines.index import ContextStore
-from pipelines.workspace import atomic_write_bytes
+from pipelines.workspace import publishing_dir
 from promptenv.calibration import Calibration, calibrated_scorer
 from promptenv.editing import (
     EDITS,
@@ -280,14 +280,21 @@ def _version(weights: bytes, info: PolicyInfo) -> str:
 
 
 def save_policy(model: Any, info: PolicyInfo, folder: Path) -> Policy:
-    """Write policy.zip and policy.json (atomically); the version is the zip's sha256 prefix."""
-    folder.mkdir(parents=True, exist_ok=True)
-    weights = _weights(model, folder)
-    full = replace(info, version=_version(weights, info))
-    atomic_write_bytes(folder / POLICY_FILE, weights)
-    atomic_write_bytes(
-        policy_info_path(folder), json.dumps(full.to_json(), indent=2, default=str).encode()
-    )
+    """Write policy.zip and policy.json; the version is the zip's sha256 prefix (with the
+    start config and the fall-back flag: `_version`).
+
+    The folder is published whole (`publishing_dir`: fsynced, then swapped in; inside a
+    workspace transaction, with its other files): a kill leaves the old policy or the new
+    one, never new weights beside the old ``policy.json``.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with publishing_dir(folder) as new:
+        weights = _weights(model, new)
+        full = replace(info, version=_version(weights, info))
+        (new / POLICY_FILE).write_bytes(weights)
+        policy_info_path(new).write_bytes(
+            json.dumps(full.to_json(), indent=2, default=str).encode()
+        )
     return Policy(model, full)
 
 
@@ -362,7 +369,15 @@ def load_policy(folder: Path) -> Policy:
         raise FileNotFoundError(
             f"no trained policy in {folder}: run `pmlm policy train` (or `pmlm run`) first"
         )
+    from pipelines.integrity import TamperedFileError
+
     info = read_policy_info(folder)
+    if _version(zip_path.read_bytes(), info) != info.version:
+        raise TamperedFileError(
+            f"{zip_path} is not the policy {info.version} that {policy_info_path(folder)} "
+            "describes (replaced or damaged): train it again with `pmlm policy train` "
+            "(or `pmlm run`)"
+        )
     return Policy(load_weights(zip_path), info)
 
 

@@ -128,3 +128,32 @@ def _torch_bytes(obj: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
+
+
+def test_a_saved_policy_is_published_whole_and_its_weights_must_match_its_info(
+    tmp_path: Path,
+) -> None:
+    """policy.zip and policy.json are one folder swapped in at once; weights beside another
+    policy's policy.json (a kill between two writes, or a copied file) are refused."""
+    from sb3_contrib import MaskablePPO
+
+    from promptenv.policy import POLICY_FILE, load_policy, save_policy
+    from promptenv.policy_info import PolicyInfo
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    saved_one = save_policy(
+        MaskablePPO("MlpPolicy", _Spaces(), seed=0, device="cpu"), PolicyInfo(), one
+    )
+    saved_two = save_policy(
+        MaskablePPO("MlpPolicy", _Spaces(), seed=1, device="cpu"), PolicyInfo(), two
+    )
+    assert saved_one.info.version != saved_two.info.version
+    assert sorted(p.name for p in one.iterdir()) == ["policy.json", POLICY_FILE]
+    assert load_policy(one).info.version == saved_one.info.version
+    (one / POLICY_FILE).write_bytes((two / POLICY_FILE).read_bytes())
+    with pytest.raises(TamperedFileError, match=f"is not the policy {saved_one.info.version}"):
+        load_policy(one)
+    # saving again replaces the folder whole: nothing of the old one is left
+    (two / "stray.txt").write_text("x")
+    save_policy(MaskablePPO("MlpPolicy", _Spaces(), seed=2, device="cpu"), PolicyInfo(), two)
+    assert sorted(p.name for p in two.iterdir()) == ["policy.json", POLICY_FILE]
