@@ -38,14 +38,14 @@ def cohort_subset(n: int) -> SourceTables:
     return dataclasses.replace(source, **tables)
 
 
-def synthetic_tables(ws: Workspace) -> None:
+def synthetic_tables(ws: Workspace, n_patients: int = 36) -> None:
     """The tables of a small synthetic cohort, unless the workspace has tables."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from synthetic_cohort import synthetic_cohort
 
     if not ws.has_table("patients"):
         with ws.transaction("synthetic"):
-            for name, frame in synthetic_cohort(n_patients=36, seed=5).items():
+            for name, frame in synthetic_cohort(n_patients=n_patients, seed=5).items():
                 ws.write_table(name, frame)
 
 
@@ -67,7 +67,7 @@ def main(step: str, root: str, arg: str) -> None:
         from recsys.steps import fit_models
 
         if not ws.has_table("patients"):
-            synthetic_tables(ws)
+            synthetic_tables(ws, n_patients=16)  # few: the step runs once per write
             fit_models(ws, ["popularity"], blend=False)
         which, methods = arg.split(":")
         spec = PromptTableSpec(methods=tuple(methods.split(",")), which=which)  # type: ignore[arg-type]
