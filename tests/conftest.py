@@ -17,6 +17,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with the longest tests first (stable: a file's tests keep their order).
+
+    pytest-xdist (``--dist loadfile``) hands files out one at a time in this order; a long
+    file collected last (the notebooks) would leave one worker alone at the end. The cost
+    of a file is the sum of its ``slow`` tests' ``seconds`` (measured alone; 30 unless
+    given).
+    """
+    cost: dict[Path, float] = {}
+    for item in items:
+        marker = item.get_closest_marker("slow")
+        if marker is not None:
+            cost[item.path] = cost.get(item.path, 0.0) + float(marker.kwargs.get("seconds", 30))
+    items.sort(key=lambda item: -cost.get(item.path, 0.0))
+
+
 @pytest.fixture(scope="session")
 def default_tables() -> dict[str, pd.DataFrame]:
     """Every canonical table of the built-in default cohort (derived in memory, read-only)."""

@@ -58,7 +58,7 @@ def python3_kernel_of_this_interpreter() -> str:
     return KERNEL
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=125)
 def test_every_notebook_runs_on_one_workspace(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -86,7 +86,7 @@ def test_cohort_generate_is_reproducible_and_reused(tmp_path: Path) -> None:
     assert json.loads((a / MARKER).read_text())["spec"]["n"] == 2
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=250)
 def test_main_job_end_to_end_with_the_local_llm(tmp_path: Path, prefect_server: str) -> None:
     """`pmlm run` (the README's first command) on a tiny evaluation sample: every artifact is written."""
     import pandas as pd

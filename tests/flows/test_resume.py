@@ -66,7 +66,7 @@ def _cached_answers(ws: Path) -> int:
     return len(ResponseCache(path)) if path.exists() else 0
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=115)
 def test_main_job_killed_mid_evaluation_resumes_without_repeating_llm_calls(
     built_workspace: Path, prefect_server: str, tmp_path: Path, stub_llm_server: Any
 ) -> None:

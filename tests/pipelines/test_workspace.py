@@ -200,11 +200,13 @@ def kill_at_every_boundary(
     return k
 
 
+@pytest.mark.slow
 def test_a_killed_ingest_leaves_the_old_state_or_the_new(tmp_path: Path) -> None:
     writes = kill_at_every_boundary(tmp_path, ["cohort", "12"], ["cohort", "20"])
     assert writes >= 18  # 8 tables staged, the commit point, 8 tables and the manifest renamed
 
 
+@pytest.mark.slow
 def test_a_killed_fhir_ingest_leaves_the_old_state_or_the_new(tmp_path: Path) -> None:
     from test_fhir import tiny_bundle, write
 
@@ -215,6 +217,7 @@ def test_a_killed_fhir_ingest_leaves_the_old_state_or_the_new(tmp_path: Path) ->
     kill_at_every_boundary(tmp_path, ["fhir", str(one)], ["fhir", str(two)])
 
 
+@pytest.mark.slow
 def test_a_killed_fit_leaves_the_old_models_or_the_new(tmp_path: Path) -> None:
     """The recommender fit saves model folders, the selection and its manifest entry."""
     old = tmp_path / "old"
@@ -230,6 +233,7 @@ def test_a_killed_fit_leaves_the_old_models_or_the_new(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_a_killed_prompt_build_leaves_the_old_build_or_the_new(tmp_path: Path) -> None:
     """The prompt table, the refresh state (build.json and its parquet files) and the
     manifest entry publish together: a kill leaves the one-method build whole, or the
