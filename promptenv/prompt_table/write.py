@@ -32,7 +32,7 @@ def write_refreshed_table(
     prompts: Sequence[pd.DataFrame],
     signals: Sequence[BatchSignals],
 ) -> RefreshResult:
-    """Merge the batches' rows into the prompt table, write it, then the refresh state.
+    """Merge the batches' rows into the prompt table and publish it with the refresh state.
 
     The table, the refresh state and the manifest entry are one workspace transaction
     (`pipelines.workspace`): a kill leaves the previous build or this one, never a table

@@ -7,9 +7,8 @@ patients of the default cohort (`write_cohort`, the OMOP and snapshot path);
 first if the workspace has no tables); ``export N`` exports a table of N rows to
 ``WORKSPACE/export`` as Parquet and JSONL (`export_table`); ``prompts WHICH:METHODS`` builds
 the prompt table of the comma-separated METHODS for the WHICH encounters with the refresh
-(`refresh_prompt_table`: the table,
-its refresh state and its manifest entry), fitting a synthetic cohort first if the workspace
-has no tables; ``copy FOLDER`` copies a workspace; ``hold SIGNAL`` holds the workspace lock
+(`refresh_prompt_table`: the table, its refresh state and its manifest entry), fitting a
+synthetic cohort first if the workspace has no tables; ``copy FOLDER`` copies a workspace; ``hold SIGNAL`` holds the workspace lock
 until the file SIGNAL exists.
 With ``PMLM_FAULT_AFTER_WRITES=k`` the process dies (exit 9) after its k-th write.
 """
