@@ -238,13 +238,16 @@ class FhirReader:
         self.shared_medications = {k: (v[0], v[1], v[2]) for k, v in loaded.items()}
 
     def read_part(self, path: Path) -> None:
-        """One part of a Bulk Data export (`pipelines.fhir.bulk`) as one unit."""
+        """One part of a Bulk Data export (`pipelines.fhir.bulk`) as one unit: a file,
+        or a folder of pieces read in the order of their names."""
         items: list[tuple[int, dict[str, Any] | None, str | None]] = []
-        with path.open("rb") as handle:
-            for line in handle:
-                origin, _, raw = line.partition(b"\t")
-                resource = resource_of(self.parser.parse(raw))
-                items.append((int(origin), resource, None))
+        pieces = sorted(path.iterdir()) if path.is_dir() else [path]
+        parse = self.parser.parse
+        for piece in pieces:
+            with piece.open("rb") as handle:
+                for line in handle:
+                    origin, _, raw = line.partition(b"\t")
+                    items.append((int(origin), resource_of(parse(raw)), None))
         self.read_unit(items)
 
     def read_unit(self, items: list[tuple[int, dict[str, Any] | None, str | None]]) -> None:
