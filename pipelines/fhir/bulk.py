@@ -132,13 +132,17 @@ class _Router:
         self.quarantine.append(quarantine_row(origin_name(origin, self.names), rtype, rid, reason))
 
     def write(self, part: int, origin: int, raw: bytes) -> None:
-        line = b"%d\t%s\n" % (origin, raw.rstrip(b"\r\n"))
+        """Buffer ``ORIGIN\tLINE\n`` for a piece of ``part`` (the line and its origin
+        as two strings: formatting them into one costs more than the routing)."""
+        if raw[-2:-1] == b"\r" or not raw.endswith(b"\n"):
+            raw = raw.rstrip(b"\r\n") + b"\n"
         key = (part, self.piece)
         lines = self.buffers.get(key)
         if lines is None:
             lines = self.buffers[key] = []
-        lines.append(line)
-        self.buffered += len(line)
+        lines.append(b"%d\t" % origin)
+        lines.append(raw)
+        self.buffered += len(raw)
         if self.buffered > _BUFFER_BYTES:
             self.flush()
 
@@ -263,7 +267,7 @@ class _Router:
     def read_file(self, number: int, path: Path) -> None:
         self.summary.files_read += 1
         for i, raw in enumerate(ndjson_lines(path), start=1):
-            if not raw.strip():
+            if raw.isspace():  # a line read from a file is never empty
                 continue
             origin = (number << LINE_BITS) | i
             if len(raw) > self.limit:

@@ -219,9 +219,9 @@ def test_a_pool_routes_the_parts_of_one_process(
     med = {"resourceType": "Medication", "id": "m1", "code": {"text": "folic acid"}}
     ndjson(export, "Medication.ndjson", [med, {"resourceType": "Medication"}])
     write(export, "Observation.ndjson.gz", gzip.compress(b'{"resourceType": "Obs')[:-6])
-    found = bulk_files(export)
     with worker_pool(2) as pool:
         for case in ("one type a file", "a file mixes types"):
+            found = bulk_files(export)
             one = partition_export(found.files, found.names(), tmp_path / case / "one")
             pooled = partition_export(found.files, found.names(), tmp_path / case / "pool", pool)
             assert _parts(pooled) == _parts(one), case
