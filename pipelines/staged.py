@@ -53,6 +53,7 @@ from pipelines.fhir import (
     read_chunk,
     sorted_tables,
     typed,
+    worker_pool,
 )
 from pipelines.fhir.merge import FIRST_COLUMN, REPEAT_COLUMN, content_hashes, resolve_duplicates
 from pipelines.identifiers import PatientIdentifiers, merge_identifiers, write_identifiers
@@ -346,20 +347,22 @@ def ingest_fhir_staged(
         shutil.rmtree(stale)
     staging = Path(tempfile.mkdtemp(dir=root, prefix="ingest-"))
     try:
-        prepared = prepare_input(Path(folder), fmt, staging / "bulk")
-        file_names = prepared.names
-        chunks = map_chunks(
-            stage_chunk,
-            prepared.chunks(chunk_files),
-            salt,
-            file_names,
-            split_seed,
-            plans_from,
-            headers,
-            staging,
-            workers=workers,
-            progress=progress,
-        )
+        with worker_pool(workers) as pool:  # the partition pass and the reading share it
+            prepared = prepare_input(Path(folder), fmt, staging / "bulk", pool)
+            file_names = prepared.names
+            chunks = map_chunks(
+                stage_chunk,
+                prepared.chunks(chunk_files),
+                salt,
+                file_names,
+                split_seed,
+                plans_from,
+                headers,
+                staging,
+                workers=workers,
+                progress=progress,
+                pool=pool,
+            )
         summary = merge_summaries([prepared.before.summary] + [c.summary for c in chunks])
         quarantines = [prepared.before.quarantine] + [c.quarantine for c in chunks]
         derived_chunks = chunks

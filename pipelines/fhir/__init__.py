@@ -41,6 +41,7 @@ Usage::
 from __future__ import annotations
 
 import tempfile
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,7 @@ from pipelines.fhir.merge import (
     merge_summaries,
     read_chunk,
     sorted_tables,
+    worker_pool,
 )
 from pipelines.fhir.reader import FILE_COLUMN, SOURCE_ID_COLUMN, typed
 from pipelines.fhir.resources import EVENT_RESOURCES, KIND_RESOURCE, RESOURCE_PARSERS, SOURCE
@@ -94,6 +96,7 @@ __all__ = [
     "reference_id",
     "sorted_tables",
     "typed",
+    "worker_pool",
 ]
 
 
@@ -126,15 +129,18 @@ def _refused(found: InputFiles) -> tuple[IngestSummary, list[dict[str, str | Non
     return summary, rows
 
 
-def prepare_input(path: Path, fmt: str, staging: Path) -> PreparedInput:
-    """List (bundles) or partition (Bulk Data, into ``staging``) the input at ``path``."""
+def prepare_input(
+    path: Path, fmt: str, staging: Path, pool: Executor | None = None
+) -> PreparedInput:
+    """List (bundles) or partition (Bulk Data, into ``staging``; by ``pool``'s processes
+    too when given) the input at ``path``."""
     kind = detect_format(path, fmt)
     found = bundle_files(path) if kind == "bundles" else bulk_files(path)
     summary, rows = _refused(found)
     names = found.names()
     units, chunk_size = found.files, CHUNK_FILES
     if kind == "bulk":
-        partition = partition_export(found.files, names, staging)
+        partition = partition_export(found.files, names, staging, pool)
         summary.add(partition.summary)
         rows.extend(partition.quarantine)
         units, chunk_size = partition.parts, 1
@@ -163,7 +169,9 @@ def read_fhir_folder(
     large cohort, `pipelines.staged.ingest_fhir_staged` writes a workspace
     without holding every table in memory.
     """
-    with tempfile.TemporaryDirectory(prefix="pmlm-fhir-") as tmp:
-        prepared = prepare_input(Path(folder), fmt, Path(tmp))
-        parts = map_chunks(read_chunk, prepared.chunks(), salt, prepared.names, workers=workers)
+    with tempfile.TemporaryDirectory(prefix="pmlm-fhir-") as tmp, worker_pool(workers) as pool:
+        prepared = prepare_input(Path(folder), fmt, Path(tmp), pool)
+        parts = map_chunks(
+            read_chunk, prepared.chunks(), salt, prepared.names, workers=workers, pool=pool
+        )
         return merge_chunks(parts, prepared.names, prepared.before)

@@ -16,13 +16,24 @@ at a time (memory stays bounded by the part, not the export).
 - Types that are not read are counted here and never written to a part.
 - A line that is not UTF-8, not JSON, not a resource or over the size limit is
   quarantined here, named ``FILE:LINE``.
+
+A part is a folder of *pieces*, one per input file that has lines for it (named by
+the file's place in the routing order) and one of the pending lines, so that the
+reader meets its lines in the routing order whichever process wrote them. Given a
+process pool, the parent routes the Patient files, the pool routes the files of
+the other types (one task per file, no line crosses a process), and the parent
+routes the Binary files and the pending lines at the end: the parts are those of
+the one-process pass, line for line. An export whose files mix types (a Patient
+or a Binary in another type's file) is routed by the parent alone, as before.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import shutil
 from collections.abc import Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -38,7 +49,7 @@ from pipelines.fhir.reader import (
     quarantine_row,
 )
 from pipelines.fhir.resources import RESOURCE_PARSERS, SOURCE, read_medication
-from pipelines.fhir.values import Coding, Rejected, reference_id, reference_target
+from pipelines.fhir.values import Coding, Rejected, reference_target
 from pipelines.schemas import QUARANTINE
 from pipelines.sources import IngestSummary, SourceTables, frame
 
@@ -46,6 +57,13 @@ from pipelines.sources import IngestSummary, SourceTables, frame
 PATIENTS_PER_PART = 16
 #: Bytes buffered for all parts before they are appended to their files.
 _BUFFER_BYTES = 32 * 2**20
+#: The piece of a part that holds the lines routed at the end (after every file's).
+PENDING_PIECE = "pending"
+#: The bytes of the files a pool would route below which the parent routes them (a
+#: process costs more than it saves on a small export).
+POOL_MIN_BYTES = 32 * 2**20
+#: Distinct reference strings whose target id is remembered while routing.
+_MEMO_REFERENCES = 1 << 16
 
 
 def ndjson_lines(path: Path) -> Iterator[bytes]:
@@ -86,17 +104,25 @@ class Partition:
         )
 
 
+class _MixedFile(Exception):
+    """A pool task met a Patient or a Binary: the export is routed in one process."""
+
+
 class _Router:
-    def __init__(self, staging: Path, names: list[str]) -> None:
+    def __init__(self, staging: Path, names: list[str], in_pool: bool = False) -> None:
         self.staging = staging
         self.names = names
+        #: routing a file of a pool task: Patients and Binaries are the parent's
+        self.in_pool = in_pool
+        self.piece = PENDING_PIECE
+        self.targets: dict[str, str | None] = {}
         self.parser = simdjson.Parser()
         self.summary = IngestSummary(source=SOURCE)
         self.quarantine: list[dict[str, Any]] = []
         self.patient_part: dict[str, int] = {}
         self.binary_part: dict[str, int] = {}
         self.medications = _Medications()
-        self.buffers: dict[int, list[bytes]] = {}
+        self.buffers: dict[tuple[int, str], list[bytes]] = {}
         self.buffered = 0
         self.pending: list[bytes] = []
         self.limit = max_file_bytes()
@@ -105,22 +131,43 @@ class _Router:
         self.summary.quarantined += 1
         self.quarantine.append(quarantine_row(origin_name(origin, self.names), rtype, rid, reason))
 
-    def part_path(self, part: int) -> Path:
-        return self.staging / f"{part:08d}.part"
-
     def write(self, part: int, origin: int, raw: bytes) -> None:
-        line = b"%d\t%s\n" % (origin, raw.rstrip(b"\r\n"))
-        self.buffers.setdefault(part, []).append(line)
-        self.buffered += len(line)
+        """Buffer ``ORIGIN\tLINE\n`` for a piece of ``part`` (the line and its origin
+        as two strings: formatting them into one costs more than the routing)."""
+        if raw[-2:-1] == b"\r" or not raw.endswith(b"\n"):
+            raw = raw.rstrip(b"\r\n") + b"\n"
+        key = (part, self.piece)
+        lines = self.buffers.get(key)
+        if lines is None:
+            lines = self.buffers[key] = []
+        lines.append(b"%d\t" % origin)
+        lines.append(raw)
+        self.buffered += len(raw)
         if self.buffered > _BUFFER_BYTES:
             self.flush()
 
     def flush(self) -> None:
-        for part, lines in self.buffers.items():
-            with self.part_path(part).open("ab") as handle:
+        for (part, piece), lines in self.buffers.items():
+            folder = part_folder(self.staging, part)
+            folder.mkdir(exist_ok=True)
+            with (folder / piece).open("ab") as handle:
                 handle.writelines(lines)
         self.buffers.clear()
         self.buffered = 0
+
+    def target(self, subject: Any) -> str | None:
+        """`reference_id` of a simdjson ``subject``, remembered by reference string."""
+        if not isinstance(subject, simdjson.Object):
+            return None
+        ref = subject.get("reference")
+        if not isinstance(ref, str):
+            return None
+        found = self.targets.get(ref, "")
+        if found == "":
+            found = reference_target(ref)
+            if len(self.targets) < _MEMO_REFERENCES:
+                self.targets[ref] = found
+        return found
 
     def route(self, origin: int, raw: bytes, final: bool) -> None:
         """Send one line to its part; ``final``: the last chance (pending lines)."""
@@ -150,6 +197,8 @@ class _Router:
         if rtype == "Medication":
             self.read_medication(origin, rid, doc)
             return
+        if self.in_pool and rtype in ("Patient", "Binary"):
+            raise _MixedFile
         if rtype == "Patient":
             part = (
                 self.patient_part.setdefault(rid, len(self.patient_part) // PATIENTS_PER_PART)
@@ -163,8 +212,7 @@ class _Router:
                 return
             part = found or 0
         else:
-            subject = doc.get("subject") or doc.get("patient")
-            sid = reference_id(subject.as_dict()) if isinstance(subject, simdjson.Object) else None
+            sid = self.target(doc.get("subject") or doc.get("patient"))
             found = self.patient_part.get(sid or "")
             if found is None and sid is not None and not final:
                 self.pending.append(b"%d\t%s" % (origin, raw))
@@ -197,10 +245,29 @@ class _Router:
         self.summary.kept += 1
         self.summary.kept_by_type["Medication"] += 1
 
+    def read_path(self, number: int, path: Path, piece: str) -> None:
+        """Route the lines of input file ``number`` into pieces named ``piece``."""
+        self.piece = piece
+        try:
+            self.read_file(number, path)
+        except (OSError, EOFError) as exc:  # a truncated or corrupt gzip file
+            self.summary.files_read -= 1
+            self.summary.files_quarantined += 1
+            self.quarantine.append(
+                {
+                    "source": SOURCE,
+                    "source_file": self.names[number],
+                    "resource_type": None,
+                    "resource_id": None,
+                    "reason": f"unreadable file after the lines before it ({exc}): export it again",
+                }
+            )
+        self.piece = PENDING_PIECE
+
     def read_file(self, number: int, path: Path) -> None:
         self.summary.files_read += 1
         for i, raw in enumerate(ndjson_lines(path), start=1):
-            if not raw.strip():
+            if raw.isspace():  # a line read from a file is never empty
                 continue
             origin = (number << LINE_BITS) | i
             if len(raw) > self.limit:
@@ -227,31 +294,110 @@ def _file_type(path: Path) -> str:
     return next((p for p in parts if p in _READ_FIRST), parts[0])
 
 
-def partition_export(files: list[Path], names: list[str], staging: Path) -> Partition:
-    """Route every line of ``files`` (named ``names``) to part files in ``staging``."""
-    staging.mkdir(parents=True, exist_ok=True)
+def part_folder(staging: Path, part: int) -> Path:
+    """The folder of a part's pieces (`pipelines.fhir.reader.FhirReader.read_part`)."""
+    return staging / f"{part:08d}.part"
+
+
+@dataclass
+class _Routed:
+    """What a pool task routed of one file, for the parent to merge in routing order."""
+
+    summary: IngestSummary
+    quarantine: list[dict[str, Any]]
+    medications: dict[str, Coding]
+    binaries: dict[str, int]
+    pending: list[bytes]
+    mixed: bool = False
+
+
+def route_file(
+    staging: Path,
+    names: list[str],
+    number: int,
+    path: Path,
+    piece: str,
+    patient_part: dict[str, int],
+) -> _Routed:
+    """Route one file of an export (a pool task): the lines whose patient is known go
+    to their part's piece ``piece``; the rest is returned."""
+    router = _Router(staging, names, in_pool=True)
+    router.patient_part = patient_part
+    try:
+        router.read_path(number, path, piece)
+    except _MixedFile:
+        router.buffers.clear()
+        return _Routed(IngestSummary(source=SOURCE), [], {}, {}, [], mixed=True)
+    router.flush()
+    return _Routed(
+        router.summary,
+        router.quarantine,
+        router.medications.medications,
+        router.binary_part,
+        router.pending,
+    )
+
+
+def _cost(path: Path) -> int:
+    """A guess of a file's routing time, to hand the longest tasks out first."""
+    size = path.stat().st_size
+    return size * 8 if path.name.endswith(".gz") else size
+
+
+def _route(
+    files: list[Path], names: list[str], staging: Path, order: list[int], pool: Executor | None
+) -> _Router | None:
+    """Route every file but the pending lines; None: a pool task met a mixed file."""
     router = _Router(staging, names)
+    rank = {n: _READ_FIRST.get(_file_type(files[n]), 2) for n in order}
+    piece = {n: f"{pos:06d}" for pos, n in enumerate(order)}
+    parent = [n for n in order if rank[n] in (0, 3)]
+    pooled = [n for n in order if rank[n] in (1, 2)]
+    if pool is None or sum(files[n].stat().st_size for n in pooled) < POOL_MIN_BYTES:
+        pooled = []
+    for number in (n for n in parent if rank[n] == 0):
+        router.read_path(number, files[number], piece[number])
+    if pooled:
+        assert pool is not None
+        router.flush()
+        futures = {
+            n: pool.submit(route_file, staging, names, n, files[n], piece[n], router.patient_part)
+            for n in sorted(pooled, key=lambda n: -_cost(files[n]))
+        }
+        results = [futures[n].result() for n in pooled]  # in routing order
+        if any(r.mixed for r in results):
+            return None
+        for r in results:
+            router.summary.add(r.summary)
+            router.quarantine.extend(r.quarantine)
+            router.medications.medications.update(r.medications)
+            for target, part in r.binaries.items():
+                router.binary_part.setdefault(target, part)
+            router.pending.extend(r.pending)
+    for number in order:
+        if rank[number] == 3 or (rank[number] in (1, 2) and not pooled):
+            router.read_path(number, files[number], piece[number])
+    return router
+
+
+def partition_export(
+    files: list[Path], names: list[str], staging: Path, pool: Executor | None = None
+) -> Partition:
+    """Route every line of ``files`` (named ``names``) to part files in ``staging``;
+    ``pool``: processes that route the files of most types (the parts are the same)."""
+    staging.mkdir(parents=True, exist_ok=True)
     # Patients first, so that the lines of other types find their part at once instead
     # of waiting in memory (an export lists Patient.ndjson after most types); Binaries
     # after the DocumentReferences that point at them. Rows keep their file's number.
     order = sorted(range(len(files)), key=lambda n: _READ_FIRST.get(_file_type(files[n]), 2))
-    for number in order:
-        path = files[number]
-        try:
-            router.read_file(number, path)
-        except (OSError, EOFError) as exc:  # a truncated or corrupt gzip file
-            router.summary.files_read -= 1
-            router.summary.files_quarantined += 1
-            router.quarantine.append(
-                {
-                    "source": SOURCE,
-                    "source_file": names[number],
-                    "resource_type": None,
-                    "resource_id": None,
-                    "reason": f"unreadable file after the lines before it ({exc}): export it again",
-                }
-            )
+    router = _route(files, names, staging, order, pool)
+    if router is None:  # a file mixes types: start again, in this process
+        shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+        router = _route(files, names, staging, order, None)
+        assert router is not None
     pending, router.pending = router.pending, []
+    router.piece = PENDING_PIECE
     for line in pending:
         origin, _, raw = line.partition(b"\t")
         router.route(int(origin), raw, final=True)

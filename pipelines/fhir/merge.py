@@ -14,8 +14,9 @@ order) and its later occurrences are
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor
+from contextlib import contextmanager
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, TypeVar
@@ -184,20 +185,40 @@ def file_chunks(files: list[Path], size: int | None = None) -> list[tuple[int, l
     return [(i, files[i : i + size]) for i in range(0, len(files), size)]
 
 
+def pool_size(workers: int | None) -> int:
+    """The number of reader processes: ``workers``, by default the number of CPUs."""
+    return workers or os.cpu_count() or 1
+
+
+@contextmanager
+def worker_pool(workers: int | None) -> Iterator[Executor | None]:
+    """A pool of ``workers`` processes (None for one), started at its first task, so
+    that a Bulk Data export's partition pass and its reading share its processes."""
+    if pool_size(workers) <= 1:
+        yield None
+        return
+    with ProcessPoolExecutor(
+        max_workers=pool_size(workers), mp_context=get_context("spawn")
+    ) as pool:
+        yield pool
+
+
 def map_chunks(
     fn: Callable[..., T],
     chunks: list[tuple[int, list[Path]]],
     *args: Any,
     workers: int | None,
     progress: Callable[[int, int], None] | None = None,
+    pool: Executor | None = None,
 ) -> list[T]:
-    """``fn(paths, *args, first_file)`` for every chunk, in order, in ``workers`` processes.
+    """``fn(paths, *args, first_file)`` for every chunk, in order, in ``workers`` processes
+    (those of ``pool`` when given: `worker_pool`).
 
     Chunks are small and handed out one at a time, so a worker holds one chunk's
     tables at a time (memory). With one worker or one chunk, runs here.
     ``progress(files_done, files)`` is called as each chunk's result comes back.
     """
-    workers = min(workers or os.cpu_count() or 1, len(chunks))
+    workers = min(pool_size(workers), len(chunks))
     total = sum(len(paths) for _, paths in chunks)
     results: list[T] = []
     done = 0
@@ -213,9 +234,13 @@ def map_chunks(
         for first, paths in chunks:
             collect(fn(paths, *args, first), len(paths))
         return results
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        columns = list(zip(*[(paths, *args, first) for first, paths in chunks], strict=True))
+    columns = list(zip(*[(paths, *args, first) for first, paths in chunks], strict=True))
+    if pool is not None:
         for (_, paths), result in zip(chunks, pool.map(fn, *columns), strict=True):
+            collect(result, len(paths))
+        return results
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as own:
+        for (_, paths), result in zip(chunks, own.map(fn, *columns), strict=True):
             collect(result, len(paths))
     return results
 

@@ -101,6 +101,9 @@ def reference_target(value: Any) -> str | None:
         return value.split(":", 2)[2] or None
     if value.startswith("#"):
         return value
+    _, slash, last = value.partition("/")
+    if slash and last and "/" not in last and "?" not in last:  # Type/X, as an export writes it
+        return last
     parts = value.split("?", 1)[0].rstrip("/").split("/")
     if len(parts) >= 4 and parts[-2] == "_history":
         parts = parts[:-2]

@@ -12,7 +12,10 @@ from bulk_export import SERVER, export_bulk
 from test_fhir import tiny_bundle, write
 from test_staged import assert_same_workspaces
 
-from pipelines.fhir import FhirInputError, detect_format, read_fhir_folder
+from pipelines.fhir import FhirInputError, bulk, detect_format, read_fhir_folder, worker_pool
+from pipelines.fhir.bulk import Partition, partition_export
+from pipelines.fhir.inputs import bulk_files
+from pipelines.fhir.merge import SHARED_PART
 from pipelines.identity import file_id, workspace_salt
 from pipelines.ingest import derive, write_cohort
 from pipelines.staged import ingest_fhir_staged
@@ -185,3 +188,50 @@ def test_the_deny_list_of_the_one_reading_equals_the_reference_reader(
         reference = fhir_identifiers(files, workspace_salt(ws))
         assert len(reference) == 30 and all(v["names"] for v in reference.values())
         assert written == reference, name
+
+
+def _parts(partition: Partition) -> list[bytes]:
+    """Each part's lines in the order its reader meets them (its pieces by name)."""
+    return [b"".join(p.read_bytes() for p in sorted(part.iterdir())) for part in partition.parts]
+
+
+def test_a_pool_routes_the_parts_of_one_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a pool, the partition pass writes the parts, counts, quarantine and shared
+    Medications of the one-process pass, line for line: pending and damaged lines, a
+    truncated gzip file; an export that mixes types in a file is routed by the parent."""
+    monkeypatch.setattr(bulk, "POOL_MIN_BYTES", 0)
+    monkeypatch.setattr(bulk, "PATIENTS_PER_PART", 1)
+    export = tmp_path / "export"
+    tiny_export(export)
+    patient = json.loads((export / "Patient.ndjson").read_bytes())
+    encounter = json.loads((export / "Encounter.ndjson").read_bytes())
+    second = {**patient, "id": "p2"}
+    ndjson(export, "Patient.ndjson", [patient, second])
+    with (export / "Encounter.ndjson").open("ab") as handle:
+        for line in (
+            {**encounter, "id": "e2", "subject": {"reference": "Patient/p2"}},
+            {**encounter, "id": "e3", "subject": {"reference": "Patient/nobody"}},  # pending
+        ):
+            handle.write(json.dumps(line).encode() + b"\n")
+        handle.write(b'{"resourceType": "Encounter", "id": \n')  # cut JSON
+    med = {"resourceType": "Medication", "id": "m1", "code": {"text": "folic acid"}}
+    ndjson(export, "Medication.ndjson", [med, {"resourceType": "Medication"}])
+    write(export, "Observation.ndjson.gz", gzip.compress(b'{"resourceType": "Obs')[:-6])
+    with worker_pool(2) as pool:
+        for case in ("one type a file", "a file mixes types"):
+            found = bulk_files(export)
+            one = partition_export(found.files, found.names(), tmp_path / case / "one")
+            pooled = partition_export(found.files, found.names(), tmp_path / case / "pool", pool)
+            assert _parts(pooled) == _parts(one), case
+            assert pooled.summary.as_dict() == one.summary.as_dict(), case
+            assert pooled.quarantine == one.quarantine, case
+            shared = [(tmp_path / case / k / SHARED_PART).read_text() for k in ("one", "pool")]
+            assert shared[0] == shared[1] and "folic acid" in shared[0]
+            assert one.summary.files_quarantined == 1
+            assert len(one.parts) == (2 if case == "one type a file" else 3)
+            # the next round: a Patient in another type's file (its lines cross files)
+            third = {**patient, "id": "p3"}
+            ndjson(export, "Condition.ndjson", [third])
+    assert read_fhir_folder(export, workers=2).summary.reconciles()
