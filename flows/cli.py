@@ -427,10 +427,20 @@ def run_cmd(
             "encounters; at most 8 LLM calls per training encounter).",
         ),
     ] = 8,
+    policy: Annotated[
+        str,
+        typer.Option(
+            "--policy",
+            help="Where the policy comes from: auto (the one shipped with the default cohort "
+            "when this workspace's data, recommender and LLM are those it was trained with, "
+            "else a short training), train (always train) or shipped (never train).",
+        ),
+    ] = "auto",
 ) -> None:
     """The main job, as Prefect flows: data (the built-in default cohort, or --source), recommenders, prompts, evaluation with the LLM, export."""
     prefect_defaults()  # before Prefect reads its settings
     from flows.pipeline import TASK_RUNNERS, pmlm_pipeline, prefect_destination
+    from promptenv.steps import POLICY_SOURCES
 
     use_llm_parallel(llm_parallel)
 
@@ -438,6 +448,8 @@ def run_cmd(
         raise typer.BadParameter(f"--task-runner must be one of {', '.join(TASK_RUNNERS)}")
     if dask_address and task_runner != "dask":
         raise typer.BadParameter("--dask-address needs --task-runner dask")
+    if policy not in POLICY_SOURCES:
+        raise typer.BadParameter(f"--policy must be one of {', '.join(POLICY_SOURCES)}")
     described = describe_source(source)  # a bad --source: one line, before Prefect starts
     headers = check_plan_options(plans, plan_header)
     ingest: dict[str, Any] = {
@@ -467,6 +479,7 @@ def run_cmd(
             policy_encounters=policy_encounters,
             ingest=ingest,
             n_calibration=n_calibration,
+            policy_source=policy,
         )
     built = result.build
     print_summary(built.summary, described[0].upper() + described[1:])

@@ -348,6 +348,7 @@ def pmlm_pipeline(
     policy_encounters: int = 8,
     ingest: dict[str, Any] | None = None,
     n_calibration: int = CALIBRATION_ENCOUNTERS,
+    policy_source: str = "auto",
 ) -> PipelineOutcome:
     """The main job: build (data, recommender) → train_policy → refine (signals, then the
     initial and the policy's prompts, one table) → evaluate → export.
@@ -358,6 +359,9 @@ def pmlm_pipeline(
     training encounters train the policy (see `quick_policy_settings`). ``ingest``: the
     ingest options of ``source`` (`build`). ``n_calibration`` validation encounters
     calibrate the matching threshold that training and evaluation share.
+    ``policy_source``: ``auto`` uses the policy shipped with the default cohort where it
+    fits the workspace (`promptenv.shipped`) and trains one otherwise; ``train`` always
+    trains; ``shipped`` refuses to train.
     """
     ws = _workspace(workspace)
     prompt_methods = list(prompt_methods or ["pmlm_initial"])
@@ -376,6 +380,7 @@ def pmlm_pipeline(
         backend,
         built.recommender,
         quick_policy_settings(policy_timesteps, n_calibration, n_train=policy_encounters),
+        policy_source,
     )
     refined = refine.with_options(task_runner=runner)(
         ws, policy.version, prompt_methods, batch_size=batch_size
@@ -404,23 +409,29 @@ def pmlm_pipeline(
 
 @flow(name="pmlm-train-policy")
 def train_policy(
-    workspace: str | None, backend: str, recommender: str, settings: PolicySettings
+    workspace: str | None,
+    backend: str,
+    recommender: str,
+    settings: PolicySettings,
+    source: str = "auto",
 ) -> PolicyOutcome:
-    """Train the prompt-editing policy with MaskablePPO (`promptenv.policy`), answers from ``backend``.
+    """Train the prompt-editing policy with MaskablePPO (`promptenv.policy`), answers from
+    ``backend``, or install the shipped one where ``source`` allows and it fits
+    (`promptenv.steps.workspace_policy`).
 
-    Cached by the data fingerprint, the recommender, the LLM and the settings: a
-    rerun on the same inputs reuses the saved policy.
+    Cached by the data fingerprint, the recommender, the LLM, the settings and the
+    source: a rerun on the same inputs reuses the saved policy.
     """
     ws = _workspace(workspace)
     get_run_logger().info("training the prompt-editing policy (MaskablePPO)")
     fingerprint = fingerprint_records(ws)
     outcome: PolicyOutcome = in_workspace(train_policy_task, ws)(
-        ws, backend, fingerprint, recommender, settings
+        ws, backend, fingerprint, recommender, settings, source
     )
     if not policy_info_path(policy_dir(Workspace.at(ws))).exists():
         # a cache hit whose saved policy was deleted since: train again
         outcome = in_workspace(train_policy_task, ws, refresh=True)(
-            ws, backend, fingerprint, recommender, settings
+            ws, backend, fingerprint, recommender, settings, source
         )
     publish_flow_summary("pmlm-train-policy", notes=[outcome.describe()])
     return outcome

@@ -250,10 +250,17 @@ class PolicyOutcome:
     training: TrainingSummary
     #: the fixed prompt training started from, and a fall-back keeps (`StartConfig.method`)
     start: str = "pmlm_initial"
+    #: "" when trained by this run; else the command that trained the shipped policy
+    shipped_by: str = ""
 
     def describe(self) -> str:
         """One line for the main job's output and its flow artifact."""
         training = self.training
+        origin = (
+            f" (shipped with the default cohort, trained by `{self.shipped_by}`)"
+            if self.shipped_by
+            else ""
+        )
         kept = (
             f"it beat no fixed prompt on validation beyond noise, so `pmlm` is the {self.start} "
             "prompt, unedited"
@@ -261,7 +268,7 @@ class PolicyOutcome:
             else f"its edits start from the {self.start} prompt"
         )
         return (
-            f"Policy {self.version}: {training.episodes} training episodes, "
+            f"Policy {self.version}{origin}: {training.episodes} training episodes, "
             f"{training.llm_calls} LLM calls; {kept}."
         )
 
@@ -274,24 +281,33 @@ class PolicyOutcome:
     retry_condition_fn=_worth_retrying,
 )
 def train_policy_task(
-    workspace: str, backend: str, data_fingerprint: str, recommender: str, settings: PolicySettings
+    workspace: str,
+    backend: str,
+    data_fingerprint: str,
+    recommender: str,
+    settings: PolicySettings,
+    source: str = "auto",
 ) -> PolicyOutcome:
-    """Train the prompt-editing policy (`promptenv.steps.train_workspace_policy`); cached by data,
-    recommender, LLM and settings. A rerun after a crash asks the LLM only for answers that
-    are not in its cache."""
+    """The prompt-editing policy (`promptenv.steps.workspace_policy`: the shipped one where
+    it fits and ``source`` allows, else trained now); cached by data, recommender, LLM,
+    settings and source. A rerun after a crash asks the LLM only for answers that are not
+    in its cache."""
     from promptenv.policy import training_summary
-    from promptenv.steps import train_workspace_policy
+    from promptenv.steps import workspace_policy
 
-    result = train_workspace_policy(
+    result = workspace_policy(
         Workspace.at(workspace),
         backend,
         settings,
         {"data_fingerprint": data_fingerprint},
         progress=_progress(),
+        source=source,
     )
     _say(training_summary(result.policy))
     info = result.policy.info
-    return PolicyOutcome(result.policy.version, result.path, info.training, info.start.method)
+    return PolicyOutcome(
+        result.policy.version, result.path, info.training, info.start.method, result.shipped_by
+    )
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -37,7 +37,13 @@ from promptenv.evaluate import EvalSettings, Evaluation
 from promptenv.fragments import PatientSignals
 from promptenv.llm import LLMClient
 from promptenv.policy import Policy, PolicySettings, TrainedPolicy, load_policy
-from promptenv.policy_info import PolicyInfo, policy_dir, policy_info_path, saved_policy_version
+from promptenv.policy_info import (
+    INFO_FILE,
+    PolicyInfo,
+    policy_dir,
+    policy_info_path,
+    saved_policy_version,
+)
 from promptenv.prompt_table import PROMPT_TABLE, Which, build_prompt_table, write_prompt_table
 from promptenv.prompts import METHODS
 from recsys.type_aliases import Progress, Tick
@@ -175,6 +181,69 @@ def train_workspace_policy(
         tick=tick,
         calibration=calibration,
     )
+
+
+#: Where the main job's policy comes from (`workspace_policy`).
+POLICY_SOURCES = ("auto", "train", "shipped")
+
+
+@dataclass(frozen=True)
+class WorkspacePolicy:
+    """The workspace's policy after `workspace_policy`: trained now or the shipped one."""
+
+    policy: Policy
+    path: Path
+    #: "" when trained now; else the command that trained the shipped policy
+    shipped_by: str = ""
+
+
+def workspace_policy(
+    ws: Workspace,
+    backend: str,
+    settings: PolicySettings,
+    extra_versions: Mapping[str, Any] | None = None,
+    progress: Progress | None = None,
+    tick: Tick | None = None,
+    source: str = "auto",
+) -> WorkspacePolicy:
+    """The main job's policy: the shipped one (`promptenv.shipped`) when ``source`` is
+    ``auto`` or ``shipped`` and it fits the workspace's data, recommender and LLM, else
+    one trained now (`train_workspace_policy`); ``shipped`` refuses to train."""
+    from promptenv.policy import read_policy_info
+    from promptenv.shipped import (
+        SHIPPED_POLICY,
+        install_shipped_policy,
+        shipped_mismatch,
+        shipped_provenance,
+    )
+
+    if source not in POLICY_SOURCES:
+        raise InputError(f"policy source {source!r} is not one of {', '.join(POLICY_SOURCES)}")
+    say = progress or (lambda _m: None)
+    if source != "train":
+        versions = {**workspace_versions(ws), "llm": LLMClient(backend, workspace=ws).label}
+        why = (
+            shipped_mismatch(read_policy_info(SHIPPED_POLICY), versions)
+            if (SHIPPED_POLICY / INFO_FILE).exists()
+            else f"{SHIPPED_POLICY} holds no policy: reinstall PMLM"
+        )
+        if why is None:
+            policy = install_shipped_policy(ws, SHIPPED_POLICY)
+            command = str(shipped_provenance(SHIPPED_POLICY).get("command", ""))
+            say(
+                f"policy {policy.version}: the one shipped with the default cohort (trained "
+                f"by `{command}`); this workspace's data, recommender and LLM are those it "
+                "was trained with, so the main job does not train one"
+            )
+            return WorkspacePolicy(policy, policy_dir(ws), command)
+        if source == "shipped":
+            raise InputError(
+                f"the shipped policy does not fit this workspace: {why}; train one with "
+                "`pmlm run --policy train` or `pmlm policy train`"
+            )
+        say(f"the shipped policy does not fit this workspace ({why}): training one")
+    result = train_workspace_policy(ws, backend, settings, extra_versions, progress, tick)
+    return WorkspacePolicy(result.policy, result.path)
 
 
 def quick_policy_settings(

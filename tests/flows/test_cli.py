@@ -102,6 +102,8 @@ def test_main_job_end_to_end_with_the_local_llm(tmp_path: Path, prefect_server: 
         "2",
         "--n-calibration",
         "4",
+        "--policy",
+        "train",  # the short training (the shipped policy: tests/promptenv/test_shipped.py)
     ]
     output = _pmlm(prefect_server, "run", "-w", str(tmp_path), *small)
     prompts = pd.read_parquet(tmp_path / "tables" / "prompts.parquet")

@@ -1,0 +1,164 @@
+"""The policy shipped with the default cohort (`promptenv.shipped`, `promptenv.steps.workspace_policy`)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+from pipelines.errors import InputError
+from pipelines.integrity import TamperedFileError
+from pipelines.workspace import Workspace
+from promptenv.editing import N_CONFIG_FEATURES, N_EDITS, N_PATIENT_FEATURES
+from promptenv.llm import LLMClient
+from promptenv.policy import POLICY_FILE, load_policy, read_policy_info, save_policy
+from promptenv.policy_info import PolicyInfo, TrainedWith, policy_dir
+from promptenv.shipped import (
+    MATCHED,
+    PROVENANCE_FILE,
+    SHIPPED_POLICY,
+    install_shipped_policy,
+    shipped_mismatch,
+    shipped_provenance,
+)
+
+
+class _Spaces(gym.Env[Any, Any]):
+    observation_space = gym.spaces.Box(
+        0.0, 1.0, shape=(N_PATIENT_FEATURES + N_CONFIG_FEATURES,), dtype=np.float32
+    )
+    action_space = gym.spaces.Discrete(N_EDITS)
+
+    def reset(self, *, seed: int | None = None, options: Any = None) -> Any:
+        return self.observation_space.sample(), {}
+
+    def step(self, action: Any) -> Any:
+        return self.observation_space.sample(), 0.0, True, False, {}
+
+
+VERSIONS = {
+    "data_hash": "d1",
+    "data_input": "default cohort",
+    "recommender": "blend",
+    "recommender_vocabulary": "v1",
+}
+
+
+def _shipped(folder: Path, llm: str, seed: int = 0) -> Path:
+    """A small policy saved as the shipped one is: trained with VERSIONS and ``llm``."""
+    from sb3_contrib import MaskablePPO
+
+    info = PolicyInfo(trained_with=TrainedWith(llm=llm, versions=VERSIONS))
+    save_policy(MaskablePPO("MlpPolicy", _Spaces(), seed=seed, device="cpu"), info, folder)
+    (folder / PROVENANCE_FILE).write_text(json.dumps({"command": "pmlm policy train -w W"}))
+    return folder
+
+
+def test_the_mismatch_names_what_differs() -> None:
+    info = PolicyInfo(trained_with=TrainedWith(llm="local:m", versions=VERSIONS))
+    assert shipped_mismatch(info, {**VERSIONS, "llm": "local:m"}) is None
+    for key in MATCHED:
+        other = {**VERSIONS, "llm": "local:m", key: "other"}
+        why = shipped_mismatch(info, other)
+        assert why is not None and key.replace("_", " ") in why and "'other'" in why
+    # a workspace that does not know a version (no recommender fitted) never matches
+    missing = {k: v for k, v in {**VERSIONS, "llm": "local:m"}.items() if k != "recommender"}
+    assert "recommender" in (shipped_mismatch(info, missing) or "")
+
+
+def test_auto_installs_a_fitting_policy_without_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import promptenv.shipped
+    import promptenv.steps as steps
+
+    ws = Workspace.at(tmp_path / "ws")
+    label = LLMClient("local", workspace=ws).label
+    shipped = _shipped(tmp_path / "shipped", label)
+    monkeypatch.setattr(promptenv.shipped, "SHIPPED_POLICY", shipped)
+    monkeypatch.setattr(steps, "workspace_versions", lambda _ws: dict(VERSIONS))
+
+    def no_training(*_a: Any, **_k: Any) -> Any:
+        raise AssertionError("a fitting shipped policy must not be trained again")
+
+    monkeypatch.setattr(steps, "train_workspace_policy", no_training)
+    said: list[str] = []
+    got = steps.workspace_policy(ws, "local", steps.PolicySettings(), progress=said.append)
+    assert got.shipped_by == "pmlm policy train -w W"
+    assert got.policy.version == read_policy_info(shipped).version
+    assert load_policy(policy_dir(ws)).info.version == got.policy.version
+    assert sorted(p.name for p in policy_dir(ws).iterdir()) == sorted(
+        p.name for p in shipped.iterdir()
+    )
+    assert any("does not train one" in m for m in said)
+
+
+def test_a_policy_that_does_not_fit_is_trained_or_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import promptenv.shipped
+    import promptenv.steps as steps
+
+    ws = Workspace.at(tmp_path / "ws")
+    shipped = _shipped(tmp_path / "shipped", "local:another-model")
+    monkeypatch.setattr(promptenv.shipped, "SHIPPED_POLICY", shipped)
+    monkeypatch.setattr(steps, "workspace_versions", lambda _ws: dict(VERSIONS))
+    trained: list[str] = []
+
+    class _Trained:
+        policy, path = "trained-policy", policy_dir(ws)
+
+    def train(*_a: Any, **_k: Any) -> Any:
+        trained.append("yes")
+        return _Trained()
+
+    monkeypatch.setattr(steps, "train_workspace_policy", train)
+    said: list[str] = []
+    got = steps.workspace_policy(ws, "local", steps.PolicySettings(), progress=said.append)
+    assert trained == ["yes"] and got.shipped_by == "" and got.policy == "trained-policy"
+    assert any("does not fit" in m and "another-model" in m for m in said)
+    with pytest.raises(InputError, match="shipped policy does not fit this workspace: its llm"):
+        steps.workspace_policy(ws, "local", steps.PolicySettings(), source="shipped")
+    with pytest.raises(InputError, match="not one of auto, train, shipped"):
+        steps.workspace_policy(ws, "local", steps.PolicySettings(), source="ship")
+    # train never looks at the shipped policy
+    assert steps.workspace_policy(ws, "local", steps.PolicySettings(), source="train").policy
+    assert trained == ["yes", "yes"]
+    assert not policy_dir(ws).exists()
+
+
+def test_damaged_shipped_weights_are_refused_and_the_workspace_untouched(tmp_path: Path) -> None:
+    ws = Workspace.at(tmp_path / "ws")
+    shipped = _shipped(tmp_path / "shipped", "local:m")
+    other = _shipped(tmp_path / "other", "local:m", seed=1)
+    (shipped / POLICY_FILE).write_bytes(b"not a zip")
+    with pytest.raises(TamperedFileError):
+        install_shipped_policy(ws, shipped)
+    assert not policy_dir(ws).exists()
+    shutil.copyfile(other / POLICY_FILE, shipped / POLICY_FILE)  # weights of another policy
+    with pytest.raises(TamperedFileError, match="is not the policy"):
+        install_shipped_policy(ws, shipped)
+    assert not policy_dir(ws).exists()
+
+
+def test_the_shipped_policy_loads_and_fits_the_default_cohort(tmp_path: Path) -> None:
+    """The files in the repository: weights of the version policy.json names, the command
+    that trained them, the default cohort's data hash (as this code prepares it) and the
+    local LLM."""
+    from pipelines.cohort import prepare_default_cohort
+
+    policy = load_policy(SHIPPED_POLICY)
+    provenance = shipped_provenance(SHIPPED_POLICY)
+    assert "pmlm policy train" in provenance["command"] and provenance["commit"]
+    trained = policy.info.trained_with
+    ws = Workspace.at(tmp_path / "ws")
+    prepare_default_cohort(ws)
+    ingest = ws.read_manifest()["steps"]["ingest"]
+    assert trained.versions["data_hash"] == ingest["data_hash"]
+    assert trained.versions["data_input"] == ingest["input"]
+    assert trained.llm == LLMClient("local", workspace=ws).label
