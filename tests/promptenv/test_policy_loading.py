@@ -10,33 +10,15 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from policy_spaces import PolicySpaces
 
 from pipelines.errors import StaleStateError
 from pipelines.integrity import TamperedFileError
 from promptenv.editing import N_CONFIG_FEATURES, N_EDITS, N_PATIENT_FEATURES, STOP
 from promptenv.policy import WEIGHTS_MEMBER, load_weights
-
-
-class _Spaces(gym.Env[Any, Any]):
-    """Just the policy's spaces: enough to build and save a MaskablePPO."""
-
-    observation_space = gym.spaces.Box(
-        0.0, 1.0, shape=(N_PATIENT_FEATURES + N_CONFIG_FEATURES,), dtype=np.float32
-    )
-    action_space = gym.spaces.Discrete(N_EDITS)
-
-    def reset(self, *, seed: int | None = None, options: Any = None) -> Any:
-        return self.observation_space.sample(), {}
-
-    def step(self, action: Any) -> Any:
-        return self.observation_space.sample(), 0.0, True, False, {}
-
-    def action_masks(self) -> np.ndarray:
-        return np.ones(N_EDITS, dtype=bool)
 
 
 class _Payload:
@@ -53,7 +35,7 @@ class _Payload:
 def saved(tmp_path: Path) -> tuple[Path, Any]:
     from sb3_contrib import MaskablePPO
 
-    model = MaskablePPO("MlpPolicy", _Spaces(), seed=0, device="cpu")
+    model = MaskablePPO("MlpPolicy", PolicySpaces(), seed=0, device="cpu")
     path = tmp_path / "policy.zip"
     model.save(path)
     return path, model
@@ -142,10 +124,10 @@ def test_a_saved_policy_is_published_whole_and_its_weights_must_match_its_info(
 
     one, two = tmp_path / "one", tmp_path / "two"
     saved_one = save_policy(
-        MaskablePPO("MlpPolicy", _Spaces(), seed=0, device="cpu"), PolicyInfo(), one
+        MaskablePPO("MlpPolicy", PolicySpaces(), seed=0, device="cpu"), PolicyInfo(), one
     )
     saved_two = save_policy(
-        MaskablePPO("MlpPolicy", _Spaces(), seed=1, device="cpu"), PolicyInfo(), two
+        MaskablePPO("MlpPolicy", PolicySpaces(), seed=1, device="cpu"), PolicyInfo(), two
     )
     assert saved_one.info.version != saved_two.info.version
     assert sorted(p.name for p in one.iterdir()) == ["policy.json", POLICY_FILE]
@@ -155,5 +137,5 @@ def test_a_saved_policy_is_published_whole_and_its_weights_must_match_its_info(
         load_policy(one)
     # saving again replaces the folder whole: nothing of the old one is left
     (two / "stray.txt").write_text("x")
-    save_policy(MaskablePPO("MlpPolicy", _Spaces(), seed=2, device="cpu"), PolicyInfo(), two)
+    save_policy(MaskablePPO("MlpPolicy", PolicySpaces(), seed=2, device="cpu"), PolicyInfo(), two)
     assert sorted(p.name for p in two.iterdir()) == ["policy.json", POLICY_FILE]

@@ -7,14 +7,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import gymnasium as gym
-import numpy as np
 import pytest
+from policy_spaces import PolicySpaces
 
 from pipelines.errors import InputError
 from pipelines.integrity import TamperedFileError
 from pipelines.workspace import Workspace
-from promptenv.editing import N_CONFIG_FEATURES, N_EDITS, N_PATIENT_FEATURES
 from promptenv.llm import LLMClient
 from promptenv.policy import POLICY_FILE, load_policy, read_policy_info, save_policy
 from promptenv.policy_info import PolicyInfo, TrainedWith, policy_dir
@@ -26,20 +24,6 @@ from promptenv.shipped import (
     shipped_mismatch,
     shipped_provenance,
 )
-
-
-class _Spaces(gym.Env[Any, Any]):
-    observation_space = gym.spaces.Box(
-        0.0, 1.0, shape=(N_PATIENT_FEATURES + N_CONFIG_FEATURES,), dtype=np.float32
-    )
-    action_space = gym.spaces.Discrete(N_EDITS)
-
-    def reset(self, *, seed: int | None = None, options: Any = None) -> Any:
-        return self.observation_space.sample(), {}
-
-    def step(self, action: Any) -> Any:
-        return self.observation_space.sample(), 0.0, True, False, {}
-
 
 VERSIONS = {
     "data_hash": "d1",
@@ -54,7 +38,7 @@ def _shipped(folder: Path, llm: str, seed: int = 0) -> Path:
     from sb3_contrib import MaskablePPO
 
     info = PolicyInfo(trained_with=TrainedWith(llm=llm, versions=VERSIONS))
-    save_policy(MaskablePPO("MlpPolicy", _Spaces(), seed=seed, device="cpu"), info, folder)
+    save_policy(MaskablePPO("MlpPolicy", PolicySpaces(), seed=seed, device="cpu"), info, folder)
     (folder / PROVENANCE_FILE).write_text(json.dumps({"command": "pmlm policy train -w W"}))
     return folder
 
