@@ -423,7 +423,14 @@ def train_policy(
     source: a rerun on the same inputs reuses the saved policy.
     """
     ws = _workspace(workspace)
-    get_run_logger().info("training the prompt-editing policy (MaskablePPO)")
+    get_run_logger().info(
+        "the prompt-editing policy (MaskablePPO): "
+        + (
+            "trained now"
+            if source == "train"
+            else "the shipped one where it fits, else trained now"
+        )
+    )
     fingerprint = fingerprint_records(ws)
     outcome: PolicyOutcome = in_workspace(train_policy_task, ws)(
         ws, backend, fingerprint, recommender, settings, source
