@@ -52,12 +52,13 @@ def shipped_provenance(folder: Path = SHIPPED_POLICY) -> dict[str, Any]:
 
 def install_shipped_policy(ws: Workspace, folder: Path = SHIPPED_POLICY) -> Policy:
     """Check the policy in ``folder`` (`load_policy`) and publish it as the workspace's
-    ``models/policy``, whole (a kill leaves the old policy or this one)."""
-    load_policy(folder)
+    ``models/policy``, whole (a kill leaves the old policy or this one); the files are
+    copied byte for byte, so the policy checked is the policy installed."""
+    policy = load_policy(folder)
     with publishing_dir(policy_dir(ws)) as new:
         for name in (POLICY_FILE, INFO_FILE, PROVENANCE_FILE):
             shutil.copyfile(folder / name, new / name)
-    return load_policy(policy_dir(ws))
+    return policy
 
 
 __all__ = [
