@@ -143,8 +143,10 @@ def _prompt_table(workspace: str, spec: PromptTableSpec, full: bool) -> RefreshR
     plan = plan_prompts(workspace, spec, full)
     signals = in_workspace(compute_signals, workspace).map(unmapped(plan), plan.batches)
     prompts = in_workspace(batch_prompt_rows, workspace).map(unmapped(plan), plan.batches, signals)
-    # Prefect hands the tasks' results, not the futures, to the writer
-    written: RefreshResult = write_prompts(plan, prompts, signals)  # type: ignore[arg-type]
+    # the results, not the futures, signals first: a failed batch raises its own error here,
+    # where a task handed a failed future would not run and return None (Prefect's NotReady)
+    batch_signals = signals.result()
+    written: RefreshResult = write_prompts(plan, prompts.result(), batch_signals)
     return written
 
 

@@ -86,6 +86,31 @@ def test_a_second_build_does_not_refit_nor_recompute(built_workspace: Path, tmp_
     assert _sha256(ws / "tables" / "prompts.parquet") == table_sha
 
 
+@pytest.mark.slow
+def test_a_failing_batch_fails_the_build_with_its_own_error(
+    built_workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch task that fails raises its error from the build, not an AttributeError on the
+    None that Prefect returns for a task handed a failed future."""
+    import promptenv.prompt_table as prompt_table
+    from flows.pipeline import build
+
+    ws = _copy(built_workspace, tmp_path / "ws")
+    shutil.rmtree(ws / "cache" / "prefect")  # no cached signals: every batch runs
+    table_sha = _sha256(ws / "tables" / "prompts.parquet")
+    computed = prompt_table.batch_signals
+
+    def failing(plan, batch):  # type: ignore[no-untyped-def]
+        if batch.index == 1:
+            raise RuntimeError("batch 1 failed on purpose")
+        return computed(plan, batch)
+
+    monkeypatch.setattr(prompt_table, "batch_signals", failing)
+    with pytest.raises(RuntimeError, match="batch 1 failed on purpose"):
+        build(workspace=str(ws), full=True)
+    assert _sha256(ws / "tables" / "prompts.parquet") == table_sha, "a failed build wrote"
+
+
 def _new_condition(source: SourceTables, patient: str, at: pd.Series, tag: str) -> SourceTables:
     """One more (ongoing) condition of ``patient``, recorded at index encounter ``at``:
     another patient's condition that she does not have. Appended: other rows keep their order."""
