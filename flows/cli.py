@@ -431,9 +431,10 @@ def run_cmd(
         str,
         typer.Option(
             "--policy",
-            help="Where the policy comes from: auto (the one shipped with the default cohort "
-            "when this workspace's data, recommender and LLM are those it was trained with, "
-            "else a short training), train (always train) or shipped (never train).",
+            help="Where the policy comes from: auto (the workspace's own policy when it was "
+            "trained on this data, recommender and LLM; else the one shipped with the default "
+            "cohort when they are those it was trained with; else a short training), train "
+            "(always train) or shipped (never train).",
         ),
     ] = "auto",
 ) -> None:

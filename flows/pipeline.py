@@ -55,7 +55,7 @@ from flows.tasks import (
 from pipelines.workspace import Workspace
 from promptenv.encounters import CALIBRATION_ENCOUNTERS
 from promptenv.policy import PolicySettings
-from promptenv.policy_info import policy_dir, policy_info_path, saved_policy_version
+from promptenv.policy_info import saved_policy_version
 from promptenv.prompt_table import PromptTableSpec, RefreshResult
 from promptenv.prompts import METHODS
 from promptenv.report_html import HTML_FILE
@@ -437,8 +437,8 @@ def train_policy(
     outcome: PolicyOutcome = in_workspace(train_policy_task, ws)(
         ws, backend, fingerprint, recommender, settings, source
     )
-    if not policy_info_path(policy_dir(Workspace.at(ws))).exists():
-        # a cache hit whose saved policy was deleted since: train again
+    if saved_policy_version(Workspace.at(ws)) != outcome.version:
+        # a cache hit whose saved policy was deleted or replaced since (`pmlm policy train`)
         outcome = in_workspace(train_policy_task, ws, refresh=True)(
             ws, backend, fingerprint, recommender, settings, source
         )

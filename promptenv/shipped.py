@@ -6,8 +6,9 @@ was trained longer, by the command its ``PROVENANCE.json`` records, on a workspa
 that ``pmlm run`` prepared from the default cohort. The main job uses it instead of
 training (`workspace_policy` in `promptenv.steps`, ``pmlm run --policy auto``) only
 when the workspace's data hash, chosen recommender, the recommender's item vocabulary
-and the LLM are the ones it was trained with (`shipped_mismatch`); otherwise the main
-job trains as before, and says why.
+and the LLM are the ones it was trained with (`policy_mismatch`), and the workspace does
+not already hold a policy trained on it that fits as well; otherwise the main job trains as
+before, and says why.
 
 The files are loaded as any workspace policy is (`promptenv.policy.load_policy`: the
 weights must be the version ``policy.json`` names, and nothing is unpickled), then
@@ -33,7 +34,7 @@ PROVENANCE_FILE = "PROVENANCE.json"
 MATCHED = ("data_hash", "recommender", "recommender_vocabulary", "llm")
 
 
-def shipped_mismatch(info: PolicyInfo, versions: Mapping[str, Any]) -> str | None:
+def policy_mismatch(info: PolicyInfo, versions: Mapping[str, Any]) -> str | None:
     """Why a policy trained with ``info`` does not fit a workspace of ``versions`` (its
     data hash, recommender, vocabulary and LLM label); None when it fits."""
     trained = {**dict(info.trained_with.versions), "llm": info.trained_with.llm}
@@ -66,6 +67,6 @@ __all__ = [
     "PROVENANCE_FILE",
     "SHIPPED_POLICY",
     "install_shipped_policy",
-    "shipped_mismatch",
+    "policy_mismatch",
     "shipped_provenance",
 ]

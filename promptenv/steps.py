@@ -206,14 +206,21 @@ def workspace_policy(
     tick: Tick | None = None,
     source: str = "auto",
 ) -> WorkspacePolicy:
-    """The main job's policy: the shipped one (`promptenv.shipped`) when ``source`` is
-    ``auto`` or ``shipped`` and it fits the workspace's data, recommender and LLM, else
-    one trained now (`train_workspace_policy`); ``shipped`` refuses to train."""
+    """The main job's policy, by ``source`` (`POLICY_SOURCES`):
+
+    - ``auto``: the policy trained in the workspace (``pmlm policy train``, an earlier
+      ``--policy train``) where it fits the workspace's data, recommender and LLM
+      (`promptenv.shipped.policy_mismatch`); else the shipped one (`promptenv.shipped`)
+      where it fits; else one trained now (`train_workspace_policy`);
+    - ``shipped``: the shipped one, or an error saying why it does not fit;
+    - ``train``: one trained now.
+    """
     from promptenv.policy import read_policy_info
     from promptenv.shipped import (
+        PROVENANCE_FILE,
         SHIPPED_POLICY,
         install_shipped_policy,
-        shipped_mismatch,
+        policy_mismatch,
         shipped_provenance,
     )
 
@@ -222,8 +229,18 @@ def workspace_policy(
     say = progress or (lambda _m: None)
     if source != "train":
         versions = {**workspace_versions(ws), "llm": LLMClient(backend, workspace=ws).label}
+        own = policy_dir(ws)
+        # an installed shipped policy carries its provenance: the shipped one decides
+        if source == "auto" and (own / INFO_FILE).exists() and not (own / PROVENANCE_FILE).exists():
+            info = read_policy_info(own)
+            if policy_mismatch(info, versions) is None:
+                say(
+                    f"policy {info.version}: the one trained in this workspace, on its data, "
+                    "recommender and LLM, kept (`--policy train` trains anew)"
+                )
+                return WorkspacePolicy(load_policy(own), own)
         why = (
-            shipped_mismatch(read_policy_info(SHIPPED_POLICY), versions)
+            policy_mismatch(read_policy_info(SHIPPED_POLICY), versions)
             if (SHIPPED_POLICY / INFO_FILE).exists()
             else f"{SHIPPED_POLICY} holds no policy: reinstall PMLM"
         )
@@ -235,7 +252,7 @@ def workspace_policy(
                 f"by `{command}`); this workspace's data, recommender and LLM are those it "
                 "was trained with, so the main job does not train one"
             )
-            return WorkspacePolicy(policy, policy_dir(ws), command)
+            return WorkspacePolicy(policy, own, command)
         if source == "shipped":
             raise InputError(
                 f"the shipped policy does not fit this workspace: {why}; train one with "

@@ -252,3 +252,45 @@ def test_serve_and_run_reject_bad_options_before_doing_anything(tmp_path: Path) 
     bad_runner = runner.invoke(app, ["run", "-w", str(tmp_path), "--task-runner", "ray"])
     assert bad_runner.exit_code == 2
     assert not (tmp_path / "tables").exists()
+
+
+@pytest.mark.slow
+def test_the_policy_flow_reruns_when_the_saved_policy_was_replaced(
+    built_workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache hit of the policy task stands only while the workspace still holds the policy
+    it returned: one deleted, or replaced by ``pmlm policy train``, sends the task again."""
+    from types import SimpleNamespace
+
+    import promptenv.policy
+    import promptenv.steps as steps
+    from flows.pipeline import train_policy
+    from pipelines.workspace import Workspace
+    from promptenv.policy_info import PolicyInfo, PolicySettings, policy_dir
+
+    ws = _copy(built_workspace, tmp_path / "ws")
+    folder = policy_dir(Workspace.at(ws))
+    calls: list[str] = []
+
+    def save(version: str) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "policy.json").write_text(json.dumps({"version": version}))
+
+    def fake_policy(*_a: object, **_k: object) -> steps.WorkspacePolicy:
+        version = f"v{len(calls)}"
+        calls.append(version)
+        save(version)
+        policy = SimpleNamespace(version=version, info=PolicyInfo())
+        return steps.WorkspacePolicy(policy, folder)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(steps, "workspace_policy", fake_policy)
+    monkeypatch.setattr(promptenv.policy, "training_summary", lambda _p: "trained")
+    settings = PolicySettings(n_train=2, n_validation=2, timesteps=64)
+    assert train_policy(str(ws), "local", "blend", settings).version == "v0"
+    assert train_policy(str(ws), "local", "blend", settings).version == "v0"  # cache hit
+    assert calls == ["v0"]
+    save("trained-by-hand")  # `pmlm policy train` replaced it
+    assert train_policy(str(ws), "local", "blend", settings).version == "v1"
+    shutil.rmtree(folder)  # deleted
+    assert train_policy(str(ws), "local", "blend", settings).version == "v2"
+    assert calls == ["v0", "v1", "v2"]

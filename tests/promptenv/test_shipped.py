@@ -21,7 +21,7 @@ from promptenv.shipped import (
     PROVENANCE_FILE,
     SHIPPED_POLICY,
     install_shipped_policy,
-    shipped_mismatch,
+    policy_mismatch,
     shipped_provenance,
 )
 
@@ -33,26 +33,28 @@ VERSIONS = {
 }
 
 
-def _shipped(folder: Path, llm: str, seed: int = 0) -> Path:
-    """A small policy saved as the shipped one is: trained with VERSIONS and ``llm``."""
+def _shipped(folder: Path, llm: str, seed: int = 0, provenance: bool = True) -> Path:
+    """A small policy saved as the shipped one is: trained with VERSIONS and ``llm``;
+    ``provenance=False``: as a policy trained in a workspace is."""
     from sb3_contrib import MaskablePPO
 
     info = PolicyInfo(trained_with=TrainedWith(llm=llm, versions=VERSIONS))
     save_policy(MaskablePPO("MlpPolicy", PolicySpaces(), seed=seed, device="cpu"), info, folder)
-    (folder / PROVENANCE_FILE).write_text(json.dumps({"command": "pmlm policy train -w W"}))
+    if provenance:
+        (folder / PROVENANCE_FILE).write_text(json.dumps({"command": "pmlm policy train -w W"}))
     return folder
 
 
 def test_the_mismatch_names_what_differs() -> None:
     info = PolicyInfo(trained_with=TrainedWith(llm="local:m", versions=VERSIONS))
-    assert shipped_mismatch(info, {**VERSIONS, "llm": "local:m"}) is None
+    assert policy_mismatch(info, {**VERSIONS, "llm": "local:m"}) is None
     for key in MATCHED:
         other = {**VERSIONS, "llm": "local:m", key: "other"}
-        why = shipped_mismatch(info, other)
+        why = policy_mismatch(info, other)
         assert why is not None and key.replace("_", " ") in why and "'other'" in why
     # a workspace that does not know a version (no recommender fitted) never matches
     missing = {k: v for k, v in {**VERSIONS, "llm": "local:m"}.items() if k != "recommender"}
-    assert "recommender" in (shipped_mismatch(info, missing) or "")
+    assert "recommender" in (policy_mismatch(info, missing) or "")
 
 
 def test_auto_installs_a_fitting_policy_without_training(
@@ -114,6 +116,52 @@ def test_a_policy_that_does_not_fit_is_trained_or_refused(
     assert steps.workspace_policy(ws, "local", steps.PolicySettings(), source="train").policy
     assert trained == ["yes", "yes"]
     assert not policy_dir(ws).exists()
+
+
+def test_auto_keeps_a_fitting_policy_trained_in_the_workspace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``auto``: the workspace's own policy where it fits; the shipped one where the own
+    does not fit, or was itself a shipped one installed earlier; ``shipped`` installs."""
+    import promptenv.shipped
+    import promptenv.steps as steps
+
+    ws = Workspace.at(tmp_path / "ws")
+    label = LLMClient("local", workspace=ws).label
+    shipped = _shipped(tmp_path / "shipped", label)
+    monkeypatch.setattr(promptenv.shipped, "SHIPPED_POLICY", shipped)
+    monkeypatch.setattr(steps, "workspace_versions", lambda _ws: dict(VERSIONS))
+
+    def no_training(*_a: Any, **_k: Any) -> Any:
+        raise AssertionError("a fitting policy must not be trained again")
+
+    monkeypatch.setattr(steps, "train_workspace_policy", no_training)
+    version = read_policy_info(shipped).version
+    settings = steps.PolicySettings()
+
+    def policy_here() -> str:
+        return read_policy_info(policy_dir(ws)).version
+
+    _shipped(policy_dir(ws), label, seed=1, provenance=False)
+    own_version = policy_here()
+    assert own_version != version
+    said: list[str] = []
+    got = steps.workspace_policy(ws, "local", settings, progress=said.append)
+    assert got.shipped_by == "" and got.policy.version == own_version == policy_here()
+    assert any("trained in this workspace" in m and "kept" in m for m in said)
+    # shipped: the shipped one, even over a fitting own policy
+    assert steps.workspace_policy(ws, "local", settings, source="shipped").shipped_by
+    assert policy_here() == version
+    # an installed shipped policy of another PMLM gives way to this PMLM's shipped one
+    shutil.rmtree(policy_dir(ws))
+    _shipped(policy_dir(ws), label, seed=2)
+    assert policy_here() not in (version, own_version)
+    assert steps.workspace_policy(ws, "local", settings).policy.version == version == policy_here()
+    # an own policy trained with another LLM does not fit: the shipped one is installed
+    shutil.rmtree(policy_dir(ws))
+    _shipped(policy_dir(ws), "local:another-model", seed=1, provenance=False)
+    assert steps.workspace_policy(ws, "local", settings).shipped_by
+    assert policy_here() == version
 
 
 def test_damaged_shipped_weights_are_refused_and_the_workspace_untouched(tmp_path: Path) -> None:
