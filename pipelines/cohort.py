@@ -26,17 +26,20 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.errors import PMLMError
 from pipelines.schemas import ENCOUNTERS, EVENTS, NOTES, PATIENTS, QUARANTINE, TABLES
-from pipelines.sources import IngestSummary, SourceTables
+from pipelines.sources import SOURCE_ID_COLUMN, IngestSummary, SourceTables
 from pipelines.workspace import Workspace, atomic_write_bytes, to_arrow
 
 DEFAULT_COHORT_DIR = Path(__file__).parent / "data" / "default_cohort"
 REFERENCE_DATE = "20260101"
 MARKER = "pmlm-cohort.json"
 SNAPSHOT_TABLES = ("patients", "encounters", "events", "notes", "quarantine")
+#: The source (FHIR) id of each snapshot patient: the default cohort's crosswalk.
+SNAPSHOT_SOURCE_IDS = "source_ids.parquet"
 SNAPSHOT_SCHEMAS = {
     "patients": PATIENTS,
     "encounters": ENCOUNTERS,
@@ -167,6 +170,15 @@ def write_snapshot(
     for name in SNAPSHOT_TABLES:
         table = to_arrow(name, getattr(source, name))
         pq.write_table(table, target / f"{name}.parquet", compression="zstd", compression_level=19)
+    if SOURCE_ID_COLUMN in source.patients.columns:  # the crosswalk of `prepare_default_cohort`
+        ids = source.patients[["patient_id", SOURCE_ID_COLUMN]].astype(str)
+        pq.write_table(
+            pa.Table.from_pandas(
+                ids.rename(columns={SOURCE_ID_COLUMN: "source_id"}), preserve_index=False
+            ),
+            target / SNAPSHOT_SOURCE_IDS,
+            compression="zstd",
+        )
     meta = {**provenance, "summary": source.summary.as_dict()}
     (target / "PROVENANCE.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
     return target
@@ -181,6 +193,10 @@ def load_snapshot(folder: Path = DEFAULT_COHORT_DIR) -> SourceTables:
             "(see pipelines/cohort.py)"
         )
     tables = {n: pq.read_table(folder / f"{n}.parquet").to_pandas() for n in SNAPSHOT_TABLES}
+    if (folder / SNAPSHOT_SOURCE_IDS).exists():
+        ids = pq.read_table(folder / SNAPSHOT_SOURCE_IDS).to_pandas()
+        source_of = dict(zip(ids["patient_id"], ids["source_id"], strict=True))
+        tables["patients"][SOURCE_ID_COLUMN] = tables["patients"]["patient_id"].map(source_of)
     for name, df in tables.items():  # a nullable column added since the snapshot was made
         for f in TABLES[name]:
             if f.nullable and f.name not in df.columns:

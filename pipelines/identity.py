@@ -70,6 +70,7 @@ def file_id(name: str, salt: str | None = None) -> str:
 
 def _write(path: Path, frame: pd.DataFrame) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)  # as `workspace_salt` makes it: only its owner reads it
     # inside the ingest's transaction the file is published with its tables, mode kept
     atomic_write_bytes(path, frame.to_parquet(index=False), mode=0o600)
 

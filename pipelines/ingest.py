@@ -161,7 +161,8 @@ def write_cohort(
         crosswalk = source.patients[["patient_id", SOURCE_ID_COLUMN]].rename(
             columns={SOURCE_ID_COLUMN: "source_id"}
         )
-        system = source.summary.source
+        # a snapshot's ids are those of the source it was read from ("snapshot:fhir")
+        system = source.summary.source.removeprefix("snapshot:")
         write_crosswalk(workspace, crosswalk.assign(source_system=system), None, None)
     hashes = {}
     for name in TABLES:

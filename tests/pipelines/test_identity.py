@@ -5,6 +5,7 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import pytest
 from test_fhir import PATIENT_ID, tiny_bundle, write
@@ -79,3 +80,22 @@ def test_omop_persons_are_in_the_crosswalk(tmp_path: Path) -> None:
 def test_no_crosswalk_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="run `pmlm ingest"):
         lookup(Workspace.at(tmp_path), "x")
+
+
+def test_the_default_cohort_has_a_crosswalk_and_no_file_names(tmp_path: Path) -> None:
+    """The built-in cohort as the main job prepares it: every patient's FHIR id in the
+    private crosswalk, and file ids, not Synthea's ``Given_Family_uuid.json``, in the
+    shared tables."""
+    from pipelines.cohort import prepare_default_cohort
+
+    ws = Workspace.at(tmp_path / "ws")
+    prepare_default_cohort(ws)
+    patients = ws.read_table("patients")
+    assert patients["source_file"].str.fullmatch(r"f[0-9a-f]{12}").all()
+    crosswalk = pd.read_parquet(tmp_path / "ws" / "private" / "crosswalk.parquet")
+    assert sorted(crosswalk["patient_id"]) == sorted(patients["patient_id"])
+    assert (crosswalk["source_system"] == "fhir").all()
+    assert crosswalk["source_id"].str.fullmatch(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}").all()
+    first = crosswalk.iloc[0]
+    assert lookup(ws, first["source_id"], "fhir")["patient_id"].tolist() == [first["patient_id"]]
+    assert stat.S_IMODE((tmp_path / "ws" / "private").stat().st_mode) == 0o700
