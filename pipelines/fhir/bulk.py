@@ -304,8 +304,11 @@ class _Router:
             self.route(origin, raw, final=False)
 
 
-#: The order in which files of a type are routed (others: 2).
-_READ_FIRST = {"Patient": 0, "DocumentReference": 1, "Binary": 3}
+#: The order in which the files of a type are routed: Patients first, in the parent (the
+#: other lines find their part at once); DocumentReferences and the other types in the
+#: pool; Binaries last, in the parent (after the DocumentReferences that point at them).
+_FIRST, _DOCUMENTS, _OTHERS, _LAST = 0, 1, 2, 3
+_READ_FIRST = {"Patient": _FIRST, "DocumentReference": _DOCUMENTS, "Binary": _LAST}
 
 
 def _file_type(path: Path) -> str:
@@ -370,13 +373,13 @@ def _route(
 ) -> _Router | None:
     """Route every file but the pending lines; None: a pool task met a mixed file."""
     router = _Router(staging, names)
-    rank = {n: _READ_FIRST.get(_file_type(files[n]), 2) for n in order}
+    rank = {n: _READ_FIRST.get(_file_type(files[n]), _OTHERS) for n in order}
     piece = {n: f"{pos:06d}" for pos, n in enumerate(order)}
-    parent = [n for n in order if rank[n] in (0, 3)]
-    pooled = [n for n in order if rank[n] in (1, 2)]
+    parent = [n for n in order if rank[n] in (_FIRST, _LAST)]
+    pooled = [n for n in order if rank[n] in (_DOCUMENTS, _OTHERS)]
     if pool is None or sum(files[n].stat().st_size for n in pooled) < POOL_MIN_BYTES:
         pooled = []
-    for number in (n for n in parent if rank[n] == 0):
+    for number in (n for n in parent if rank[n] == _FIRST):
         router.read_path(number, files[number], piece[number])
     if pooled:
         assert pool is not None
@@ -396,7 +399,7 @@ def _route(
                 router.binary_part.setdefault(target, part)
             router.pending.extend(r.pending)
     for number in order:
-        if rank[number] == 3 or (rank[number] in (1, 2) and not pooled):
+        if rank[number] == _LAST or (rank[number] != _FIRST and not pooled):
             router.read_path(number, files[number], piece[number])
     return router
 
@@ -410,7 +413,7 @@ def partition_export(
     # Patients first, so that the lines of other types find their part at once instead
     # of waiting in memory (an export lists Patient.ndjson after most types); Binaries
     # after the DocumentReferences that point at them. Rows keep their file's number.
-    order = sorted(range(len(files)), key=lambda n: _READ_FIRST.get(_file_type(files[n]), 2))
+    order = sorted(range(len(files)), key=lambda n: _READ_FIRST.get(_file_type(files[n]), _OTHERS))
     router = _route(files, names, staging, order, pool)
     if router is None:  # a file mixes types: start again, in this process
         shutil.rmtree(staging)
