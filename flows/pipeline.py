@@ -361,9 +361,10 @@ def pmlm_pipeline(
     training encounters train the policy (see `quick_policy_settings`). ``ingest``: the
     ingest options of ``source`` (`build`). ``n_calibration`` validation encounters
     calibrate the matching threshold that training and evaluation share.
-    ``policy_source``: ``auto`` uses the policy shipped with the default cohort where it
-    fits the workspace (`promptenv.shipped`) and trains one otherwise; ``train`` always
-    trains; ``shipped`` refuses to train.
+    ``policy_source``: ``auto`` uses the workspace's own policy where it fits its data,
+    recommender and LLM, else the policy shipped with the default cohort where that fits
+    (`promptenv.shipped`), and trains one otherwise; ``train`` always trains; ``shipped``
+    refuses to train (`promptenv.steps.workspace_policy`).
     """
     ws = _workspace(workspace)
     prompt_methods = list(prompt_methods or ["pmlm_initial"])
@@ -430,7 +431,7 @@ def train_policy(
         + (
             "trained now"
             if source == "train"
-            else "the shipped one where it fits, else trained now"
+            else "the workspace's own or the shipped one where it fits, else trained now"
         )
     )
     fingerprint = fingerprint_records(ws)
