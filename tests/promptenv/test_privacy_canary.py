@@ -29,10 +29,43 @@ from promptenv.search import edit_methods
 SETTINGS = EvalSettings(n_obstetric=3, n_adult=2, n_calibration=2, bootstrap=20)
 
 
-def planted_patient(pid: str, source_file: str, n: int) -> dict[str, object]:
-    """A FHIR Patient resource for a real cohort patient: her name (from her Synthea file
-    name) and made-up but well-formed address, telecom and identifiers."""
-    given, family = Path(source_file).stem.split("_")[:2]
+#: Synthea-like names (the cohort's tables hold none: file ids, not Synthea's file names)
+GIVEN = [
+    "Donya",
+    "Germaine",
+    "Julee",
+    "Marisela",
+    "Tatyana",
+    "Shalonda",
+    "Kittie",
+    "Ozella",
+    "Rosalyn",
+    "Ardith",
+    "Lavonda",
+    "Jacquelin",
+    "Wilhelmina",
+]
+FAMILY = [
+    "Schumm",
+    "Witting",
+    "Prosacco",
+    "Kuhlman",
+    "Bednar",
+    "Hermiston",
+    "Gulgowski",
+    "Runolfsdottir",
+    "Wehner",
+    "Okuneva",
+    "Bashirian",
+    "Tromp",
+    "Ziemann",
+]
+
+
+def planted_patient(pid: str, n: int) -> dict[str, object]:
+    """A FHIR Patient resource for the ``n``-th cohort patient: a made-up but well-formed
+    name, address, telecom and identifiers."""
+    given, family = GIVEN[n % len(GIVEN)], FAMILY[(n // len(GIVEN)) % len(FAMILY)]
     return {
         "resourceType": "Patient",
         "id": pid,
@@ -87,12 +120,7 @@ def planted(
 ) -> tuple[dict[str, pd.DataFrame], Workspace, list[str]]:
     tables = dict(default_tables)
     patients = tables["patients"]
-    resources = {
-        pid: planted_patient(pid, file, n)
-        for n, (pid, file) in enumerate(
-            zip(patients["patient_id"], patients["source_file"], strict=True)
-        )
-    }
+    resources = {pid: planted_patient(pid, n) for n, pid in enumerate(patients["patient_id"])}
     plant(tables, resources)
     ws = Workspace.at(tmp_path / "ws")
     ws.write_table("patients", patients)
