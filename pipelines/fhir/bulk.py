@@ -62,37 +62,16 @@ PENDING_PIECE = "pending"
 #: The bytes of the files a pool would route below which the parent routes them (a
 #: process costs more than it saves on a small export).
 POOL_MIN_BYTES = 32 * 2**20
-#: Bytes read from an export's file at a time (`ndjson_lines`).
-_READ_BYTES = 4 * 2**20
 #: Distinct reference strings whose target id is remembered while routing.
 _MEMO_REFERENCES = 1 << 16
 
 
 def ndjson_lines(path: Path) -> Iterator[bytes]:
-    """The lines of an NDJSON file of a Bulk Data export, gzipped or not, each with its
-    newline (the last one's only if the file ends with one), as iterating over the file
-    gives them.
-
-    Read in blocks and split at newlines: a gzipped file's ``readline`` costs more than
-    the routing of its lines. A line longer than a block is joined from its pieces."""
+    """The lines of an NDJSON file of a Bulk Data export, gzipped or not."""
     opener: Any = gzip.open if path.name.endswith(".gz") else open
     handle: IO[bytes]
     with opener(path, "rb") as handle:
-        pieces: list[bytes] = []  # the start of a line that crosses blocks
-        while block := handle.read(_READ_BYTES):
-            end = block.rfind(b"\n")
-            if end < 0:
-                pieces.append(block)
-                continue
-            pieces.append(block[: end + 1])
-            head = b"".join(pieces) if len(pieces) > 1 else pieces[0]
-            pieces = [block[end + 1 :]] if end + 1 < len(block) else []
-            lines = head.split(b"\n")
-            lines.pop()  # the empty string after the last \n
-            for line in lines:
-                yield line + b"\n"
-        if pieces:
-            yield b"".join(pieces)
+        yield from handle
 
 
 class _Medications:

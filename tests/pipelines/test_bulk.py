@@ -9,8 +9,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from bulk_export import SERVER, export_bulk
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from test_fhir import tiny_bundle, write
 from test_staged import assert_same_workspaces
 
@@ -237,24 +235,3 @@ def test_a_pool_routes_the_parts_of_one_process(
             third = {**patient, "id": "p3"}
             ndjson(export, "Condition.ndjson", [third])
     assert read_fhir_folder(export, workers=2).summary.reconciles()
-
-
-@settings(max_examples=200, deadline=None)
-@given(
-    data=st.binary(max_size=200).map(lambda b: b.replace(b"x", b"\n")),
-    block=st.integers(1, 64),
-    gz=st.booleans(),
-)
-def test_ndjson_lines_are_the_lines_a_file_gives(data: bytes, block: int, gz: bool) -> None:
-    """The block reader splits as iterating over the file does, whatever the block size:
-    lines across blocks, blank lines, ``\\r``, no newline at the end."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / ("x.ndjson.gz" if gz else "x.ndjson")
-        path.write_bytes(gzip.compress(data) if gz else data)
-        with (gzip.open if gz else open)(path, "rb") as handle:
-            want = list(handle)
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(bulk, "_READ_BYTES", block)
-            assert list(bulk.ndjson_lines(path)) == want
