@@ -25,7 +25,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipelines.fhir.reader import FILE_COLUMN, SOURCE_ID_COLUMN, FhirReader, origin_name
+from pipelines.fhir.reader import (
+    FILE_COLUMN,
+    SOURCE_ID_COLUMN,
+    FhirReader,
+    collector_paused,
+    origin_name,
+)
 from pipelines.fhir.resources import KIND_RESOURCE, SOURCE
 from pipelines.identifiers import merge_identifiers
 from pipelines.schemas import QUARANTINE, ROW_ORDER, TABLES
@@ -166,17 +172,21 @@ def read_chunk(
     whole input (`dedupe`): resolving them per chunk would depend on the chunks.
     """
     reader = FhirReader(salt, names)
-    for i, path in enumerate(paths):
-        if path.suffix == ".part":
-            shared = path.parent / SHARED_PART
-            if shared.exists() and not reader.shared_medications:
-                reader.load_shared(shared)
-            reader.read_part(path)
-        else:
-            reader.read_bundle(path, first_file + i)
-        if (i + 1) % FLUSH_FILES == 0:
-            reader.flush()  # dict rows cost ~10× the memory of a frame
-    return reader.tables()
+    # the collector paused until the resources and the reader are gone (`collector_paused`)
+    with collector_paused():
+        for i, path in enumerate(paths):
+            if path.suffix == ".part":
+                shared = path.parent / SHARED_PART
+                if shared.exists() and not reader.shared_medications:
+                    reader.load_shared(shared)
+                reader.read_part(path)
+            else:
+                reader.read_bundle(path, first_file + i)
+            if (i + 1) % FLUSH_FILES == 0:
+                reader.flush()  # dict rows cost ~10× the memory of a frame
+        tables = reader.tables()
+        del reader
+    return tables
 
 
 def file_chunks(files: list[Path], size: int | None = None) -> list[tuple[int, list[Path]]]:

@@ -81,6 +81,11 @@ def collector_paused() -> Iterator[None]:
     number of new objects sets off again and again, would walk every one of them each
     time. Measured on 200 patients of a Bulk Data export, one process: 37.0 s with the
     collector, 28.8 s without (BENCHMARKS.md, "Bulk Data ingest").
+
+    The block should end when its many objects are gone, not while they are still
+    alive: the first collection after it walks every object the block made that is
+    still there (a sampling profile found 10% of a worker's time in that one walk when
+    the block ended inside a part's reading).
     """
     enabled = gc.isenabled()
     gc.disable()
@@ -263,19 +268,18 @@ class FhirReader:
         """One part of a Bulk Data export (`pipelines.fhir.bulk`) as one unit: a file,
         or a folder of pieces read in the order of their names.
 
-        A part holds 16 patients' resources at once (a bundle holds one patient's), and
-        the cyclic garbage collector's passes over those millions of objects cost more
-        than the reading (`collector_paused`)."""
+        A part holds 16 patients' resources at once (a bundle holds one patient's): its
+        caller, `pipelines.fhir.merge.read_chunk`, reads with the cyclic garbage
+        collector paused (`collector_paused`)."""
         items: list[tuple[int, dict[str, Any] | None, str | None]] = []
         pieces = sorted(path.iterdir()) if path.is_dir() else [path]
         parse = self.parser.parse
-        with collector_paused():
-            for piece in pieces:
-                with piece.open("rb") as handle:
-                    for line in handle:
-                        origin, _, raw = line.partition(b"\t")
-                        items.append((int(origin), resource_of(parse(raw)), None))
-            self.read_unit(items)
+        for piece in pieces:
+            with piece.open("rb") as handle:
+                for line in handle:
+                    origin, _, raw = line.partition(b"\t")
+                    items.append((int(origin), resource_of(parse(raw)), None))
+        self.read_unit(items)
 
     def read_unit(self, items: list[tuple[int, dict[str, Any] | None, str | None]]) -> None:
         self.patient_ids.clear()
