@@ -45,6 +45,27 @@ def _shipped(folder: Path, llm: str, seed: int = 0, provenance: bool = True) -> 
     return folder
 
 
+def _fitting_shipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Workspace, str, Path]:
+    """A workspace of VERSIONS, its local LLM's label, and a shipped policy that fits it;
+    training fails the test."""
+    import promptenv.shipped
+    import promptenv.steps as steps
+
+    ws = Workspace.at(tmp_path / "ws")
+    label = LLMClient("local", workspace=ws).label
+    shipped = _shipped(tmp_path / "shipped", label)
+    monkeypatch.setattr(promptenv.shipped, "SHIPPED_POLICY", shipped)
+    monkeypatch.setattr(steps, "workspace_versions", lambda _ws: dict(VERSIONS))
+
+    def no_training(*_a: Any, **_k: Any) -> Any:
+        raise AssertionError("a fitting policy must not be trained again")
+
+    monkeypatch.setattr(steps, "train_workspace_policy", no_training)
+    return ws, label, shipped
+
+
 def test_the_mismatch_names_what_differs() -> None:
     info = PolicyInfo(trained_with=TrainedWith(llm="local:m", versions=VERSIONS))
     assert policy_mismatch(info, {**VERSIONS, "llm": "local:m"}) is None
@@ -60,19 +81,9 @@ def test_the_mismatch_names_what_differs() -> None:
 def test_auto_installs_a_fitting_policy_without_training(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import promptenv.shipped
     import promptenv.steps as steps
 
-    ws = Workspace.at(tmp_path / "ws")
-    label = LLMClient("local", workspace=ws).label
-    shipped = _shipped(tmp_path / "shipped", label)
-    monkeypatch.setattr(promptenv.shipped, "SHIPPED_POLICY", shipped)
-    monkeypatch.setattr(steps, "workspace_versions", lambda _ws: dict(VERSIONS))
-
-    def no_training(*_a: Any, **_k: Any) -> Any:
-        raise AssertionError("a fitting shipped policy must not be trained again")
-
-    monkeypatch.setattr(steps, "train_workspace_policy", no_training)
+    ws, _label, shipped = _fitting_shipped(tmp_path, monkeypatch)
     said: list[str] = []
     got = steps.workspace_policy(ws, "local", steps.PolicySettings(), progress=said.append)
     assert got.shipped_by == "pmlm policy train -w W"
@@ -123,19 +134,9 @@ def test_auto_keeps_a_fitting_policy_trained_in_the_workspace(
 ) -> None:
     """``auto``: the workspace's own policy where it fits; the shipped one where the own
     does not fit, or was itself a shipped one installed earlier; ``shipped`` installs."""
-    import promptenv.shipped
     import promptenv.steps as steps
 
-    ws = Workspace.at(tmp_path / "ws")
-    label = LLMClient("local", workspace=ws).label
-    shipped = _shipped(tmp_path / "shipped", label)
-    monkeypatch.setattr(promptenv.shipped, "SHIPPED_POLICY", shipped)
-    monkeypatch.setattr(steps, "workspace_versions", lambda _ws: dict(VERSIONS))
-
-    def no_training(*_a: Any, **_k: Any) -> Any:
-        raise AssertionError("a fitting policy must not be trained again")
-
-    monkeypatch.setattr(steps, "train_workspace_policy", no_training)
+    ws, label, shipped = _fitting_shipped(tmp_path, monkeypatch)
     version = read_policy_info(shipped).version
     settings = steps.PolicySettings()
 
