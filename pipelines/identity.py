@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from pipelines.errors import InputError, MissingStepError
+from pipelines.integrity import secret_text
 from pipelines.sources import DEFAULT_SALT
 from pipelines.workspace import Workspace, atomic_write_bytes
 
@@ -47,19 +47,11 @@ def workspace_salt(workspace: Workspace) -> str:
     """``$PMLM_PSEUDONYM_SALT``, else the workspace's secret (created now if absent, mode 0600)."""
     if os.environ.get(SALT_ENV):
         return os.environ[SALT_ENV]
-    path = secret_path(workspace)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(path.parent, 0o700)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another ingest made it first
-            return path.read_text().strip()
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_hex(32) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-    return path.read_text().strip()
+    return secret_text(
+        secret_path(workspace),
+        "restore it from a backup (a new one gives every patient a new pseudonym: "
+        "ingest again and rebuild everything)",
+    )
 
 
 def file_id(name: str, salt: str | None = None) -> str:

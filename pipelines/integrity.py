@@ -25,6 +25,8 @@ import hashlib
 import hmac
 import os
 import secrets
+import string
+import time
 from pathlib import Path
 
 from pipelines.errors import StaleStateError
@@ -43,24 +45,50 @@ def secret_path(workspace_root: Path) -> Path:
     return workspace_root / "private" / SECRET_FILE
 
 
-def workspace_secret(workspace_root: Path) -> bytes:
-    """The workspace's secret, made (mode 0600) if it has none."""
-    path = secret_path(workspace_root)
-    try:
-        return bytes.fromhex(path.read_text().strip())
-    except FileNotFoundError:
-        pass
+#: How long a reader waits for a secret that another process or thread has just created
+#: to be written whole (it is created empty, then written).
+_SECRET_WAIT_SECONDS = 5.0
+
+
+def secret_text(path: Path, damaged: str) -> str:
+    """The secret in ``path`` (64 hex digits), made (mode 0600, in a folder of mode 0700)
+    if there is none.
+
+    Whoever creates it first writes it; a process or thread that finds it created but
+    not yet written waits for it (up to `_SECRET_WAIT_SECONDS`), so that no one ever
+    signs or hashes with a half-written secret. One that is still not 64 hex digits
+    is damaged: an error that says so, with ``damaged`` (what to do) after it.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process made it first
-        return bytes.fromhex(path.read_text().strip())
-    with os.fdopen(fd, "w") as handle:
-        handle.write(secrets.token_hex(32))
-        handle.flush()
-        os.fsync(handle.fileno())
-    return bytes.fromhex(path.read_text().strip())
+    except FileExistsError:
+        pass
+    else:
+        os.chmod(path.parent, 0o700)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+    deadline = time.monotonic() + _SECRET_WAIT_SECONDS
+    while True:
+        text = path.read_text().strip()
+        if len(text) == 64 and all(c in string.hexdigits for c in text):
+            return text
+        if time.monotonic() > deadline:
+            raise StaleStateError(f"{path} is not a secret of 64 hex digits: {damaged}")
+        time.sleep(0.01)
+
+
+def workspace_secret(workspace_root: Path) -> bytes:
+    """The workspace's secret, made (mode 0600) if it has none."""
+    return bytes.fromhex(
+        secret_text(
+            secret_path(workspace_root),
+            "delete it; every signed file is then refused and recomputed, and the policy "
+            "must be trained again",
+        )
+    )
 
 
 def _mac(key: bytes, data: bytes) -> bytes:
