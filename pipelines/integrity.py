@@ -59,17 +59,18 @@ def secret_text(path: Path, damaged: str) -> str:
     signs or hashes with a half-written secret. One that is still not 64 hex digits
     is damaged: an error that says so, with ``damaged`` (what to do) after it.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
-        os.chmod(path.parent, 0o700)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_hex(32) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+    if not path.exists():  # a read-only reader of a made workspace never writes
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # made meanwhile by another: wait for it below
+            pass
+        else:
+            os.chmod(path.parent, 0o700)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_hex(32) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
     deadline = time.monotonic() + _SECRET_WAIT_SECONDS
     while True:
         text = path.read_text().strip()
