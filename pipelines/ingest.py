@@ -158,12 +158,11 @@ def write_cohort(
         source, split_seed=split_seed, plans_from=plan_choice(plans), plan_headers=plan_headers
     )
     if SOURCE_ID_COLUMN in source.patients.columns:
-        crosswalk = source.patients[["patient_id", SOURCE_ID_COLUMN]].rename(
-            columns={SOURCE_ID_COLUMN: "source_id"}
+        # each patient's source system is her row's own (a snapshot's: the one it was read from)
+        crosswalk = source.patients[["source", "patient_id", SOURCE_ID_COLUMN]].rename(
+            columns={"source": "source_system", SOURCE_ID_COLUMN: "source_id"}
         )
-        # a snapshot's ids are those of the source it was read from ("snapshot:fhir")
-        system = source.summary.source.removeprefix("snapshot:")
-        write_crosswalk(workspace, crosswalk.assign(source_system=system), None, None)
+        write_crosswalk(workspace, crosswalk, None, None)
     hashes = {}
     for name in TABLES:
         table = to_arrow(name, tables[name])
