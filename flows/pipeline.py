@@ -59,7 +59,7 @@ from promptenv.policy_info import saved_policy_version
 from promptenv.prompt_table import PromptTableSpec, RefreshResult
 from promptenv.prompts import METHODS
 from promptenv.report_html import HTML_FILE
-from promptenv.steps import EXPORT_FORMATS, quick_policy_settings
+from promptenv.steps import EXPORT_FORMATS, POLICY_SOURCES, quick_policy_settings
 from recsys.steps import QUICK_GRIDS
 
 TASK_RUNNERS = ("threads", "dask")
@@ -427,12 +427,7 @@ def train_policy(
     """
     ws = _workspace(workspace)
     get_run_logger().info(
-        "the prompt-editing policy (MaskablePPO): "
-        + (
-            "trained now"
-            if source == "train"
-            else "the workspace's own or the shipped one where it fits, else trained now"
-        )
+        f"the prompt-editing policy (MaskablePPO): {POLICY_SOURCES.get(source, source)}"
     )
     fingerprint = fingerprint_records(ws)
     outcome: PolicyOutcome = in_workspace(train_policy_task, ws)(

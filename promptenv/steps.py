@@ -184,7 +184,12 @@ def train_workspace_policy(
 
 
 #: Where the main job's policy comes from (`workspace_policy`).
-POLICY_SOURCES = ("auto", "train", "shipped")
+#: Where the main job's policy comes from (`workspace_policy`), and what each one means.
+POLICY_SOURCES = {
+    "auto": "the workspace's own or the shipped one where it fits, else trained now",
+    "train": "trained now",
+    "shipped": "the shipped one, never trained",
+}
 
 
 @dataclass(frozen=True)
