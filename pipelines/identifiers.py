@@ -96,16 +96,19 @@ def _patient_resources(path: Path, parser: simdjson.Parser) -> list[dict[str, An
     """The Patient resources of a bundle file, or of an NDJSON file of a Bulk Data export."""
     name = path.name.lower()
     if name.endswith((".ndjson", ".ndjson.gz")):
-        from pipelines.fhir.bulk import ndjson_lines
+        from pipelines.fhir.bulk import GZIP_ERRORS, ndjson_lines
 
         found = []
-        for line in ndjson_lines(path):
-            try:
-                resource = json.loads(line)
-            except ValueError:  # the ingest quarantines the line
-                continue
-            if isinstance(resource, dict) and resource.get("resourceType") == "Patient":
-                found.append(resource)
+        try:
+            for line in ndjson_lines(path):
+                try:
+                    resource = json.loads(line)
+                except ValueError:  # the ingest quarantines the line
+                    continue
+                if isinstance(resource, dict) and resource.get("resourceType") == "Patient":
+                    found.append(resource)
+        except GZIP_ERRORS:  # the ingest keeps the lines before the damage, as here
+            pass
         return found
     try:
         doc = parser.parse(path.read_bytes())

@@ -130,6 +130,30 @@ def test_damaged_lines_are_quarantined_by_file_and_line(tmp_path: Path) -> None:
     assert len(t.encounters) == 1  # the good line is still read
 
 
+def test_every_kind_of_damaged_gzip_file_is_quarantined_after_its_good_lines(
+    tmp_path: Path,
+) -> None:
+    """A gzipped file cut short, with a wrong checksum, or whose data does not inflate:
+    the lines before the damage are read, the file is quarantined, nothing escapes."""
+    tiny_export(tmp_path)
+    good = json.dumps({"resourceType": "Observation", "id": "o1"}).encode() + b"\n"
+    whole = gzip.compress(good * 3, mtime=0)
+    damaged = {
+        "cut": whole[:-6],
+        "checksum": whole[:-8] + bytes(8),
+        "inflate": whole[:10] + b"\x07" + whole[11:],  # a deflate block of a reserved type
+        "header": b"\x1f\x8b\x09" + whole[3:],  # an unknown compression method
+    }
+    for case, raw in damaged.items():
+        write(tmp_path, "Observation.ndjson.gz", raw)
+        t = read_fhir_folder(tmp_path)
+        assert t.summary.reconciles(), (case, t.summary.as_dict())
+        assert t.summary.files_quarantined == 1, case
+        reasons = dict(zip(t.quarantine["source_file"], t.quarantine["reason"], strict=True))
+        assert reasons["Observation.ndjson.gz"].startswith("unreadable file"), case
+        assert len(t.encounters) == 1, case
+
+
 def test_manifest_lists_the_files_and_a_missing_one_is_a_clear_error(tmp_path: Path) -> None:
     tiny_export(tmp_path)
     manifest = {"output": [{"type": "Patient", "url": f"{SERVER}/x/Patient.ndjson"}]}
