@@ -43,6 +43,7 @@ from isal import igzip, igzip_lib
 from pipelines.fhir.merge import SHARED_PART
 from pipelines.fhir.reader import (
     LINE_BITS,
+    LINE_READ_BUFFER,
     first_bad_byte,
     max_file_bytes,
     origin_name,
@@ -80,10 +81,13 @@ def ndjson_lines(path: Path) -> Iterator[bytes]:
     faster than zlib here: the largest file of an export is often a gzipped
     Observation file, and its routing is the partition pass's longest task.
     """
-    opener: Any = igzip.open if path.name.endswith(".gz") else open
     handle: IO[bytes]
-    with opener(path, "rb") as handle:
-        yield from handle
+    if path.name.endswith(".gz"):
+        with igzip.open(path, "rb") as handle:
+            yield from handle
+    else:
+        with path.open("rb", buffering=LINE_READ_BUFFER) as handle:
+            yield from handle
 
 
 class _Medications:
