@@ -19,7 +19,11 @@ at a time (memory stays bounded by the part, not the export).
 
 A part is a folder of *pieces*, one per input file that has lines for it (named by
 the file's place in the routing order) and one of the pending lines, so that the
-reader meets its lines in the routing order whichever process wrote them. Given a
+reader meets its lines in the routing order whichever process wrote them. A piece
+of an uncompressed file holds *spans* (``SPANS_SUFFIX``: where its lines are in
+the file, consecutive lines as one span), not the lines: the pass then writes
+only the lines of gzipped files and the pending ones, and the reader reads the
+rest from the export itself. Given a
 process pool, the parent routes the Patient files, the pool routes the files of
 the other types (one task per file, no line crosses a process), and the parent
 routes the Binary files and the pending lines at the end: the parts are those of
@@ -44,6 +48,8 @@ from pipelines.fhir.merge import SHARED_PART
 from pipelines.fhir.reader import (
     LINE_BITS,
     LINE_READ_BUFFER,
+    SOURCES_FILE,
+    SPANS_SUFFIX,
     first_bad_byte,
     max_file_bytes,
     origin_name,
@@ -65,6 +71,8 @@ PENDING_PIECE = "pending"
 POOL_MIN_BYTES = 32 * 2**20
 #: Distinct reference strings whose target id is remembered while routing.
 _MEMO_REFERENCES = 1 << 16
+#: What a span costs in the buffer's count of bytes (a list of four ints).
+_SPAN_BYTES = 120
 
 
 #: What reading a damaged gzipped file raises: a cut stream (EOFError), a bad header or
@@ -139,6 +147,10 @@ class _Router:
         self.binary_part: dict[str, int] = {}
         self.medications = _Medications()
         self.buffers: dict[tuple[int, str], list[bytes]] = {}
+        #: (part, piece) → spans [first origin, last origin, start, end]
+        self.spans: dict[tuple[int, str], list[list[int]]] = {}
+        #: where the line being routed starts in its file; None: not an uncompressed file
+        self.line_start: int | None = None
         self.buffered = 0
         self.pending: list[bytes] = []
         self.limit = max_file_bytes()
@@ -149,7 +161,11 @@ class _Router:
 
     def write(self, part: int, origin: int, raw: bytes) -> None:
         """Buffer ``ORIGIN\tLINE\n`` for a piece of ``part`` (the line and its origin
-        as two strings: formatting them into one costs more than the routing)."""
+        as two strings: formatting them into one costs more than the routing), or,
+        for a line of an uncompressed file, its span."""
+        if self.line_start is not None:
+            self.write_span(part, origin, self.line_start, self.line_start + len(raw))
+            return
         if raw[-2:-1] == b"\r" or not raw.endswith(b"\n"):
             raw = raw.rstrip(b"\r\n") + b"\n"
         key = (part, self.piece)
@@ -160,16 +176,44 @@ class _Router:
         lines.append(raw)
         self.buffered += len(raw)
         if self.buffered > _BUFFER_BYTES:
-            self.flush()
+            self.flush(final=False)
 
-    def flush(self) -> None:
+    def write_span(self, part: int, origin: int, start: int, end: int) -> None:
+        key = (part, self.piece)
+        spans = self.spans.get(key)
+        if spans is None:
+            spans = self.spans[key] = []
+        elif spans[-1][1] == origin - 1 and spans[-1][3] == start:  # the next line
+            spans[-1][1], spans[-1][3] = origin, end
+            return
+        spans.append([origin, origin, start, end])
+        self.buffered += _SPAN_BYTES
+        if self.buffered > _BUFFER_BYTES:
+            self.flush(final=False)
+
+    def flush(self, final: bool = True) -> None:
+        """Append the buffered lines and spans to their pieces; not ``final``: keep each
+        piece's last span, which the next line may extend (so that the pieces do not
+        depend on when the buffer filled)."""
         for (part, piece), lines in self.buffers.items():
             folder = part_folder(self.staging, part)
             folder.mkdir(exist_ok=True)
             with (folder / piece).open("ab") as handle:
                 handle.write(b"".join(lines))
         self.buffers.clear()
-        self.buffered = 0
+        kept: dict[tuple[int, str], list[list[int]]] = {}
+        for (part, piece), spans in self.spans.items():
+            if not final:
+                kept[(part, piece)] = spans[-1:]
+                spans = spans[:-1]
+            if not spans:
+                continue
+            folder = part_folder(self.staging, part)
+            folder.mkdir(exist_ok=True)
+            with (folder / (piece + SPANS_SUFFIX)).open("ab") as handle:
+                handle.write(b"".join(b"%d\t%d\t%d\t%d\n" % tuple(span) for span in spans))
+        self.spans = kept
+        self.buffered = len(kept) * _SPAN_BYTES
 
     def target(self, subject: Any) -> str | None:
         """`reference_id` of a simdjson ``subject``, remembered by reference string."""
@@ -267,6 +311,7 @@ class _Router:
         try:
             self.read_file(number, path)
         except GZIP_ERRORS as exc:  # a truncated or corrupt gzip file
+            self.line_start = None
             self.summary.files_read -= 1
             self.summary.files_quarantined += 1
             self.quarantine.append(
@@ -282,7 +327,10 @@ class _Router:
 
     def read_file(self, number: int, path: Path) -> None:
         self.summary.files_read += 1
+        plain = not path.name.endswith(".gz")
+        end = 0
         for i, raw in enumerate(ndjson_lines(path), start=1):
+            start, end = end, end + len(raw)
             if raw.isspace():  # a line read from a file is never empty
                 continue
             origin = (number << LINE_BITS) | i
@@ -296,7 +344,11 @@ class _Router:
                     "limit: raise PMLM_MAX_FILE_MB",
                 )
                 continue
-            self.route(origin, raw, final=False)
+            self.line_start = start if plain else None
+            try:
+                self.route(origin, raw, final=False)
+            finally:
+                self.line_start = None
 
 
 #: The order in which the files of a type are routed: Patients first, in the parent (the
@@ -423,5 +475,7 @@ def partition_export(
     router.flush()
     shared = {k: list(v) for k, v in router.medications.medications.items()}
     (staging / SHARED_PART).write_text(json.dumps(shared))
+    sources = {number: str(path.resolve()) for number, path in enumerate(files)}
+    (staging / SOURCES_FILE).write_text(json.dumps(sources))
     parts = sorted(staging.glob("[0-9]*.part"))
     return Partition(parts=parts, summary=router.summary, quarantine=router.quarantine)

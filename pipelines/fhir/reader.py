@@ -23,6 +23,7 @@ from typing import Any
 import pandas as pd
 import simdjson
 
+from pipelines.fhir.inputs import FhirInputError
 from pipelines.fhir.resources import RESOURCE_PARSERS, SOURCE, Filtered
 from pipelines.fhir.values import Coding, Rejected, reference_id, reference_target
 from pipelines.identifiers import PatientIdentifiers, merge_identifiers, patient_identifiers
@@ -33,10 +34,17 @@ from pipelines.sources import SOURCE_ID_COLUMN, IngestSummary, SourceTables, fra
 #: Internal column: the origin of a row (file number × 2**32 + line), dropped before writing.
 FILE_COLUMN = "_file"
 LINE_BITS = 32
+_LINE_MASK = (1 << LINE_BITS) - 1
 #: The read buffer of a file read line by line (an NDJSON file, a part's piece): with
 #: Python's 8 KB default, reading the lines of an export costs 3x more (a system call
 #: per 8 KB).
 LINE_READ_BUFFER = 2**20
+#: The name ending of a piece of a Bulk Data part (`pipelines.fhir.bulk`) that holds
+#: spans, ``FIRST_ORIGIN\tLAST_ORIGIN\tSTART\tEND`` lines: consecutive lines of one
+#: uncompressed file of the export (bytes START to END), read from the file itself.
+SPANS_SUFFIX = ".spans"
+#: The export's file paths by file number (JSON), beside the parts.
+SOURCES_FILE = "sources.json"
 #: Bundle types that are read: every one whose entries are resources of record.
 BUNDLE_TYPES = frozenset({"document", "collection", "transaction", "batch", "searchset"})
 #: The largest input file (bundle) or NDJSON line read, in MB; ``PMLM_MAX_FILE_MB`` overrides.
@@ -180,6 +188,9 @@ class FhirReader:
         self.medications: dict[str, Coding] = {}
         self.binaries: dict[str, tuple[str | None, str]] = {}
         self.shared_medications: dict[str, Coding] = {}
+        #: a Bulk Data export's files by number (`span_lines`), and where they were read
+        self.sources: dict[int, Path] = {}
+        self.sources_at: Path | None = None
         self.origin = 0
 
     # ---------------------------------------------------------------- Context
@@ -279,11 +290,41 @@ class FhirReader:
         pieces = sorted(path.iterdir()) if path.is_dir() else [path]
         parse = self.parser.parse
         for piece in pieces:
+            if piece.name.endswith(SPANS_SUFFIX):
+                for number, raw in self.span_lines(piece):
+                    items.append((number, resource_of(parse(raw)), None))
+                continue
             with piece.open("rb", buffering=LINE_READ_BUFFER) as handle:
                 for line in handle:
                     origin, _, raw = line.partition(b"\t")
                     items.append((int(origin), resource_of(parse(raw)), None))
         self.read_unit(items)
+
+    def span_lines(self, piece: Path) -> Iterator[tuple[int, bytes]]:
+        """(origin, line) of each line that the spans of ``piece`` point at, read from
+        the export's file; a file that changed since the partition pass is an error."""
+        sources = piece.parent.parent / SOURCES_FILE
+        if self.sources_at != sources:
+            self.sources = {int(k): Path(v) for k, v in json.loads(sources.read_bytes()).items()}
+            self.sources_at = sources
+        with piece.open("rb") as handle:
+            spans = [tuple(map(int, line.split(b"\t"))) for line in handle]
+        if not spans:
+            return
+        source = self.sources[spans[0][0] >> LINE_BITS]
+        with source.open("rb", buffering=0) as handle:
+            fd = handle.fileno()
+            for first, last, start, end in spans:
+                lines = os.pread(fd, end - start, start).split(b"\n")
+                if lines[-1] == b"":
+                    lines.pop()
+                if len(lines) != last - first + 1:
+                    raise FhirInputError(
+                        f"{source} changed while it was ingested (bytes {start}-{end} no "
+                        f"longer hold lines {first & _LINE_MASK}-{last & _LINE_MASK}): "
+                        "ingest again from an export that nothing is writing to"
+                    )
+                yield from zip(range(first, last + 1), lines, strict=True)
 
     def read_unit(self, items: list[tuple[int, dict[str, Any] | None, str | None]]) -> None:
         self.patient_ids.clear()

@@ -16,6 +16,7 @@ from pipelines.fhir import FhirInputError, bulk, detect_format, read_fhir_folder
 from pipelines.fhir.bulk import Partition, partition_export
 from pipelines.fhir.inputs import bulk_files
 from pipelines.fhir.merge import SHARED_PART
+from pipelines.fhir.reader import SPANS_SUFFIX, FhirReader
 from pipelines.identity import file_id, workspace_salt
 from pipelines.ingest import derive, write_cohort
 from pipelines.staged import ingest_fhir_staged
@@ -259,3 +260,66 @@ def test_a_pool_routes_the_parts_of_one_process(
             third = {**patient, "id": "p3"}
             ndjson(export, "Condition.ndjson", [third])
     assert read_fhir_folder(export, workers=2).summary.reconciles()
+
+
+def test_parts_point_at_the_lines_of_uncompressed_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A part's piece of an uncompressed file holds spans (consecutive lines as one),
+    not the lines; a gzipped file's lines are copied. The pieces do not depend on when
+    the pass's buffer fills, and they read back as the lines themselves."""
+    monkeypatch.setattr(bulk, "PATIENTS_PER_PART", 2)
+    export = tmp_path / "export"
+    ndjson(export, "Patient.ndjson", [{"resourceType": "Patient", "id": f"p{i}"} for i in range(5)])
+    ndjson(
+        export,
+        "Encounter.ndjson",
+        [
+            {
+                "resourceType": "Encounter",
+                "id": f"e{i}{k}",
+                "subject": {"reference": f"Patient/p{i}"},
+            }
+            for i in range(5)
+            for k in range(3)
+        ],
+    )
+    ndjson(
+        export,
+        "Condition.ndjson.gz",
+        [
+            {"resourceType": "Condition", "id": f"c{i}", "subject": {"reference": f"Patient/p{i}"}}
+            for i in range(5)
+        ],
+    )
+    found = bulk_files(export)
+    whole = partition_export(found.files, found.names(), tmp_path / "whole")
+    monkeypatch.setattr(bulk, "_BUFFER_BYTES", 1)  # a flush after every line
+    flushed = partition_export(found.files, found.names(), tmp_path / "flushed")
+    assert _parts(flushed) == _parts(whole)
+    assert len(whole.parts) == 3
+    reader = FhirReader(None, found.names())
+    pieces = sorted(whole.parts[0].iterdir())
+    # in routing order (Patients first): the gzipped file's lines are copied, the others
+    # are spans, consecutive lines as one
+    patients, conditions, encounters = pieces
+    assert [p.name.endswith(SPANS_SUFFIX) for p in pieces] == [True, False, True]
+    assert conditions.read_bytes().count(b"\n") == 2  # c0 and c1
+    assert [len(p.read_text().splitlines()) for p in (patients, encounters)] == [1, 1]
+    spans = (patients, encounters)
+    lines = [json.loads(raw)["id"] for p in spans for _, raw in reader.span_lines(p)]
+    assert lines == ["p0", "p1"] + [f"e{i}{k}" for i in (0, 1) for k in range(3)]
+
+
+def test_a_file_that_changes_between_the_pass_and_the_reading_is_a_clear_error(
+    tmp_path: Path,
+) -> None:
+    export = tmp_path / "export"
+    tiny_export(export)
+    found = bulk_files(export)
+    partition = partition_export(found.files, found.names(), tmp_path / "parts")
+    encounters = export / "Encounter.ndjson"
+    encounters.write_bytes(b"\n" + encounters.read_bytes())  # a line more, everything moved
+    reader = FhirReader(None, found.names())
+    with pytest.raises(FhirInputError, match=r"Encounter.ndjson changed while it was ingested"):
+        reader.read_part(partition.parts[0])
