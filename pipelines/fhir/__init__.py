@@ -140,7 +140,7 @@ def prepare_input(
     names = found.names()
     units, chunk_size = found.files, CHUNK_FILES
     if kind == "bulk":
-        partition = partition_export(found.files, names, staging, pool)
+        partition = partition_export(found.files, names, staging, pool, found.declared)
         summary.add(partition.summary)
         rows.extend(partition.quarantine)
         units, chunk_size = partition.parts, 1

@@ -13,7 +13,10 @@ at a time (memory stays bounded by the part, not the export).
   first part, where the reader quarantines it (absent Patient).
 - Medications (referenced from MedicationRequests) are shared by every part;
   a Binary goes to the part of the DocumentReference that points at it.
-- Types that are not read are counted here and never written to a part.
+- Types that are not read are counted here and never written to a part. A file
+  that the manifest declares to hold such a type (``output[].type``: the Bulk
+  Data specification has one type per file) is counted by its lines, not parsed,
+  once its first line shows that type (else it is routed line by line).
 - A line that is not UTF-8, not JSON, not a resource or over the size limit is
   quarantined here, named ``FILE:LINE``.
 
@@ -133,9 +136,17 @@ class _MixedFile(Exception):
 
 
 class _Router:
-    def __init__(self, staging: Path, names: list[str], in_pool: bool = False) -> None:
+    def __init__(
+        self,
+        staging: Path,
+        names: list[str],
+        in_pool: bool = False,
+        declared: dict[int, str] | None = None,
+    ) -> None:
         self.staging = staging
         self.names = names
+        #: file number → the resource type the manifest declares for the file
+        self.declared = declared or {}
         #: routing a file of a pool task: Patients and Binaries are the parent's
         self.in_pool = in_pool
         self.piece = PENDING_PIECE
@@ -325,8 +336,36 @@ class _Router:
             )
         self.piece = PENDING_PIECE
 
+    def count_unread(self, number: int, path: Path) -> bool:
+        """Count the lines of a file whose declared type is not read, without parsing
+        them, once its first line shows that type; False: route it line by line."""
+        rtype = self.declared.get(number)
+        if rtype is None or rtype in RESOURCE_PARSERS:
+            return False
+        lines = (raw for raw in ndjson_lines(path) if not raw.isspace())
+        first = next(lines, None)
+        if first is not None:
+            try:
+                doc = self.parser.parse(first)
+                shown = doc.get("resourceType") if isinstance(doc, simdjson.Object) else None
+                del doc
+            except (ValueError, RuntimeError):  # routed line by line: quarantined there
+                return False
+            if shown != rtype:
+                return False
+        count = 0 if first is None else 1
+        try:  # a damaged gzipped file: the lines before the damage are counted, as routed
+            for _ in lines:
+                count += 1
+        finally:
+            self.summary.read += count
+            self.summary.skipped_by_type[rtype] += count
+        return True
+
     def read_file(self, number: int, path: Path) -> None:
         self.summary.files_read += 1
+        if self.count_unread(number, path):
+            return
         plain = not path.name.endswith(".gz")
         end = 0
         for i, raw in enumerate(ndjson_lines(path), start=1):
@@ -389,10 +428,11 @@ def route_file(
     path: Path,
     piece: str,
     patient_part: dict[str, int],
+    declared: dict[int, str],
 ) -> _Routed:
     """Route one file of an export (a pool task): the lines whose patient is known go
     to their part's piece ``piece``; the rest is returned."""
-    router = _Router(staging, names, in_pool=True)
+    router = _Router(staging, names, in_pool=True, declared=declared)
     router.patient_part = patient_part
     try:
         router.read_path(number, path, piece)
@@ -416,10 +456,15 @@ def _cost(path: Path) -> int:
 
 
 def _route(
-    files: list[Path], names: list[str], staging: Path, order: list[int], pool: Executor | None
+    files: list[Path],
+    names: list[str],
+    staging: Path,
+    order: list[int],
+    pool: Executor | None,
+    declared: dict[int, str],
 ) -> _Router | None:
     """Route every file but the pending lines; None: a pool task met a mixed file."""
-    router = _Router(staging, names)
+    router = _Router(staging, names, declared=declared)
     rank = {n: _READ_FIRST.get(_file_type(files[n]), _OTHERS) for n in order}
     piece = {n: f"{pos:06d}" for pos, n in enumerate(order)}
     parent = [n for n in order if rank[n] in (_FIRST, _LAST)]
@@ -432,7 +477,16 @@ def _route(
         assert pool is not None
         router.flush()
         futures = {
-            n: pool.submit(route_file, staging, names, n, files[n], piece[n], router.patient_part)
+            n: pool.submit(
+                route_file,
+                staging,
+                names,
+                n,
+                files[n],
+                piece[n],
+                router.patient_part,
+                {n: declared[n]} if n in declared else {},
+            )
             for n in sorted(pooled, key=lambda n: -_cost(files[n]))
         }
         results = [futures[n].result() for n in pooled]  # in routing order
@@ -452,20 +506,26 @@ def _route(
 
 
 def partition_export(
-    files: list[Path], names: list[str], staging: Path, pool: Executor | None = None
+    files: list[Path],
+    names: list[str],
+    staging: Path,
+    pool: Executor | None = None,
+    declared: dict[Path, str] | None = None,
 ) -> Partition:
     """Route every line of ``files`` (named ``names``) to part files in ``staging``;
-    ``pool``: processes that route the files of most types (the parts are the same)."""
+    ``pool``: processes that route the files of most types (the parts are the same);
+    ``declared``: the type a manifest declares for a file (`inputs.InputFiles`)."""
+    types = {n: (declared or {})[path] for n, path in enumerate(files) if path in (declared or {})}
     staging.mkdir(parents=True, exist_ok=True)
     # Patients first, so that the lines of other types find their part at once instead
     # of waiting in memory (an export lists Patient.ndjson after most types); Binaries
     # after the DocumentReferences that point at them. Rows keep their file's number.
     order = sorted(range(len(files)), key=lambda n: _READ_FIRST.get(_file_type(files[n]), _OTHERS))
-    router = _route(files, names, staging, order, pool)
+    router = _route(files, names, staging, order, pool, types)
     if router is None:  # a file mixes types: start again, in this process
         shutil.rmtree(staging)
         staging.mkdir(parents=True)
-        router = _route(files, names, staging, order, None)
+        router = _route(files, names, staging, order, None, types)
         assert router is not None
     pending, router.pending = router.pending, []
     router.piece = PENDING_PIECE

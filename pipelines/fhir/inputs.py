@@ -31,6 +31,8 @@ class InputFiles:
     root: Path
     files: list[Path]
     refused: list[tuple[str, str]] = field(default_factory=list)
+    #: the resource type a Bulk Data manifest declares for a file (its ``output[].type``)
+    declared: dict[Path, str] = field(default_factory=dict)
 
     def names(self) -> list[str]:
         """Each file's path relative to the input folder (how rows name their file)."""
@@ -144,13 +146,14 @@ def bulk_files(path: Path) -> InputFiles:
         data = json.loads(manifest.read_bytes())
         outputs = data["output"]
         urls = [str(o["url"]) for o in outputs]
+        types = [o.get("type") for o in outputs]
     except (ValueError, KeyError, TypeError) as exc:
         raise FhirInputError(
             f"{manifest} is not a Bulk Data manifest ({type(exc).__name__}: {exc}): "
             "it needs an 'output' list of {{type, url}}; or give the folder with --format bulk"
         ) from None
     found = InputFiles(root=root, files=[])
-    for url in urls:
+    for url, rtype in zip(urls, types, strict=True):
         local = root / url.rstrip("/").rsplit("/", 1)[-1]
         if not local.is_file():
             raise FhirInputError(
@@ -160,4 +163,6 @@ def bulk_files(path: Path) -> InputFiles:
             found.refused.append((local.name, "symbolic link to a file outside the input: refused"))
             continue
         found.files.append(local)
+        if isinstance(rtype, str) and rtype:
+            found.declared[local] = rtype
     return found

@@ -19,6 +19,7 @@ from pipelines.fhir.merge import SHARED_PART
 from pipelines.fhir.reader import SPANS_SUFFIX, FhirReader
 from pipelines.identity import file_id, workspace_salt
 from pipelines.ingest import derive, write_cohort
+from pipelines.sources import SOURCE_ID_COLUMN
 from pipelines.staged import ingest_fhir_staged
 from pipelines.workspace import Workspace
 
@@ -323,3 +324,33 @@ def test_a_file_that_changes_between_the_pass_and_the_reading_is_a_clear_error(
     reader = FhirReader(None, found.names())
     with pytest.raises(FhirInputError, match=r"Encounter.ndjson changed while it was ingested"):
         reader.read_part(partition.parts[0])
+
+
+def test_a_file_the_manifest_declares_unread_is_counted_not_parsed(tmp_path: Path) -> None:
+    """The manifest's type of a file (one type per file, as the specification says):
+    a type PMLM does not read is counted by lines, damaged lines included; a file
+    whose first line is not the declared type is routed line by line."""
+    tiny_export(tmp_path)
+    claim = json.dumps({"resourceType": "Claim", "id": "c1"}).encode()
+    # in place of the tiny export's Claim file: a line, a blank one, a cut one, a line
+    write(tmp_path, "Claim.ndjson", claim + b"\n\n" + b'{"resourceType": "Cla\n' + claim + b"\n")
+    patient = json.loads((tmp_path / "Patient.ndjson").read_bytes())
+    second = json.dumps({**patient, "id": "p2"}).encode()
+    write(tmp_path, "Coverage.ndjson", second + b"\n")  # declared Coverage, holds a Patient
+    cut = gzip.compress(claim + b"\n" + claim + b"\n", mtime=0)[:-6]
+    write(tmp_path, "Provenance.ndjson.gz", cut)  # declared Provenance, cut short
+    declared = {"Claim.ndjson": "Claim", "Coverage.ndjson": "Coverage"}
+    declared["Provenance.ndjson.gz"] = "Provenance"
+    files = sorted(p.name for p in tmp_path.glob("*.ndjson*"))
+    output = [{"type": declared.get(f, f.split(".")[0]), "url": f"{SERVER}/x/{f}"} for f in files]
+    write(tmp_path, "manifest.json", json.dumps({"output": output}).encode())
+    for workers in (1, 2):
+        t = read_fhir_folder(tmp_path, workers=workers)
+        s = t.summary
+        assert s.reconciles(), s.as_dict()
+        assert s.skipped_by_type["Claim"] == 3  # a blank line is not a line
+        assert "Coverage" not in s.skipped_by_type
+        assert sorted(t.patients[SOURCE_ID_COLUMN]) == sorted([patient["id"], "p2"])
+        assert s.files_quarantined == 1  # the cut Provenance file
+        reasons = dict(zip(t.quarantine["source_file"], t.quarantine["reason"], strict=True))
+        assert reasons["Provenance.ndjson.gz"].startswith("unreadable file")
