@@ -26,11 +26,12 @@ reader meets its lines in the routing order whichever process wrote them. A piec
 of an uncompressed file holds *spans* (``SPANS_SUFFIX``: where its lines are in
 the file, consecutive lines as one span), not the lines: the pass then writes
 only the lines of gzipped files and the pending ones, and the reader reads the
-rest from the export itself. Given a
-process pool, the parent routes the Patient files, the pool routes the files of
-the other types (one task per file, no line crosses a process), and the parent
-routes the Binary files and the pending lines at the end: the parts are those of
-the one-process pass, line for line. An export whose files mix types (a Patient
+rest from the export itself.
+
+Given a process pool, the parent routes the Patient files, the pool routes the
+files of the other types (one task per file, no line crosses a process), and the
+parent routes the Binary files and the pending lines at the end: the parts are
+those of the one-process pass, line for line. An export whose files mix types (a Patient
 or a Binary in another type's file) is routed by the parent alone, as before.
 """
 
@@ -515,7 +516,8 @@ def partition_export(
     """Route every line of ``files`` (named ``names``) to part files in ``staging``;
     ``pool``: processes that route the files of most types (the parts are the same);
     ``declared``: the type a manifest declares for a file (`inputs.InputFiles`)."""
-    types = {n: (declared or {})[path] for n, path in enumerate(files) if path in (declared or {})}
+    known = declared or {}
+    types = {n: known[path] for n, path in enumerate(files) if path in known}
     staging.mkdir(parents=True, exist_ok=True)
     # Patients first, so that the lines of other types find their part at once instead
     # of waiting in memory (an export lists Patient.ndjson after most types); Binaries
