@@ -52,9 +52,12 @@ else:
 total = time.perf_counter() - t0
 parent = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+# CPU seconds of this process and its workers (user + system): less noisy than wall time
+cpu = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF,
+          resource.RUSAGE_CHILDREN) for f in ("ru_utime", "ru_stime"))
 print(json.dumps({"read_s": t_read, "total_s": total, "records": summary["ingest"]["read"],
                   "patients": summary["patients"], "index_encounters": summary["index_encounters"],
-                  "parent_mb": parent, "worker_mb": worker,
+                  "parent_mb": parent, "worker_mb": worker, "cpu_s": cpu,
                   # parent + the largest worker process: an upper bound of the peak at any one time
                   "peak_mb": parent + worker}))
 """

@@ -71,28 +71,34 @@ def main() -> None:
         f"{platform.node()}, python {platform.python_version()}"
     )
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    print("| pair | input | size | ingest (read + derive + write) | patients/s | peak RSS |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| pair | input | size | ingest (read + derive + write) | patients/s | CPU (all processes) "
+        "| peak RSS |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for n, pair in enumerate(pairs, start=1):
         for label, key, r in zip(
             ("bundles", "Bulk Data export"), ("fhir", "bulk"), pair, strict=True
         ):
             print(
                 f"| {n} | {label}, {r['patients']:.0f} patients | {mb[key]:.0f} MB | "
-                f"{r['total_s']:.1f} s | {r['patients'] / r['total_s']:.1f} | "
+                f"{r['total_s']:.1f} s | {r['patients'] / r['total_s']:.1f} | {r['cpu_s']:.1f} s | "
                 f"{r['peak_mb']:.0f} MB (parent {r['parent_mb']:.0f} + largest worker "
                 f"{r['worker_mb']:.0f}) |"
             )
         bundle, bulk = pair
         print(
             f"| {n} | Bulk ÷ bundles | | time {bulk['total_s'] / bundle['total_s']:.2f}× | | "
+            f"CPU {bulk['cpu_s'] / bundle['cpu_s']:.2f}× | "
             f"peak RSS {bulk['peak_mb'] / bundle['peak_mb']:.2f}× |"
         )
     times = [bulk["total_s"] / bundle["total_s"] for bundle, bulk in pairs]
+    cpus = [bulk["cpu_s"] / bundle["cpu_s"] for bundle, bulk in pairs]
     peak = max(bulk["peak_mb"] for _, bulk in pairs)
     print(
         f"Bulk ÷ bundles, median of {len(pairs)} pairs: time {statistics.median(times):.2f}× "
-        f"(pairs {', '.join(f'{t:.2f}×' for t in times)}); the export's largest peak RSS "
+        f"(pairs {', '.join(f'{t:.2f}×' for t in times)}), CPU {statistics.median(cpus):.2f}× "
+        f"(pairs {', '.join(f'{t:.2f}×' for t in cpus)}); the export's largest peak RSS "
         f"{peak:.0f} MB"
     )
     print(f"(conversion to Bulk Data, not part of the ingest: {convert_s:.0f} s)")
