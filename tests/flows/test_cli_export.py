@@ -204,7 +204,7 @@ def test_the_export_never_holds_the_crosswalk_or_the_secret(
     names = sorted(p.name for p in out.iterdir())
     assert not any("crosswalk" in n or "key" in n or "private" in n for n in names), names
     texts = [(out / "prompts.jsonl").read_text(), (out / "prompts.manifest.json").read_text()]
-    texts.append(pd.read_parquet(out / "prompts.parquet").to_json())
+    texts.append(pd.read_parquet(out / "prompts.parquet").to_json(date_format="iso"))
     with sqlite3.connect(tmp_path / "app.db") as conn:
         tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
         texts.append(json.dumps(conn.execute("SELECT * FROM prompts").fetchall(), default=str))
