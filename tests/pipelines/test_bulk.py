@@ -132,11 +132,11 @@ def test_damaged_lines_are_quarantined_by_file_and_line(tmp_path: Path) -> None:
     assert len(t.encounters) == 1  # the good line is still read
 
 
-def test_every_kind_of_damaged_gzip_file_is_quarantined_after_its_good_lines(
+def test_every_kind_of_damaged_gzip_file_is_quarantined_and_the_rest_is_read(
     tmp_path: Path,
 ) -> None:
-    """A gzipped file cut short, with a wrong checksum, or whose data does not inflate:
-    the lines before the damage are read, the file is quarantined, nothing escapes."""
+    """A gzipped file cut short, with a wrong checksum, a bad header, or data that does
+    not inflate: the file is quarantined, the other files are read, nothing escapes."""
     tiny_export(tmp_path)
     good = json.dumps({"resourceType": "Observation", "id": "o1"}).encode() + b"\n"
     whole = gzip.compress(good * 3, mtime=0)
@@ -326,10 +326,14 @@ def test_a_file_that_changes_between_the_pass_and_the_reading_is_a_clear_error(
         reader.read_part(partition.parts[0])
 
 
-def test_a_file_the_manifest_declares_unread_is_counted_not_parsed(tmp_path: Path) -> None:
+def test_a_file_the_manifest_declares_unread_is_counted_not_parsed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The manifest's type of a file (one type per file, as the specification says):
     a type PMLM does not read is counted by lines, damaged lines included; a file
-    whose first line is not the declared type is routed line by line."""
+    whose first line is not the declared type is routed line by line. In one process
+    and in a pool (which routes every file of this small export: no size threshold)."""
+    monkeypatch.setattr(bulk, "POOL_MIN_BYTES", 0)
     tiny_export(tmp_path)
     claim = json.dumps({"resourceType": "Claim", "id": "c1"}).encode()
     # in place of the tiny export's Claim file: a line, a blank one, a cut one, a line
@@ -341,16 +345,24 @@ def test_a_file_the_manifest_declares_unread_is_counted_not_parsed(tmp_path: Pat
     write(tmp_path, "Provenance.ndjson.gz", cut)  # declared Provenance, cut short
     declared = {"Claim.ndjson": "Claim", "Coverage.ndjson": "Coverage"}
     declared["Provenance.ndjson.gz"] = "Provenance"
-    files = sorted(p.name for p in tmp_path.glob("*.ndjson*"))
-    output = [{"type": declared.get(f, f.split(".")[0]), "url": f"{SERVER}/x/{f}"} for f in files]
-    write(tmp_path, "manifest.json", json.dumps({"output": output}).encode())
-    for workers in (1, 2):
-        t = read_fhir_folder(tmp_path, workers=workers)
-        s = t.summary
-        assert s.reconciles(), s.as_dict()
-        assert s.skipped_by_type["Claim"] == 3  # a blank line is not a line
-        assert "Coverage" not in s.skipped_by_type
-        assert sorted(t.patients[SOURCE_ID_COLUMN]) == sorted([patient["id"], "p2"])
-        assert s.files_quarantined == 1  # the cut Provenance file
-        reasons = dict(zip(t.quarantine["source_file"], t.quarantine["reason"], strict=True))
-        assert reasons["Provenance.ndjson.gz"].startswith("unreadable file")
+    for mixed in (False, True):  # True: a Patient in another type's file, routed by the parent
+        if not mixed:
+            (tmp_path / "Coverage.ndjson").rename(tmp_path / "held")
+        else:
+            (tmp_path / "held").rename(tmp_path / "Coverage.ndjson")
+        files = sorted(p.name for p in tmp_path.glob("*.ndjson*"))
+        output = [
+            {"type": declared.get(f, f.split(".")[0]), "url": f"{SERVER}/x/{f}"} for f in files
+        ]
+        write(tmp_path, "manifest.json", json.dumps({"output": output}).encode())
+        for workers in (1, 2):
+            t = read_fhir_folder(tmp_path, workers=workers)
+            s = t.summary
+            assert s.reconciles(), s.as_dict()
+            assert s.skipped_by_type["Claim"] == 3  # a blank line is not a line
+            assert "Coverage" not in s.skipped_by_type
+            expected = [patient["id"], "p2"] if mixed else [patient["id"]]
+            assert sorted(t.patients[SOURCE_ID_COLUMN]) == sorted(expected)
+            assert s.files_quarantined == 1  # the cut Provenance file
+            reasons = dict(zip(t.quarantine["source_file"], t.quarantine["reason"], strict=True))
+            assert reasons["Provenance.ndjson.gz"].startswith("unreadable file")
