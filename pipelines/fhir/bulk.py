@@ -161,8 +161,6 @@ class _Router:
         self.buffers: dict[tuple[int, str], list[bytes]] = {}
         #: (part, piece) → spans [first origin, last origin, start, end]
         self.spans: dict[tuple[int, str], list[list[int]]] = {}
-        #: where the line being routed starts in its file; None: not an uncompressed file
-        self.line_start: int | None = None
         self.buffered = 0
         self.pending: list[bytes] = []
         self.limit = max_file_bytes()
@@ -171,12 +169,12 @@ class _Router:
         self.summary.quarantined += 1
         self.quarantine.append(quarantine_row(origin_name(origin, self.names), rtype, rid, reason))
 
-    def write(self, part: int, origin: int, raw: bytes) -> None:
+    def write(self, part: int, origin: int, raw: bytes, start: int | None) -> None:
         """Buffer ``ORIGIN\tLINE\n`` for a piece of ``part`` (the line and its origin
         as two strings: formatting them into one costs more than the routing), or,
-        for a line of an uncompressed file, its span."""
-        if self.line_start is not None:
-            self.write_span(part, origin, self.line_start, self.line_start + len(raw))
+        for a line of an uncompressed file (``start``: where it starts there), its span."""
+        if start is not None:
+            self.write_span(part, origin, start, start + len(raw))
             return
         if raw[-2:-1] == b"\r" or not raw.endswith(b"\n"):
             raw = raw.rstrip(b"\r\n") + b"\n"
@@ -208,24 +206,24 @@ class _Router:
         piece's last span, which the next line may extend (so that the pieces do not
         depend on when the buffer filled)."""
         for (part, piece), lines in self.buffers.items():
-            folder = part_folder(self.staging, part)
-            folder.mkdir(exist_ok=True)
-            with (folder / piece).open("ab") as handle:
-                handle.write(b"".join(lines))
+            self.append(part, piece, b"".join(lines))
         self.buffers.clear()
         kept: dict[tuple[int, str], list[list[int]]] = {}
         for (part, piece), spans in self.spans.items():
             if not final:
                 kept[(part, piece)] = spans[-1:]
                 spans = spans[:-1]
-            if not spans:
-                continue
-            folder = part_folder(self.staging, part)
-            folder.mkdir(exist_ok=True)
-            with (folder / (piece + SPANS_SUFFIX)).open("ab") as handle:
-                handle.write(b"".join(b"%d\t%d\t%d\t%d\n" % tuple(span) for span in spans))
+            if spans:
+                data = b"".join(b"%d\t%d\t%d\t%d\n" % tuple(span) for span in spans)
+                self.append(part, piece + SPANS_SUFFIX, data)
         self.spans = kept
         self.buffered = len(kept) * _SPAN_BYTES
+
+    def append(self, part: int, name: str, data: bytes) -> None:
+        folder = part_folder(self.staging, part)
+        folder.mkdir(exist_ok=True)
+        with (folder / name).open("ab") as handle:
+            handle.write(data)
 
     def target(self, subject: Any) -> str | None:
         """`reference_id` of a simdjson ``subject``, remembered by reference string."""
@@ -241,8 +239,9 @@ class _Router:
                 self.targets[ref] = found
         return found
 
-    def route(self, origin: int, raw: bytes, final: bool) -> None:
-        """Send one line to its part; ``final``: the last chance (pending lines)."""
+    def route(self, origin: int, raw: bytes, final: bool, start: int | None = None) -> None:
+        """Send one line to its part; ``final``: the last chance (pending lines);
+        ``start``: where the line starts in its file, if that is uncompressed."""
         try:
             doc = self.parser.parse(raw)
         except UnicodeDecodeError:
@@ -292,7 +291,7 @@ class _Router:
             part = found or 0
             if rtype == "DocumentReference":
                 self.note_binaries(doc, part)
-        self.write(part, origin, raw)
+        self.write(part, origin, raw, start)
 
     def note_binaries(self, doc: Any, part: int) -> None:
         contents = doc.get("content")
@@ -323,7 +322,6 @@ class _Router:
         try:
             self.read_file(number, path)
         except GZIP_ERRORS as exc:  # a truncated or corrupt gzip file
-            self.line_start = None
             self.summary.files_read -= 1
             self.summary.files_quarantined += 1
             self.quarantine.append(
@@ -384,11 +382,7 @@ class _Router:
                     "limit: raise PMLM_MAX_FILE_MB",
                 )
                 continue
-            self.line_start = start if plain else None
-            try:
-                self.route(origin, raw, final=False)
-            finally:
-                self.line_start = None
+            self.route(origin, raw, final=False, start=start if plain else None)
 
 
 #: The order in which the files of a type are routed: Patients first, in the parent (the
