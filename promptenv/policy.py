@@ -93,14 +93,24 @@ SignalsFor = Callable[[Sequence[str]], Mapping[str, PatientSignals]]
 def pick_training_encounters(
     index: pd.DataFrame, split: str, n: int, obstetric_share: float, max_per_patient: int, seed: int
 ) -> pd.DataFrame:
-    """A seeded sample of ``split`` index encounters, ``obstetric_share`` of them obstetric."""
+    """A seeded sample of ``split`` index encounters, at most ``max_per_patient`` of a patient,
+    ``obstetric_share`` of them obstetric (fewer only when the split has fewer under the cap).
+
+    The obstetric encounters are drawn first, each patient's cap counting them only; the
+    rest fill the cap's remaining places. Capping the whole split first would spend the
+    places of most patients with a pregnancy on their far more numerous other encounters
+    (on the default cohort, 31 obstetric encounters of 96 asked)."""
     pool = index[index["split"] == split]
     rng = np.random.default_rng(seed)
     shuffled = pool.iloc[rng.permutation(len(pool))]
-    capped = shuffled[shuffled.groupby("patient_id").cumcount() < max_per_patient]
-    n_ob = round(n * obstetric_share)
-    ob = capped[capped["is_obstetric"]].head(n_ob)
-    rest = capped[~capped["encounter_id"].isin(ob["encounter_id"])].head(n - len(ob))
+    obstetric = shuffled[shuffled["is_obstetric"].astype(bool)]
+    ob = obstetric[obstetric.groupby("patient_id").cumcount() < max_per_patient].head(
+        round(n * obstetric_share)
+    )
+    others = shuffled[~shuffled["encounter_id"].isin(ob["encounter_id"])]
+    taken = others["patient_id"].map(ob["patient_id"].value_counts()).fillna(0)
+    places = others[others.groupby("patient_id").cumcount() + taken < max_per_patient]
+    rest = places.head(n - len(ob))
     return pd.concat([ob, rest]).reset_index(drop=True)
 
 

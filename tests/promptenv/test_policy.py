@@ -346,6 +346,29 @@ def test_the_initial_prompt_competes_with_the_checkpoints(
     assert training.falls_back_to_start and result.policy.falls_back_to_start
 
 
+def test_the_training_sample_gets_its_obstetric_share_within_the_cap_per_patient() -> None:
+    """Patients with a pregnancy have many more other encounters than obstetric ones; the
+    cap per patient must not be spent on those before the obstetric half is drawn."""
+    rows = []
+    for p in range(20):
+        for e in range(12):  # 2 obstetric and 10 other encounters each
+            rows.append((f"p{p}-e{e}", f"p{p}", "train", e < 2))
+    rows += [(f"q{p}-e{e}", f"q{p}", "train", False) for p in range(20) for e in range(3)]
+    rows += [("v-e0", "v", "validation", True)]
+    index = pd.DataFrame(rows, columns=["encounter_id", "patient_id", "split", "is_obstetric"])
+
+    picked = pick_training_encounters(index, "train", 40, 0.5, 2, seed=3)
+    assert len(picked) == 40 and picked["encounter_id"].is_unique
+    assert set(picked["split"]) == {"train"}
+    assert int(picked["is_obstetric"].sum()) == 20
+    assert picked.groupby("patient_id").size().max() <= 2
+    # the cap holds across the two halves, and a short split gives what it has
+    everything = pick_training_encounters(index, "train", 1000, 0.5, 2, seed=3)
+    assert len(everything) == 80 and int(everything["is_obstetric"].sum()) == 40
+    assert everything.groupby("patient_id").size().max() == 2
+    assert pick_training_encounters(index, "train", 40, 0.5, 2, seed=3).equals(picked)
+
+
 def test_calls_to_final_reward() -> None:
     curve = [
         ValidationPoint(timesteps=1.0, llm_calls=10.0, validation_reward=0.0),
