@@ -1,0 +1,128 @@
+"""What single edits of the peer prompt gain, and whether features predict who gains.
+
+The learned policy starts from the best fixed prompt (peer on the default cohort) and
+must beat it. This script measures, on TRAIN and VALIDATION encounters only (no test
+patient is read), how much room there is: every candidate in ``--edits`` (one or two
+edits of the peer config) is answered by the LLM on the encounters `pmlm policy train`
+would sample (``--n-train``, ``--n-validation``, its seed and per-patient cap) and scored
+with the workspace's calibrated `PlanScorer`. For each candidate it prints:
+
+- the mean plan-item recall and reward, and the paired difference against peer with a
+  95% interval bootstrapped over patients (`promptenv.paired.cluster_bootstrap_ci`);
+- how often the candidate is better, worse or equal per encounter;
+- the gain of choosing the candidate per encounter when a model, fitted on the OTHER
+  patients' encounters, predicts that it beats peer (leave-one-patient-out, scikit-learn's
+  extra trees on the policy's own observation features `EditCase.features`, the reward
+  model's learner): is the per-patient choice predictable from what a policy sees?
+
+    .venv/bin/python benchmarks/edit_gains.py -w pmlm-workspace --n-train 240 --n-validation 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import pandas as pd
+from sklearn.ensemble import ExtraTreesRegressor
+
+from pipelines.index import ContextStore
+from pipelines.ingest import load_tables
+from pipelines.workspace import Workspace
+from promptenv.calibration import workspace_calibration
+from promptenv.editing import EDITS, Edit, apply_edit, build_cases
+from promptenv.encounters import references
+from promptenv.env import AnswerReward
+from promptenv.llm import LLMClient
+from promptenv.paired import cluster_bootstrap_ci
+from promptenv.policy import PolicySettings, pick_episodes
+from promptenv.prompts import PromptConfig, fixed_config
+from promptenv.steps import WorkspaceSignals
+
+DEFAULT_EDITS = "add self;add self,fewer self,fewer self;add style"
+
+
+def edited(config: PromptConfig, labels: str) -> PromptConfig:
+    """``config`` after the comma-separated edits ``labels`` (``add self,fewer self``)."""
+    for label in labels.split(","):
+        kind, _, target = label.strip().partition(" ")
+        config = apply_edit(config, EDITS.index(Edit(kind, target)))  # type: ignore[arg-type]
+    return config
+
+
+def loo_choice_gain(features: np.ndarray, gain: np.ndarray, patients: np.ndarray) -> np.ndarray:
+    """Per encounter: ``gain`` where a model fitted on the other patients predicts a gain > 0,
+    else 0 (the encounter keeps peer)."""
+    predicted = np.zeros(len(gain))
+    for patient in np.unique(patients):
+        out = patients == patient
+        model = ExtraTreesRegressor(64, min_samples_leaf=3, random_state=0)
+        predicted[out] = model.fit(features[~out], gain[~out]).predict(features[out])
+    return np.where(predicted > 0, gain, 0.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-w", "--workspace", required=True)
+    parser.add_argument("--backend", default="local")
+    parser.add_argument("--n-train", type=int, default=240)
+    parser.add_argument("--n-validation", type=int, default=16)
+    parser.add_argument("--edits", default=DEFAULT_EDITS, help="candidates, ';'-separated")
+    parser.add_argument("--reps", type=int, default=4000, help="bootstrap resamples")
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    ws = Workspace.at(args.workspace)
+    client, tables = LLMClient(args.backend, workspace=ws), load_tables(ws)
+    settings = PolicySettings(n_train=args.n_train, n_validation=args.n_validation)
+    calibration = workspace_calibration(
+        ws, client, tables, settings.n_calibration, params=settings.params, progress=print
+    )
+    rows = pd.concat(pick_episodes(tables["index_encounters"], settings))
+    store = ContextStore(dict(tables), only_encounters=list(rows["encounter_id"]))
+    cases = build_cases(tables, rows, WorkspaceSignals(ws), references(tables, rows), store)
+    reward = AnswerReward(client, calibration.scorer(), settings.params)
+    peer = fixed_config("peer")
+    candidates = {"peer": peer} | {e: edited(peer, e) for e in args.edits.split(";")}
+    scores = {
+        name: reward.answer_many([(c, cfg) for c in cases]) for name, cfg in candidates.items()
+    }
+    patients = np.array([str(c.context.patient["patient_id"]) for c in cases], dtype=object)
+    obstetric = np.array([c.is_obstetric for c in cases])
+    features = np.stack([c.features for c in cases])
+    print(
+        f"{len(cases)} train + validation encounters of {len(set(patients))} patients "
+        f"({int(obstetric.sum())} obstetric), {reward.llm_calls} new LLM calls, "
+        f"{time.perf_counter() - started:.0f} s, threshold {calibration.threshold}\n"
+    )
+    base = {
+        m: np.array([getattr(a.score, m) for a in scores["peer"]]) for m in ("recall", "reward")
+    }
+    print(
+        "| subset | candidate (edits of peer) | n | recall | recall − peer [95% CI, patients] "
+        "| reward − peer | better / worse / equal | chosen by features (leave one patient out): "
+        "recall − peer |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for subset, mask in (("all", np.ones(len(cases), bool)), ("obstetric", obstetric),
+                         ("adult", ~obstetric)):  # fmt: skip
+        for name in list(candidates)[1:]:
+            got = {m: np.array([getattr(a.score, m) for a in scores[name]]) for m in base}
+            d = {m: (got[m] - base[m])[mask] for m in base}
+            ci = {m: cluster_bootstrap_ci(d[m], patients[mask], args.reps, 0) for m in base}
+            chosen = loo_choice_gain(features[mask], d["recall"], patients[mask])
+            cci = cluster_bootstrap_ci(chosen, patients[mask], args.reps, 0)
+            better, worse = float((d["recall"] > 0).mean()), float((d["recall"] < 0).mean())
+            print(
+                f"| {subset} | {name} | {int(mask.sum())} | {got['recall'][mask].mean():.3f} "
+                f"| {d['recall'].mean():+.3f} [{ci['recall'][0]:+.3f}, {ci['recall'][1]:+.3f}] "
+                f"| {d['reward'].mean():+.3f} [{ci['reward'][0]:+.3f}, {ci['reward'][1]:+.3f}] "
+                f"| {better:.0%} / {worse:.0%} / {1 - better - worse:.0%} "
+                f"| {chosen.mean():+.3f} [{cci[0]:+.3f}, {cci[1]:+.3f}] |"
+            )
+    print(f"\npeer: recall {base['recall'].mean():.3f}, reward {base['reward'].mean():.3f}")
+
+
+if __name__ == "__main__":
+    main()
