@@ -31,7 +31,7 @@ from pipelines.index import ContextStore
 from pipelines.ingest import load_tables
 from pipelines.workspace import Workspace
 from promptenv.calibration import workspace_calibration
-from promptenv.editing import EDITS, Edit, apply_edit, build_cases
+from promptenv.editing import EDITS, apply_edit, build_cases
 from promptenv.encounters import references
 from promptenv.env import AnswerReward
 from promptenv.llm import LLMClient
@@ -45,9 +45,11 @@ DEFAULT_EDITS = "add self;add self,fewer self,fewer self;add style"
 
 def edited(config: PromptConfig, labels: str) -> PromptConfig:
     """``config`` after the comma-separated edits ``labels`` (``add self,fewer self``)."""
-    for label in labels.split(","):
-        kind, _, target = label.strip().partition(" ")
-        config = apply_edit(config, EDITS.index(Edit(kind, target)))  # type: ignore[arg-type]
+    by_label = {e.label: i for i, e in enumerate(EDITS)}
+    for label in (part.strip() for part in labels.split(",")):
+        if label not in by_label:
+            raise SystemExit(f"unknown edit {label!r}; known: {', '.join(by_label)}")
+        config = apply_edit(config, by_label[label])
     return config
 
 
@@ -72,6 +74,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=4000, help="bootstrap resamples")
     args = parser.parse_args()
 
+    peer = fixed_config("peer")
+    candidates = {"peer": peer} | {e: edited(peer, e) for e in args.edits.split(";")}
     started = time.perf_counter()
     ws = Workspace.at(args.workspace)
     client, tables = LLMClient(args.backend, workspace=ws), load_tables(ws)
@@ -83,8 +87,6 @@ def main() -> None:
     store = ContextStore(dict(tables), only_encounters=list(rows["encounter_id"]))
     cases = build_cases(tables, rows, WorkspaceSignals(ws), references(tables, rows), store)
     reward = AnswerReward(client, calibration.scorer(), settings.params)
-    peer = fixed_config("peer")
-    candidates = {"peer": peer} | {e: edited(peer, e) for e in args.edits.split(";")}
     scores = {
         name: reward.answer_many([(c, cfg) for c in cases]) for name, cfg in candidates.items()
     }
@@ -96,9 +98,11 @@ def main() -> None:
         f"({int(obstetric.sum())} obstetric), {reward.llm_calls} new LLM calls, "
         f"{time.perf_counter() - started:.0f} s, threshold {calibration.threshold}\n"
     )
-    base = {
-        m: np.array([getattr(a.score, m) for a in scores["peer"]]) for m in ("recall", "reward")
+    metric = {  # candidate → metric → per encounter
+        name: {m: np.array([getattr(a.score, m) for a in got]) for m in ("recall", "reward")}
+        for name, got in scores.items()
     }
+    base = metric["peer"]
     print(
         "| subset | candidate (edits of peer) | n | recall | recall − peer [95% CI, patients] "
         "| reward − peer | better / worse / equal | chosen by features (leave one patient out): "
@@ -108,7 +112,7 @@ def main() -> None:
     for subset, mask in (("all", np.ones(len(cases), bool)), ("obstetric", obstetric),
                          ("adult", ~obstetric)):  # fmt: skip
         for name in list(candidates)[1:]:
-            got = {m: np.array([getattr(a.score, m) for a in scores[name]]) for m in base}
+            got = metric[name]
             d = {m: (got[m] - base[m])[mask] for m in base}
             ci = {m: cluster_bootstrap_ci(d[m], patients[mask], args.reps, 0) for m in base}
             chosen = loo_choice_gain(features[mask], d["recall"], patients[mask])
