@@ -12,6 +12,7 @@ from flows.options import LLMParallelOpt, PMLMGroup, WorkspaceOpt
 from flows.progress import OUTPUT, bar
 from pipelines.workspace import Workspace
 from promptenv.llm.config import use_llm_parallel
+from promptenv.policy_info import ModelTarget
 
 policy_app = typer.Typer(
     cls=PMLMGroup,
@@ -47,6 +48,22 @@ def train_cmd(
     model_rounds: Annotated[
         int, typer.Option(min=1, help="Rounds of the reward-model loop (--reward-model).")
     ] = 4,
+    folds: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="With --reward-model: also decide the fall-back on training patients held out "
+            "of this many PPO runs (0: on validation patients alone).",
+        ),
+    ] = 5,
+    model_target: Annotated[
+        ModelTarget,
+        typer.Option(
+            case_sensitive=False,
+            help="What the reward model learns: a config's gain over the start prompt, or its "
+            "reward.",
+        ),
+    ] = ModelTarget.gain,
     llm_parallel: LLMParallelOpt = None,
 ) -> None:
     """Train the editing policy on training patients (answers through the cached LLM client)."""
@@ -65,6 +82,8 @@ def train_cmd(
         reward_model=reward_model,
         model_rounds=model_rounds,
         model_timesteps=timesteps,
+        model_target=model_target.value,
+        folds=folds,
     )
     with bar("policy training: PPO steps") as tick:
         shown = tick if OUTPUT.show_bars() else None  # off a terminal: progress lines instead

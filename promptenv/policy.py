@@ -252,6 +252,16 @@ def training_summary(policy: Policy) -> str:
     training, start = policy.info.training, policy.info.start.method
     low, high = training.kept_validation_low, training.kept_validation_high
     interval = "" if low is None or high is None else f" [{low:+.4f}, {high:+.4f}]"
+    if training.out_of_fold_gain is not None:
+        both = (
+            ""
+            if training.pooled_low is None or training.pooled_high is None
+            else f", with validation [{training.pooled_low:+.4f}, {training.pooled_high:+.4f}]"
+        )
+        interval += (
+            f"; out of fold {training.out_of_fold_gain:+.4f} on "
+            f"{training.out_of_fold_encounters} training encounters{both}"
+        )
     kept = (
         f"no checkpoint beat the start prompt ({start}) on validation beyond noise, so it "
         "keeps that prompt"
@@ -547,11 +557,14 @@ def learn(
 @dataclass(frozen=True)
 class KeptCheckpoint:
     """The validation point of the weights kept, whether the policy falls back to its start
-    config, and the kept gain's interval over validation patients (None: not computed)."""
+    config, the kept gain's interval over validation patients (None: not computed) and, with
+    an out-of-fold check, the mean out-of-fold gain, its size and the pooled interval."""
 
     point: ValidationPoint
     falls_back: bool
     interval: tuple[float, float] | None = None
+    out_of_fold: tuple[float, int, int] | None = None
+    pooled: tuple[float, float] | None = None
 
 
 #: Resamples of the kept gain's interval (`keep_checkpoint`).
@@ -571,11 +584,15 @@ def keep_checkpoint(
 
     It falls back when no checkpoint beat the start config on the validation mean, and
     (``require_interval``) when the kept checkpoint's gain is not beyond the 95% interval
-    bootstrapped over validation patients: the checkpoint was chosen as the best of several
-    on these same encounters, so a small mean gain on a few of them is mostly that choice's
-    luck. (The interval is still optimistic for the same reason: it is a floor, not a test.)
-    The gains come from answers the validation already received (no new LLM call when the
-    policy is deterministic)."""
+    bootstrapped over patients: the checkpoint was chosen as the best of several on the
+    validation encounters, so a small mean gain on a few of them is mostly that choice's
+    luck. The validation gains come from answers the validation already received (no new LLM
+    call when the policy is deterministic). With an out-of-fold check (``log.held_out``,
+    `promptenv.reward_model.out_of_fold_gains`), the gains of training patients that their
+    fold's policy never saw join them: a validation split of a few dozen patients leaves an
+    interval too wide for any gain a prompt edit can make (BENCHMARKS.md, "How much an edit
+    of the peer prompt can gain"), and the held-out training patients, several times as
+    many, were not used to choose the checkpoint."""
     from promptenv.paired import cluster_bootstrap_ci
 
     last = log.validation[-1]
@@ -597,19 +614,33 @@ def keep_checkpoint(
         return KeptCheckpoint(kept, False)
     gains, patients = validation_gains(model, eval_env, reward)
     low, high = cluster_bootstrap_ci(gains, patients, INTERVAL_RESAMPLES, settings.seed)
-    interval = (low, high)
     shown = (
         f"{float(gains.mean()):+.4f} [{low:+.4f}, {high:+.4f}] over "
         f"{len(set(patients))} validation patients"
     )
-    if not low > 0:  # NaN (fewer than 2 patients) falls back too
-        say(
-            f"the policy's validation gain over the start prompt, {shown}, is not beyond "
-            "its interval: the policy keeps the start prompt (no edit)"
+    out_of_fold, pooled, decided = None, None, low
+    if log.held_out is not None:
+        held_gains, held_patients = log.held_out
+        out_of_fold = (float(np.mean(held_gains)), len(held_gains), len(set(held_patients)))
+        pooled = cluster_bootstrap_ci(
+            np.concatenate([gains, held_gains]),
+            np.concatenate([patients, held_patients]),
+            INTERVAL_RESAMPLES,
+            settings.seed,
         )
-        return KeptCheckpoint(kept, True, interval)
-    say(f"the policy's validation gain over the start prompt: {shown}")
-    return KeptCheckpoint(kept, False, interval)
+        decided = pooled[0]
+        shown += (
+            f"; out of fold {out_of_fold[0]:+.4f} on {out_of_fold[1]} encounters of "
+            f"{out_of_fold[2]} training patients; both: [{pooled[0]:+.4f}, {pooled[1]:+.4f}]"
+        )
+    if not decided > 0:  # NaN (fewer than 2 patients) falls back too
+        say(
+            f"the policy's gain over the start prompt, {shown}, is not beyond its interval: "
+            "the policy keeps the start prompt (no edit)"
+        )
+        return KeptCheckpoint(kept, True, (low, high), out_of_fold, pooled)
+    say(f"the policy's gain over the start prompt: {shown}")
+    return KeptCheckpoint(kept, False, (low, high), out_of_fold, pooled)
 
 
 def summarize(
@@ -621,6 +652,8 @@ def summarize(
     """What training did and cost (`TrainingSummary`)."""
     stats, kept = reward.client.cache_stats, checkpoint.point
     low, high = checkpoint.interval or (None, None)
+    pooled_low, pooled_high = checkpoint.pooled or (None, None)
+    oof_gain, oof_encounters, oof_patients = checkpoint.out_of_fold or (None, 0, 0)
     return TrainingSummary(
         timesteps=log.timesteps,
         episodes=log.episodes,
@@ -637,6 +670,11 @@ def summarize(
         falls_back_to_start=checkpoint.falls_back,
         kept_validation_low=None if low is None or np.isnan(low) else float(low),
         kept_validation_high=None if high is None or np.isnan(high) else float(high),
+        out_of_fold_gain=oof_gain,
+        out_of_fold_encounters=oof_encounters,
+        out_of_fold_patients=oof_patients,
+        pooled_low=None if pooled_low is None or np.isnan(pooled_low) else float(pooled_low),
+        pooled_high=None if pooled_high is None or np.isnan(pooled_high) else float(pooled_high),
         llm_calls_to_kept_validation_reward=kept.llm_calls,
         llm_calls_to_final_validation_reward=calls_to_final(log.validation),
         seconds=round(seconds, 1),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,16 @@ def params_from_json(data: Mapping[str, Any]) -> GenerationParams:
     return GenerationParams(**known)
 
 
+class ModelTarget(StrEnum):
+    """What the reward model can learn (`PolicySettings.model_target`)."""
+
+    gain = "gain"
+    reward = "reward"
+
+
+MODEL_TARGETS = tuple(t.value for t in ModelTarget)
+
+
 @dataclass(frozen=True)
 class PolicySettings:
     """What the policy trains on, for how long, with which PPO settings and LLM budget."""
@@ -93,9 +104,21 @@ class PolicySettings:
     reward_model: bool = False
     model_rounds: int = 4
     model_timesteps: int = 2048
+    #: what the reward model learns: ``"gain"``, a config's reward minus the start config's on
+    #: the same encounter, or ``"reward"``, the reward itself (before 2026-12-05)
+    model_target: str = "gain"
+    #: with ``reward_model`` and ``require_interval``: the fall-back is decided on validation
+    #: patients and on training patients held out of ``folds`` PPO runs (0 or 1: validation only)
+    folds: int = 5
     n_calibration: int = CALIBRATION_ENCOUNTERS
     seed: int = 0
     params: GenerationParams = field(default_factory=lambda: EVAL_PARAMS)
+
+    def __post_init__(self) -> None:
+        if self.model_target not in MODEL_TARGETS:
+            raise ValueError(
+                f"model_target {self.model_target!r} is not one of {', '.join(MODEL_TARGETS)}"
+            )
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -181,6 +204,14 @@ class TrainingSummary:
     #: over validation patients (None: not computed, e.g. the policy fell back on its mean)
     kept_validation_low: float | None = None
     kept_validation_high: float | None = None
+    #: the out-of-fold check (`PolicySettings.folds`): the mean gain over the start config of
+    #: the training patients' encounters that their fold's policy never saw, how many, and the
+    #: 95% interval of those pooled with the validation gains, on which the fall-back was decided
+    out_of_fold_gain: float | None = None
+    out_of_fold_encounters: int = 0
+    out_of_fold_patients: int = 0
+    pooled_low: float | None = None
+    pooled_high: float | None = None
     llm_calls_to_kept_validation_reward: float = 0.0
     llm_calls_to_final_validation_reward: float = 0.0
     seconds: float = 0.0

@@ -48,7 +48,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -63,15 +63,23 @@ from promptenv.env import AnswerReward, PromptEditEnv
 from promptenv.llm.client import progress_lines
 from promptenv.policy_callbacks import TrainingLog
 from promptenv.policy_info import PolicySettings, StartConfig, ValidationPoint
-from promptenv.prompts import CONFIG_METHODS, PromptConfig, assemble, fixed_config
+from promptenv.prompts import CONFIG_METHODS, INITIAL_CONFIG, PromptConfig, assemble, fixed_config
 from promptenv.reward import PlanScorer
 from recsys.type_aliases import Progress, Tick
 
 Key = tuple[str, str]  # (encounter id, the config's canonical JSON)
 
 
+def _config_json(config: PromptConfig) -> str:
+    return json.dumps(config.as_dict(), sort_keys=True)
+
+
 def config_key(case: EditCase, config: PromptConfig) -> Key:
-    return case.encounter_id, json.dumps(config.as_dict(), sort_keys=True)
+    return case.encounter_id, _config_json(config)
+
+
+def patient_of(case: EditCase) -> str:
+    return str(case.context.patient["patient_id"])
 
 
 class CoverageProxy:
@@ -139,7 +147,12 @@ class RewardModel:
 
 class ModelReward:
     """A `promptenv.env.RewardFn` for training encounters: the LLM's reward where an answer was
-    scored, else the reward model's prediction. Counts the pairs it predicted."""
+    scored, else the reward model's prediction. Counts the pairs it predicted.
+
+    A model fitted on the ``"gain"`` target predicts a config's gain over ``start``: its
+    reward is then the start config's LLM reward for the encounter plus that gain, so the
+    environment's shaped reward (minus the start config's) is the predicted gain itself,
+    free of how far this patient's own reward lies from the model's average."""
 
     def __init__(
         self,
@@ -147,8 +160,10 @@ class ModelReward:
         model: RewardModel,
         proxy: CoverageProxy,
         max_edits: int,
+        start: PromptConfig | None = None,
     ) -> None:
         self.known, self.model, self.proxy, self.max_edits = known, model, proxy, max_edits
+        self.start = start
         self._memo: dict[Key, float] = {}
         self.predicted = 0
 
@@ -159,18 +174,23 @@ class ModelReward:
         if key not in self._memo:
             x = model_features(case, config, self.proxy(case, config), self.max_edits)
             mean, _ = self.model.predict(x[None, :])
-            self._memo[key] = float(mean[0])
+            base = 0.0 if self.start is None else self.known.get(config_key(case, self.start), 0.0)
+            self._memo[key] = base + float(mean[0])
             self.predicted += 1
         return self._memo[key]
 
 
 @dataclass
 class ScoredAnswers:
-    """The LLM-scored training answers: the reward model's data."""
+    """The LLM-scored training answers: the reward model's data. ``start`` is the config
+    episodes start from: the model's ``"gain"`` target is a pair's reward minus the start
+    config's reward for the same encounter."""
 
+    start: PromptConfig = INITIAL_CONFIG
     known: dict[Key, float] = field(default_factory=dict)
     rows: list[NDArray[np.float32]] = field(default_factory=list)
     targets: list[float] = field(default_factory=list)
+    encounters: list[str] = field(default_factory=list)
 
     def add(
         self,
@@ -203,9 +223,33 @@ class ScoredAnswers:
             self.known[config_key(case, config)] = a.score.reward
             self.rows.append(model_features(case, config, p, max_edits))
             self.targets.append(a.score.reward)
+            self.encounters.append(case.encounter_id)
 
-    def fit(self, seed: int) -> RewardModel:
-        return RewardModel(seed=seed).fit(np.stack(self.rows), np.asarray(self.targets))
+    def start_reward(self, encounter_id: str) -> float | None:
+        """The LLM reward of the start config on this encounter (None: not scored)."""
+        return self.known.get((encounter_id, _config_json(self.start)))
+
+    def fit(
+        self, seed: int, target: str = "gain", leave_out: frozenset[str] = frozenset()
+    ) -> RewardModel:
+        """The reward model on every scored answer but those of the ``leave_out`` encounters.
+
+        ``target`` ``"gain"`` (the default): each answer's reward minus the start config's on
+        the same encounter, on the encounters whose start config was scored; ``"reward"``:
+        the reward itself (what the model fitted before 2026-12-05)."""
+        keep = [i for i, e in enumerate(self.encounters) if e not in leave_out]
+        if target == "gain":
+            base = {e: self.start_reward(e) for e in set(self.encounters)}
+            keep = [i for i in keep if base[self.encounters[i]] is not None]
+            y = [self.targets[i] - (base[self.encounters[i]] or 0.0) for i in keep]
+        else:
+            y = [self.targets[i] for i in keep]
+        if not keep:
+            raise ValueError(
+                "the reward model has no scored training answer to learn from (the LLM budget "
+                "left none for the start prompt on training encounters): raise --max-llm-calls"
+            )
+        return RewardModel(seed=seed).fit(np.stack([self.rows[i] for i in keep]), np.asarray(y))
 
 
 def policy_configs(
@@ -282,6 +326,74 @@ class _Steps(BaseCallback):
         return True
 
 
+def out_of_fold_gains(
+    train_cases: Sequence[EditCase],
+    data: ScoredAnswers,
+    proxy: CoverageProxy,
+    reward: AnswerReward,
+    start: StartConfig,
+    settings: PolicySettings,
+    steps: int,
+    room: int,
+    say: Progress,
+) -> tuple[NDArray[np.float64], NDArray[np.object_]] | None:
+    """The training run's gain over the start config on training patients it did not learn
+    from: ``settings.folds`` folds of training patients (seeded); for each, a fresh PPO model
+    learns ``steps`` steps against a reward model fitted without that fold's answers, on the
+    other folds' encounters, then edits the fold's encounters deterministically, and the LLM
+    scores what it chose (the start config's answers are there already).
+
+    Returns each held-out encounter's LLM gain and its patient, or None, said, when scoring
+    them would take more than ``room`` new answers or a fold has no start answer to learn
+    from. PPO against the model costs no LLM call; the answers go through ``reward``."""
+    from promptenv.policy import make_model
+
+    max_edits, k = settings.max_edits, settings.folds
+    cases = [c for c in train_cases if data.start_reward(c.encounter_id) is not None]
+    patients = sorted({patient_of(c) for c in cases})
+    if len(patients) < k:
+        say(f"out-of-fold check skipped: {len(patients)} training patients for {k} folds")
+        return None
+    order = np.random.default_rng(settings.seed).permutation(len(patients))
+    chosen: list[tuple[EditCase, PromptConfig]] = []
+    for f, fold in enumerate(np.array_split(order, k)):
+        held = {patients[i] for i in fold}
+        inside = [c for c in cases if patient_of(c) not in held]
+        outside = [c for c in cases if patient_of(c) in held]
+        leave_out = frozenset(c.encounter_id for c in outside)
+        fitted = data.fit(settings.seed + f, settings.model_target, leave_out)
+        known = {key: v for key, v in data.known.items() if key[0] not in leave_out}
+        scored = ModelReward(
+            known,
+            fitted,
+            proxy,
+            max_edits,
+            start.config if settings.model_target == "gain" else None,
+        )
+        env = PromptEditEnv(inside, scored, max_edits=max_edits, initial=start.config)
+        fold_model = make_model(env, replace(settings, seed=settings.seed + f))
+        fold_model.learn(total_timesteps=steps)
+        chosen += zip(
+            outside, policy_configs(fold_model, outside, start.config, max_edits), strict=True
+        )
+    new = sum(not reward.is_answered(c, cfg) for c, cfg in chosen)
+    if new > room:
+        say(
+            f"out-of-fold check skipped: it needs {new} new LLM answers and the budget leaves "
+            f"{room}; the fall-back is decided on validation patients alone"
+        )
+        return None
+    answered = reward.answer_many(chosen, progress=progress_lines(say, "out-of-fold answers"))
+    gains = np.array(
+        [
+            a.score.reward - (data.start_reward(c.encounter_id) or 0.0)
+            for (c, _), a in zip(chosen, answered, strict=True)
+        ],
+        dtype=float,
+    )
+    return gains, np.array([patient_of(c) for c, _ in chosen], dtype=object)
+
+
 def learn_with_reward_model(
     model: Any,
     train_cases: Sequence[EditCase],
@@ -293,25 +405,40 @@ def learn_with_reward_model(
     tick: Tick | None = None,
 ) -> TrainingLog:
     """PPO against a reward model refitted each round, LLM calls within
-    ``settings.max_llm_calls`` (see the module docstring). Validation points and the best
-    validation weights are in the returned log, as `promptenv.policy.learn`'s are."""
+    ``settings.max_llm_calls`` (see the module docstring). Validation points, the best
+    validation weights and the out-of-fold gains (`out_of_fold_gains`, with
+    ``settings.folds`` > 1) are in the returned log."""
     log, budget, max_edits = TrainingLog(), settings.max_llm_calls, settings.max_edits
-    proxy, data = CoverageProxy(reward.scorer), ScoredAnswers()
+    proxy, data = CoverageProxy(reward.scorer), ScoredAnswers(start=start.config)
     rounds = max(1, settings.model_rounds)
     total = rounds * settings.model_timesteps
+    folds = settings.folds > 1 and settings.keep_best and settings.require_interval
+    # what the out-of-fold check may cost (one answer per training encounter) is kept back too
+    reserve = len(eval_env.cases) + (len(train_cases) if folds else 0)
+    start_for = start.config if settings.model_target == "gain" else None
 
     def left() -> int:
         return max(0, budget - reward.llm_calls)
 
-    def room(share: int) -> int:
-        # what validating the next policy costs (one answer per validation encounter) is kept back
-        return max(0, min(share, left() - len(eval_env.cases)))
+    def room(share: int, keep: int) -> int:
+        return max(0, min(share, left() - keep))
 
-    seed = [(c, fixed_config(m)) for m in CONFIG_METHODS for c in train_cases]
-    data.add(reward, proxy, seed, max_edits, room(left()), say, "fixed prompts on training")
+    # the start config first: the "gain" target needs its answer on each encounter
+    methods = sorted(CONFIG_METHODS, key=lambda m: fixed_config(m) != start.config)
+    seed = [(c, fixed_config(m)) for m in methods for c in train_cases]
+    # validating the first policy is kept back, not the out-of-fold check: the seed comes first
+    data.add(
+        reward,
+        proxy,
+        seed,
+        max_edits,
+        room(left(), len(eval_env.cases)),
+        say,
+        "fixed prompts on training",
+    )
     for r in range(rounds):
-        fitted = data.fit(settings.seed + r)
-        scored = ModelReward(data.known, fitted, proxy, max_edits)
+        fitted = data.fit(settings.seed + r, settings.model_target)
+        scored = ModelReward(data.known, fitted, proxy, max_edits, start_for)
         model.set_env(PromptEditEnv(train_cases, scored, max_edits=max_edits, initial=start.config))
         # set_env's new vector env is unseeded: its episodes would start from fresh entropy,
         # and two trainings with the same settings would differ
@@ -327,7 +454,7 @@ def learn_with_reward_model(
         )
         if r == rounds - 1:
             break
-        if room(left()) == 0:
+        if room(left(), reserve) == 0:
             log.stopped_by_budget = True
             say(f"LLM-call budget of {budget} reached after round {r + 1} of {rounds}: stopping")
             break
@@ -355,13 +482,29 @@ def learn_with_reward_model(
             proxy,
             ask,
             max_edits,
-            room(share),
+            room(share, reserve),
             say,
             f"round {r + 1}: where the policy heads",
         )
         say(
             f"round {r + 1}/{rounds}: {len(data.targets)} scored training answers "
             f"({scored.predicted} predicted by the model in PPO), {reward.llm_calls} LLM calls"
+        )
+    if folds and log.best is not None and log.best.validation_reward > 0:
+        say(
+            f"out-of-fold check: {settings.folds} PPO runs of {log.best.timesteps:.0f} steps, "
+            "each against a reward model that never saw its fold's training patients"
+        )
+        log.held_out = out_of_fold_gains(
+            train_cases,
+            data,
+            proxy,
+            reward,
+            start,
+            settings,
+            int(log.best.timesteps),
+            left(),
+            say,
         )
     return log
 
@@ -373,5 +516,7 @@ __all__ = [
     "ScoredAnswers",
     "learn_with_reward_model",
     "model_features",
+    "out_of_fold_gains",
+    "patient_of",
     "policy_configs",
 ]

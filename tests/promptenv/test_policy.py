@@ -641,3 +641,34 @@ def test_a_validation_gain_within_its_interval_falls_back_to_the_start_prompt(
     # without the interval rule, a positive mean keeps the edits
     loose = dataclasses.replace(TINY, require_interval=False)
     assert not keep_checkpoint(None, log, loose, None, None, said.append).falls_back  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("held_mean", "falls_back"), [(0.05, False), (0.0, True)])
+def test_held_out_training_patients_decide_the_fall_back_with_the_validation_ones(
+    monkeypatch: pytest.MonkeyPatch, held_mean: float, falls_back: bool
+) -> None:
+    """Six validation patients alone leave a +0.18 mean within its interval; 60 out-of-fold
+    training patients gaining +0.05 each, give or take 0.02, carry it beyond, and 60 who
+    gain nothing on average do not."""
+    import promptenv.policy as policy_module
+    from promptenv.policy import keep_checkpoint
+    from promptenv.policy_callbacks import TrainingLog
+
+    gains = [0.9, -0.3, 0.6, -0.4, 0.5, -0.2]
+    log = TrainingLog()
+    log.record(ValidationPoint(64.0, 10.0, float(np.mean(gains))), None)
+    rng = np.random.default_rng(0)
+    held = held_mean + rng.uniform(-0.02, 0.02, 120)
+    log.held_out = (held, np.array([f"t{i // 2}" for i in range(120)], dtype=object))
+    monkeypatch.setattr(
+        policy_module,
+        "validation_gains",
+        lambda *_a, **_k: (np.array(gains), np.array(list("abcdef"), dtype=object)),
+    )
+    said: list[str] = []
+    kept = keep_checkpoint(None, log, TINY, None, None, said.append)  # type: ignore[arg-type]
+    assert kept.falls_back is falls_back
+    assert kept.interval is not None and kept.interval[0] < 0  # validation alone: within
+    assert kept.out_of_fold == (pytest.approx(float(held.mean())), 120, 60)
+    assert kept.pooled is not None and (kept.pooled[0] > 0) is not falls_back
+    assert "out of fold" in said[-1] and ("not beyond" in said[-1]) is falls_back

@@ -20,7 +20,15 @@ from promptenv.llm import LLMClient
 from promptenv.policy import PolicySettings, load_policy, pick_training_encounters, train_policy
 from promptenv.prompts import INITIAL_CONFIG, PromptConfig, assemble
 from promptenv.reward import PlanScorer
-from promptenv.reward_model import CoverageProxy, RewardModel, model_features
+from promptenv.reward_model import (
+    CoverageProxy,
+    ModelReward,
+    RewardModel,
+    ScoredAnswers,
+    model_features,
+    out_of_fold_gains,
+    patient_of,
+)
 
 pytestmark = pytest.mark.slow  # PPO rounds with the echo LLM: about half a minute
 
@@ -69,6 +77,129 @@ def test_the_reward_model_ranks_held_out_prompts_like_their_true_reward(
     truth = [words(c, cfg) for c, cfg in held]
     assert spearmanr(mean, truth).statistic > 0.8
     assert spread.shape == mean.shape and (spread >= 0).all() and spread.max() > 0
+
+
+def _cases(tables: dict[str, pd.DataFrame], n: int) -> list:  # type: ignore[type-arg]
+    rows = pick_training_encounters(tables["index_encounters"], "train", n, 0.5, 2, 0)
+    return build_cases(tables, rows, history_signals(tables))  # type: ignore[arg-type]
+
+
+class _Answers:
+    """What `ScoredAnswers.add` needs of an `AnswerReward`: scores from a function, no LLM."""
+
+    def __init__(self, fn):  # type: ignore[no-untyped-def]
+        self.fn = fn
+
+    def is_answered(self, case, config):  # type: ignore[no-untyped-def]
+        return True
+
+    def answer_many(self, pairs, progress=None):  # type: ignore[no-untyped-def]
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(score=SimpleNamespace(reward=self.fn(c, cfg))) for c, cfg in pairs]
+
+
+def test_the_gain_target_predicts_an_edit_s_gain_whatever_the_patient_s_own_level(
+    default_tables: dict[str, pd.DataFrame],
+) -> None:
+    """Rewards = a level of the patient's own, which no feature predicts, plus what the config
+    adds. Trained on every patient's start and on each of three edits for about half of the
+    patients, the shaped reward PPO sees for a pair not scored (its reward minus the start's)
+    is the edit's gain with the "gain" target, and is thrown off by the patient's level with
+    the "reward" target (the model before 2026-12-05)."""
+    from promptenv.prompts import fixed_config
+
+    cases = _cases(default_tables, 40)
+    rng = np.random.default_rng(1)
+    level = {c.encounter_id: float(rng.uniform(0, 1)) for c in cases}
+    start = fixed_config("peer")
+    configs = [start, *(apply_edit(start, a) for a in np.flatnonzero(edit_mask(start))[1:4])]
+
+    def effect(config: PromptConfig) -> float:
+        return 0.1 * len(config.fragments) + 0.05 * int("self" in config.fragments)
+
+    def true(case, config):  # type: ignore[no-untyped-def]
+        return level[case.encounter_id] + effect(config)
+
+    proxy = CoverageProxy(PlanScorer(threshold=0.5))
+    # every patient's start is scored, and each edit for about half of the patients
+    scored = [(c, start) for c in cases] + [
+        (c, cfg) for c in cases for cfg in configs[1:] if rng.uniform() < 0.5
+    ]
+    unscored = [(c, cfg) for c in cases for cfg in configs[1:] if (c, cfg) not in scored]
+    errors = {}
+    for target in ("gain", "reward"):
+        data = ScoredAnswers(start=start)
+        data.add(_Answers(true), proxy, scored, 6, 0, lambda _m: None, "seed")  # type: ignore[arg-type]
+        model = ModelReward(
+            data.known, data.fit(0, target), proxy, 6, start if target == "gain" else None
+        )
+        errors[target] = np.mean(
+            [
+                abs(model(c, cfg) - model(c, start) - (effect(cfg) - effect(start)))
+                for c, cfg in unscored
+            ]
+        )
+    assert len(unscored) > 40
+    assert errors["gain"] < 0.01  # measured: 0.000
+    assert errors["reward"] > 0.04  # measured: 0.082
+
+
+@pytest.mark.parametrize("room", [0, 1000])
+def test_out_of_fold_policies_never_learn_from_the_patients_they_are_scored_on(
+    default_tables: dict[str, pd.DataFrame],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    room: int,
+) -> None:
+    """Each fold's reward model leaves out exactly its own patients' encounters, the folds
+    split patients, not encounters, every training encounter is scored once, and the check
+    never asks the LLM for more than ``room`` answers (it says it is skipped instead)."""
+    from promptenv.env import AnswerReward
+    from promptenv.policy_info import StartConfig
+    from promptenv.prompts import fixed_config
+
+    backend = EchoBackend()
+    client = LLMClient(backend, workspace=tmp_path / "ws")
+    scorer, _ = calibrated_scorer(client, default_tables, 4)
+    cases = _cases(default_tables, 16)
+    settings = PolicySettings(n_steps=32, batch_size=32, n_epochs=1, folds=3)
+    reward = AnswerReward(client, scorer, settings.params)
+    start = StartConfig("peer", fixed_config("peer"))
+    proxy = CoverageProxy(scorer)
+    data = ScoredAnswers(start=start.config)
+    seed = [(c, cfg) for c in cases for cfg in (start.config, INITIAL_CONFIG)]
+    data.add(reward, proxy, seed, 6, 1000, lambda _m: None, "seed")
+    left_out: list[frozenset[str]] = []
+    fit = ScoredAnswers.fit
+
+    def spy(self, seed, target="gain", leave_out=frozenset()):  # type: ignore[no-untyped-def]
+        left_out.append(leave_out)
+        return fit(self, seed, target, leave_out)
+
+    monkeypatch.setattr(ScoredAnswers, "fit", spy)
+    said: list[str] = []
+    before = backend.calls
+    got = out_of_fold_gains(cases, data, proxy, reward, start, settings, 64, room, said.append)
+    assert backend.calls - before <= room
+    assert len(left_out) == 3 and sum(map(len, left_out)) == len(cases)
+    assert frozenset().union(*left_out) == {c.encounter_id for c in cases}
+    fold_of = {
+        c.encounter_id: i
+        for i, fold in enumerate(left_out)
+        for c in cases
+        if c.encounter_id in fold
+    }
+    for c in cases:  # a patient's encounters are in one fold
+        assert {fold_of[o.encounter_id] for o in cases if patient_of(o) == patient_of(c)} == {
+            fold_of[c.encounter_id]
+        }
+    if got is None:
+        assert room == 0 and "skipped" in said[-1]
+    else:
+        gains, patients = got
+        assert len(gains) == len(cases) and np.isfinite(gains).all()
+        assert sorted(patients) == sorted(patient_of(c) for c in cases)
 
 
 @pytest.mark.parametrize("budget", [45, 90])
