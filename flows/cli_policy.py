@@ -64,6 +64,14 @@ def train_cmd(
             "reward.",
         ),
     ] = ModelTarget.gain,
+    model_pessimism: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="With --reward-model: take this many sds of the trees' predictions off a "
+            "reward the model predicts (0: its mean).",
+        ),
+    ] = 0.0,
     llm_parallel: LLMParallelOpt = None,
 ) -> None:
     """Train the editing policy on training patients (answers through the cached LLM client)."""
@@ -83,6 +91,7 @@ def train_cmd(
         model_rounds=model_rounds,
         model_timesteps=timesteps,
         model_target=model_target.value,
+        model_pessimism=model_pessimism,
         folds=folds,
     )
     with bar("policy training: PPO steps") as tick:

@@ -604,12 +604,21 @@ def keep_checkpoint(
             f"the start prompt {log.best.validation_reward:+.4f}; last {last.validation_reward:+.4f})"
         )
     kept = log.best if settings.keep_best and log.best is not None else last
+    out_of_fold = None
+    if log.held_out is not None:
+        held_gains, held_patients = log.held_out
+        out_of_fold = (float(np.mean(held_gains)), len(held_gains), len(set(held_patients)))
     if settings.keep_best and kept.validation_reward <= 0:
+        shown = (
+            ""
+            if out_of_fold is None
+            else f"; out of fold {out_of_fold[0]:+.4f} on {out_of_fold[1]} training encounters"
+        )
         say(
             f"no checkpoint beat the start prompt on validation (best "
-            f"{kept.validation_reward:+.4f}): the policy keeps the start prompt (no edit)"
+            f"{kept.validation_reward:+.4f}{shown}): the policy keeps the start prompt (no edit)"
         )
-        return KeptCheckpoint(kept, True)
+        return KeptCheckpoint(kept, True, out_of_fold=out_of_fold)
     if not (settings.keep_best and settings.require_interval):
         return KeptCheckpoint(kept, False)
     gains, patients = validation_gains(model, eval_env, reward)
@@ -618,10 +627,9 @@ def keep_checkpoint(
         f"{float(gains.mean()):+.4f} [{low:+.4f}, {high:+.4f}] over "
         f"{len(set(patients))} validation patients"
     )
-    out_of_fold, pooled, decided = None, None, low
-    if log.held_out is not None:
+    pooled, decided = None, low
+    if log.held_out is not None and out_of_fold is not None:
         held_gains, held_patients = log.held_out
-        out_of_fold = (float(np.mean(held_gains)), len(held_gains), len(set(held_patients)))
         pooled = cluster_bootstrap_ci(
             np.concatenate([gains, held_gains]),
             np.concatenate([patients, held_patients]),

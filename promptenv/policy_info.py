@@ -107,6 +107,8 @@ class PolicySettings:
     #: what the reward model learns: ``"gain"``, a config's reward minus the start config's on
     #: the same encounter, or ``"reward"``, the reward itself (before 2026-12-05)
     model_target: str = "gain"
+    #: trees' sds taken off a reward the model predicts, in PPO (`promptenv.reward_model.ModelReward`)
+    model_pessimism: float = 0.0
     #: with ``reward_model`` and ``require_interval``: the fall-back is decided on validation
     #: patients and on training patients held out of ``folds`` PPO runs (0 or 1: validation only)
     folds: int = 5

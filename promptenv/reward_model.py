@@ -14,6 +14,10 @@ The model
     (peers help the patients whose peers are like them), and the spread of the
     trees' predictions is a usable measure of how unsure the model is (used to
     choose where to ask the LLM). It fits in milliseconds.
+    It learns a config's gain over the start config on the same encounter
+    (``PolicySettings.model_target`` ``"gain"``), so that a patient's own reward
+    level, which no feature shows, does not enter the predicted gain of an edit
+    (`ModelReward`); ``"reward"`` learns the reward itself.
 
 The proxy (`coverage_proxy`)
     How well the prompt's own text covers the physician's next plan: the
@@ -35,8 +39,13 @@ The loop (`learn_with_reward_model`), with ``B`` = ``settings.max_llm_calls``
        d. ask the LLM for this round's share of what is left of ``B``: first
           the configs the deterministic policy picks on training encounters,
           then those of sampled rollouts, the most uncertain first.
+    3. with ``settings.folds`` > 1, the out-of-fold check (`out_of_fold_gains`): per fold of training
+       patients, a fresh PPO run against a model fitted without the fold, scored on it
+       with the LLM; `promptenv.policy.keep_checkpoint` decides the fall-back on
+       these gains pooled with the validation ones.
     Every LLM call goes through the same `AnswerReward` (cache, ledger, budget);
-    the loop checks what is left before each batch and never asks for more,
+    the loop checks what is left before each batch and never asks for more (the
+    rounds keep back what the next validation and the out-of-fold check cost),
     so it never spends more than ``B`` new answers in all (seed and validation
     included), provided what every training spends first (the answers to the
     initial prompts and to the fixed prompts on validation, `promptenv.policy`)
@@ -152,7 +161,11 @@ class ModelReward:
     A model fitted on the ``"gain"`` target predicts a config's gain over ``start``: its
     reward is then the start config's LLM reward for the encounter plus that gain, so the
     environment's shaped reward (minus the start config's) is the predicted gain itself,
-    free of how far this patient's own reward lies from the model's average."""
+    free of how far this patient's own reward lies from the model's average.
+
+    ``pessimism`` > 0 takes that many of the trees' sds off a predicted reward (a lower
+    confidence bound): PPO then prefers what the LLM scored, or what the model is sure
+    of, to where the model's errors happen to be high."""
 
     def __init__(
         self,
@@ -161,9 +174,10 @@ class ModelReward:
         proxy: CoverageProxy,
         max_edits: int,
         start: PromptConfig | None = None,
+        pessimism: float = 0.0,
     ) -> None:
         self.known, self.model, self.proxy, self.max_edits = known, model, proxy, max_edits
-        self.start = start
+        self.start, self.pessimism = start, pessimism
         self._memo: dict[Key, float] = {}
         self.predicted = 0
 
@@ -173,9 +187,9 @@ class ModelReward:
             return self.known[key]
         if key not in self._memo:
             x = model_features(case, config, self.proxy(case, config), self.max_edits)
-            mean, _ = self.model.predict(x[None, :])
+            mean, spread = self.model.predict(x[None, :])
             base = 0.0 if self.start is None else self.known.get(config_key(case, self.start), 0.0)
-            self._memo[key] = base + float(mean[0])
+            self._memo[key] = base + float(mean[0]) - self.pessimism * float(spread[0])
             self.predicted += 1
         return self._memo[key]
 
@@ -438,7 +452,9 @@ def learn_with_reward_model(
     )
     for r in range(rounds):
         fitted = data.fit(settings.seed + r, settings.model_target)
-        scored = ModelReward(data.known, fitted, proxy, max_edits, start_for)
+        scored = ModelReward(
+            data.known, fitted, proxy, max_edits, start_for, settings.model_pessimism
+        )
         model.set_env(PromptEditEnv(train_cases, scored, max_edits=max_edits, initial=start.config))
         # set_env's new vector env is unseeded: its episodes would start from fresh entropy,
         # and two trainings with the same settings would differ
@@ -490,7 +506,7 @@ def learn_with_reward_model(
             f"round {r + 1}/{rounds}: {len(data.targets)} scored training answers "
             f"({scored.predicted} predicted by the model in PPO), {reward.llm_calls} LLM calls"
         )
-    if folds and log.best is not None and log.best.validation_reward > 0:
+    if folds and log.best is not None:
         say(
             f"out-of-fold check: {settings.folds} PPO runs of {log.best.timesteps:.0f} steps, "
             "each against a reward model that never saw its fold's training patients"
