@@ -517,6 +517,24 @@ def make_model(env: PromptEditEnv, settings: PolicySettings) -> Any:
     return model
 
 
+def make_training(
+    episodes: Episodes, start: StartConfig, settings: PolicySettings
+) -> tuple[Any, PromptEditEnv]:
+    """The PPO model on the training encounters (LLM rewards) and the validation environment,
+    both starting from ``start``."""
+    env = PromptEditEnv(
+        episodes.train, episodes.reward, max_edits=settings.max_edits, initial=start.config
+    )
+    eval_env = PromptEditEnv(
+        episodes.validation,
+        episodes.reward,
+        max_edits=settings.max_edits,
+        initial=start.config,
+        sequential=True,
+    )
+    return make_model(env, settings), eval_env
+
+
 def learn(
     model: Any,
     episodes: Episodes,
@@ -606,8 +624,8 @@ def keep_checkpoint(
     kept = log.best if settings.keep_best and log.best is not None else last
     out_of_fold = None
     if log.held_out is not None:
-        held_gains, held_patients = log.held_out
-        out_of_fold = (float(np.mean(held_gains)), len(held_gains), len(set(held_patients)))
+        held = log.held_out
+        out_of_fold = (float(np.mean(held.gains)), len(held.gains), len(set(held.patients)))
     if settings.keep_best and kept.validation_reward <= 0:
         shown = (
             ""
@@ -629,10 +647,9 @@ def keep_checkpoint(
     )
     pooled, decided = None, low
     if log.held_out is not None and out_of_fold is not None:
-        held_gains, held_patients = log.held_out
         pooled = cluster_bootstrap_ci(
-            np.concatenate([gains, held_gains]),
-            np.concatenate([patients, held_patients]),
+            np.concatenate([gains, log.held_out.gains]),
+            np.concatenate([patients, log.held_out.patients]),
             INTERVAL_RESAMPLES,
             settings.seed,
         )
@@ -711,17 +728,7 @@ def train_policy(
     started = time.perf_counter()
     episodes = prepare_episodes(client, tables, signals_for, settings, say, calibration)
     start = choose_start(episodes, say)
-    env = PromptEditEnv(
-        episodes.train, episodes.reward, max_edits=settings.max_edits, initial=start.config
-    )
-    eval_env = PromptEditEnv(
-        episodes.validation,
-        episodes.reward,
-        max_edits=settings.max_edits,
-        initial=start.config,
-        sequential=True,
-    )
-    model = make_model(env, settings)
+    model, eval_env = make_training(episodes, start, settings)
     if settings.reward_model:
         from promptenv.reward_model import learn_with_reward_model
 

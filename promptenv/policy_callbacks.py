@@ -34,9 +34,9 @@ class TrainingLog:
     best: ValidationPoint | None = None
     #: the policy network's weights at ``best`` (None: the final weights are the best)
     best_weights: Any = None
-    #: gains over the start config on training patients held out of a fold's training, and
-    #: their patients (`promptenv.reward_model.out_of_fold_gains`; None: not measured)
-    held_out: tuple[Any, Any] | None = None
+    #: gains over the start config on training patients held out of a fold's training
+    #: (`promptenv.reward_model.OutOfFold`; None: not measured)
+    held_out: Any = None
 
     def record(self, point: ValidationPoint, weights: Callable[[], Any] | None) -> None:
         """Add a validation point; keep ``weights()`` when it is the best so far."""

@@ -109,6 +109,9 @@ class PolicySettings:
     model_target: str = "gain"
     #: trees' sds taken off a reward the model predicts, in PPO (`promptenv.reward_model.ModelReward`)
     model_pessimism: float = 0.0
+    #: PPO sees the model's prediction for every pair but the start config's, the LLM's
+    #: scores only through the fit (`promptenv.reward_model.ModelReward`)
+    model_smooth: bool = False
     #: with ``reward_model`` and ``require_interval``: the fall-back is decided on validation
     #: patients and on training patients held out of ``folds`` PPO runs (0 or 1: validation only)
     folds: int = 5

@@ -165,7 +165,9 @@ class ModelReward:
 
     ``pessimism`` > 0 takes that many of the trees' sds off a predicted reward (a lower
     confidence bound): PPO then prefers what the LLM scored, or what the model is sure
-    of, to where the model's errors happen to be high."""
+    of, to where the model's errors happen to be high. ``smooth``: every pair but the start
+    config's gets the model's prediction, scored or not, so that PPO learns from what the
+    model generalizes rather than from each training encounter's own noisy answers."""
 
     def __init__(
         self,
@@ -175,15 +177,36 @@ class ModelReward:
         max_edits: int,
         start: PromptConfig | None = None,
         pessimism: float = 0.0,
+        smooth: bool = False,
     ) -> None:
         self.known, self.model, self.proxy, self.max_edits = known, model, proxy, max_edits
-        self.start, self.pessimism = start, pessimism
+        self.start, self.pessimism, self.smooth = start, pessimism, smooth
         self._memo: dict[Key, float] = {}
         self.predicted = 0
 
+    @classmethod
+    def of(
+        cls,
+        known: dict[Key, float],
+        model: RewardModel,
+        proxy: CoverageProxy,
+        settings: PolicySettings,
+        start: PromptConfig,
+    ) -> ModelReward:
+        """The reward PPO trains against with ``settings`` (target, pessimism, smoothing)."""
+        return cls(
+            known,
+            model,
+            proxy,
+            settings.max_edits,
+            start if settings.model_target == "gain" else None,
+            settings.model_pessimism,
+            settings.model_smooth,
+        )
+
     def __call__(self, case: EditCase, config: PromptConfig) -> float:
         key = config_key(case, config)
-        if key in self.known:
+        if key in self.known and (not self.smooth or config == self.start):
             return self.known[key]
         if key not in self._memo:
             x = model_features(case, config, self.proxy(case, config), self.max_edits)
@@ -340,6 +363,18 @@ class _Steps(BaseCallback):
         return True
 
 
+@dataclass(frozen=True)
+class OutOfFold:
+    """The out-of-fold check's held-out training encounters, in the folds' order: each one's
+    LLM gain over the start config, patient, encounter id and whether its fold's policy
+    edited it (did not keep the start config)."""
+
+    gains: NDArray[np.float64]
+    patients: NDArray[np.object_]
+    encounters: tuple[str, ...]
+    edited: NDArray[np.bool_]
+
+
 def out_of_fold_gains(
     train_cases: Sequence[EditCase],
     data: ScoredAnswers,
@@ -350,14 +385,15 @@ def out_of_fold_gains(
     steps: int,
     room: int,
     say: Progress,
-) -> tuple[NDArray[np.float64], NDArray[np.object_]] | None:
+) -> OutOfFold | None:
     """The training run's gain over the start config on training patients it did not learn
     from: ``settings.folds`` folds of training patients (seeded); for each, a fresh PPO model
     learns ``steps`` steps against a reward model fitted without that fold's answers, on the
     other folds' encounters, then edits the fold's encounters deterministically, and the LLM
     scores what it chose (the start config's answers are there already).
 
-    Returns each held-out encounter's LLM gain and its patient, or None, said, when scoring
+    Returns each held-out encounter's LLM gain, patient and edit (`OutOfFold`), or None, said,
+    when scoring
     them would take more than ``room`` new answers or a fold has no start answer to learn
     from. PPO against the model costs no LLM call; the answers go through ``reward``."""
     from promptenv.policy import make_model
@@ -377,13 +413,7 @@ def out_of_fold_gains(
         leave_out = frozenset(c.encounter_id for c in outside)
         fitted = data.fit(settings.seed + f, settings.model_target, leave_out)
         known = {key: v for key, v in data.known.items() if key[0] not in leave_out}
-        scored = ModelReward(
-            known,
-            fitted,
-            proxy,
-            max_edits,
-            start.config if settings.model_target == "gain" else None,
-        )
+        scored = ModelReward.of(known, fitted, proxy, settings, start.config)
         env = PromptEditEnv(inside, scored, max_edits=max_edits, initial=start.config)
         fold_model = make_model(env, replace(settings, seed=settings.seed + f))
         fold_model.learn(total_timesteps=steps)
@@ -405,7 +435,12 @@ def out_of_fold_gains(
         ],
         dtype=float,
     )
-    return gains, np.array([patient_of(c) for c, _ in chosen], dtype=object)
+    return OutOfFold(
+        gains,
+        np.array([patient_of(c) for c, _ in chosen], dtype=object),
+        tuple(c.encounter_id for c, _ in chosen),
+        np.array([cfg != start.config for _, cfg in chosen]),
+    )
 
 
 def learn_with_reward_model(
@@ -417,19 +452,23 @@ def learn_with_reward_model(
     settings: PolicySettings,
     say: Progress,
     tick: Tick | None = None,
+    data: ScoredAnswers | None = None,
 ) -> TrainingLog:
     """PPO against a reward model refitted each round, LLM calls within
     ``settings.max_llm_calls`` (see the module docstring). Validation points, the best
     validation weights and the out-of-fold gains (`out_of_fold_gains`, with
-    ``settings.folds`` > 1) are in the returned log."""
+    ``settings.folds`` > 1) are in the returned log; the scored answers are in ``data`` when
+    one is given (empty)."""
     log, budget, max_edits = TrainingLog(), settings.max_llm_calls, settings.max_edits
-    proxy, data = CoverageProxy(reward.scorer), ScoredAnswers(start=start.config)
+    proxy = CoverageProxy(reward.scorer)
+    if data is None:
+        data = ScoredAnswers()
+    data.start = start.config
     rounds = max(1, settings.model_rounds)
     total = rounds * settings.model_timesteps
     folds = settings.folds > 1 and settings.keep_best and settings.require_interval
     # what the out-of-fold check may cost (one answer per training encounter) is kept back too
     reserve = len(eval_env.cases) + (len(train_cases) if folds else 0)
-    start_for = start.config if settings.model_target == "gain" else None
 
     def left() -> int:
         return max(0, budget - reward.llm_calls)
@@ -452,9 +491,7 @@ def learn_with_reward_model(
     )
     for r in range(rounds):
         fitted = data.fit(settings.seed + r, settings.model_target)
-        scored = ModelReward(
-            data.known, fitted, proxy, max_edits, start_for, settings.model_pessimism
-        )
+        scored = ModelReward.of(data.known, fitted, proxy, settings, start.config)
         model.set_env(PromptEditEnv(train_cases, scored, max_edits=max_edits, initial=start.config))
         # set_env's new vector env is unseeded: its episodes would start from fresh entropy,
         # and two trainings with the same settings would differ
@@ -528,6 +565,7 @@ def learn_with_reward_model(
 __all__ = [
     "CoverageProxy",
     "ModelReward",
+    "OutOfFold",
     "RewardModel",
     "ScoredAnswers",
     "learn_with_reward_model",

@@ -643,6 +643,17 @@ def test_a_validation_gain_within_its_interval_falls_back_to_the_start_prompt(
     assert not keep_checkpoint(None, log, loose, None, None, said.append).falls_back  # type: ignore[arg-type]
 
 
+def _held_out(gains: np.ndarray, patients: list[str]) -> object:
+    from promptenv.reward_model import OutOfFold
+
+    return OutOfFold(
+        gains,
+        np.array(patients, dtype=object),
+        tuple(f"e{i}" for i in range(len(gains))),
+        np.ones(len(gains), dtype=bool),
+    )
+
+
 @pytest.mark.parametrize(("held_mean", "falls_back"), [(0.05, False), (0.0, True)])
 def test_held_out_training_patients_decide_the_fall_back_with_the_validation_ones(
     monkeypatch: pytest.MonkeyPatch, held_mean: float, falls_back: bool
@@ -659,7 +670,7 @@ def test_held_out_training_patients_decide_the_fall_back_with_the_validation_one
     log.record(ValidationPoint(64.0, 10.0, float(np.mean(gains))), None)
     rng = np.random.default_rng(0)
     held = held_mean + rng.uniform(-0.02, 0.02, 120)
-    log.held_out = (held, np.array([f"t{i // 2}" for i in range(120)], dtype=object))
+    log.held_out = _held_out(held, [f"t{i // 2}" for i in range(120)])
     monkeypatch.setattr(
         policy_module,
         "validation_gains",
@@ -672,3 +683,19 @@ def test_held_out_training_patients_decide_the_fall_back_with_the_validation_one
     assert kept.out_of_fold == (pytest.approx(float(held.mean())), 120, 60)
     assert kept.pooled is not None and (kept.pooled[0] > 0) is not falls_back
     assert "out of fold" in said[-1] and ("not beyond" in said[-1]) is falls_back
+
+
+def test_a_policy_below_its_start_on_validation_falls_back_and_records_its_out_of_fold_gain() -> (
+    None
+):
+    from promptenv.policy import keep_checkpoint
+    from promptenv.policy_callbacks import TrainingLog
+
+    log = TrainingLog()
+    log.record(ValidationPoint(64.0, 10.0, -0.02), None)
+    log.held_out = _held_out(np.array([0.1, 0.3, 0.2]), ["a", "b", "b"])
+    said: list[str] = []
+    kept = keep_checkpoint(None, log, TINY, None, None, said.append)  # type: ignore[arg-type]
+    assert kept.falls_back and kept.pooled is None
+    assert kept.out_of_fold == (pytest.approx(0.2), 3, 2)
+    assert "no checkpoint beat" in said[-1] and "out of fold +0.2000" in said[-1]

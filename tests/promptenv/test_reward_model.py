@@ -197,9 +197,14 @@ def test_out_of_fold_policies_never_learn_from_the_patients_they_are_scored_on(
     if got is None:
         assert room == 0 and "skipped" in said[-1]
     else:
-        gains, patients = got
-        assert len(gains) == len(cases) and np.isfinite(gains).all()
-        assert sorted(patients) == sorted(patient_of(c) for c in cases)
+        assert len(got.gains) == len(cases) and np.isfinite(got.gains).all()
+        assert sorted(got.encounters) == sorted(c.encounter_id for c in cases)
+        by_id = {c.encounter_id: c for c in cases}
+        assert list(got.patients) == [patient_of(by_id[e]) for e in got.encounters]
+        # the folds come one after another, and a kept start config gains exactly nothing
+        folds = [fold_of[e] for e in got.encounters]
+        assert folds == sorted(folds)
+        assert all(g == 0.0 for g, edited in zip(got.gains, got.edited, strict=True) if not edited)
 
 
 @pytest.mark.parametrize("budget", [45, 90])
