@@ -31,7 +31,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy
+	$(BIN)/mypy && $(BIN)/mypy benchmarks/*.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ingest.py

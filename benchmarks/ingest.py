@@ -75,9 +75,11 @@ def replicate(fhir_dir: Path, target: Path, n: int) -> Path:
         copy = i // len(files)
         raw = src.read_bytes()
         if copy:
-            raw = UUID.sub(
-                lambda m, c=copy: b"%x" % ((int(m.group(1), 16) + c) % 16) + m.group(2), raw
-            )
+
+            def shifted(m: re.Match[bytes], c: int = copy) -> bytes:
+                return b"%x" % ((int(m.group(1), 16) + c) % 16) + m.group(2)
+
+            raw = UUID.sub(shifted, raw)
         (target / f"{copy}-{src.name}").write_bytes(raw)
     return target
 

@@ -38,8 +38,7 @@ from promptenv.reward_model import (
     learn_with_reward_model,
     out_of_fold_gains,
 )
-from promptenv.signals import WorkspaceSignals
-from promptenv.steps import load_tables
+from promptenv.steps import WorkspaceSignals, load_tables
 
 DEFAULT_VARIANTS = "gain;reward;gain,pessimism=1;gain,smooth"
 

@@ -103,13 +103,13 @@ def main() -> None:
             f"[{name}] {training_summary(trained.policy)}; wall {time.perf_counter() - started:.0f} s"
         )
 
-    settings = EvalSettings(n_obstetric=args.n_obstetric, n_adult=args.n_adult)
+    eval_settings = EvalSettings(n_obstetric=args.n_obstetric, n_adult=args.n_adult)
     result = evaluate_methods(
         client,
         tables,
         WorkspaceSignals(ws),
         [*FIXED, "oracle"],
-        settings,
+        eval_settings,
         progress=print,
         edit_methods={n: PolicyEdits(p) for n, p in policies.items()},
         calibration=calibration,

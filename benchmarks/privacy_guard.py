@@ -18,8 +18,8 @@ for a remote backend: with the workspace's deny-list.
 
 from __future__ import annotations
 
+import argparse
 import re
-import sys
 from collections import Counter
 
 import pandas as pd
@@ -72,9 +72,13 @@ def planted(pid: str, name_parts: list[str], n: int) -> tuple[str, list[str]]:
     return text, must_go
 
 
-def main(prompts_path: str, workspace: str) -> None:
-    ws = Workspace.at(workspace)
-    prompts = pd.read_parquet(prompts_path)
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("prompts", help="a prompt table (system and question columns)")
+    parser.add_argument("workspace", help="the workspace whose patients are planted")
+    args = parser.parse_args()
+    ws = Workspace.at(args.workspace)
+    prompts = pd.read_parquet(args.prompts)
     detector = IdentifierDetector(None, [workspace_deny_list(ws)])
     kinds: Counter[str] = Counter()
     changed = 0
@@ -115,4 +119,4 @@ def main(prompts_path: str, workspace: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main()
