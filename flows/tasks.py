@@ -262,8 +262,8 @@ class PolicyOutcome:
             else ""
         )
         kept = (
-            f"it beat no fixed prompt on validation beyond noise, so `pmlm` is the {self.start} "
-            "prompt, unedited"
+            f"it did not beat the {self.start} prompt (the best fixed one on validation) "
+            "beyond noise, so `pmlm` is that prompt, unedited"
             if training.falls_back_to_start
             else f"its edits start from the {self.start} prompt"
         )

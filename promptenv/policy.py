@@ -256,14 +256,15 @@ def training_summary(policy: Policy) -> str:
         both = (
             ""
             if training.pooled_low is None or training.pooled_high is None
-            else f", with validation [{training.pooled_low:+.4f}, {training.pooled_high:+.4f}]"
+            else f", pooled with validation [{training.pooled_low:+.4f}, {training.pooled_high:+.4f}]"
         )
         interval += (
             f"; out of fold {training.out_of_fold_gain:+.4f} on "
             f"{training.out_of_fold_encounters} training encounters{both}"
         )
+    where = "validation" if training.out_of_fold_gain is None else "validation and out of fold"
     kept = (
-        f"no checkpoint beat the start prompt ({start}) on validation beyond noise, so it "
+        f"no checkpoint beat the start prompt ({start}) on {where} beyond noise, so it "
         "keeps that prompt"
         if policy.falls_back_to_start
         else f"kept the weights of step {training.kept_timesteps:.0f}"

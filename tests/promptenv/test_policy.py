@@ -276,7 +276,22 @@ def test_a_policy_that_beat_no_checkpoint_keeps_its_start_prompt(
     assert reloaded.falls_back_to_start and reloaded.version == fallback.version
     assert reloaded.edit_many(cases) == [(fallback.start, [])] * len(cases)
     assert fallback.version != result.policy.version  # same weights, other behaviour
-    assert "so it keeps that prompt" in training_summary(fallback)
+    assert "on validation beyond noise, so it keeps that prompt" in training_summary(fallback)
+    pooled = dataclasses.replace(
+        info.training,
+        out_of_fold_gain=-0.01,
+        out_of_fold_encounters=40,
+        pooled_low=-0.03,
+        pooled_high=0.01,
+    )
+    said = training_summary(
+        dataclasses.replace(fallback, info=dataclasses.replace(info, training=pooled))
+    )
+    assert "on validation and out of fold beyond noise" in said
+    assert (
+        "out of fold -0.0100 on 40 training encounters, pooled with validation [-0.0300, +0.0100]"
+        in said
+    )
     assert not result.policy.falls_back_to_start  # trained with keep_best=False
     assert "kept the weights of step" in training_summary(result.policy)
 
