@@ -252,7 +252,9 @@ def training_summary(policy: Policy) -> str:
     training, start = policy.info.training, policy.info.start.method
     low, high = training.kept_validation_low, training.kept_validation_high
     interval = "" if low is None or high is None else f" [{low:+.4f}, {high:+.4f}]"
+    where = "validation"
     if training.out_of_fold_gain is not None:
+        where = "validation and out of fold"
         both = (
             ""
             if training.pooled_low is None or training.pooled_high is None
@@ -262,7 +264,6 @@ def training_summary(policy: Policy) -> str:
             f"; out of fold {training.out_of_fold_gain:+.4f} on "
             f"{training.out_of_fold_encounters} training encounters{both}"
         )
-    where = "validation" if training.out_of_fold_gain is None else "validation and out of fold"
     kept = (
         f"no checkpoint beat the start prompt ({start}) on {where} beyond noise, so it "
         "keeps that prompt"
