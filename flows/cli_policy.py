@@ -23,6 +23,21 @@ policy_app = typer.Typer(
 console = Console()
 
 
+def _labels(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _edit_labels(value: str) -> str:
+    from promptenv.editing import edit_ids
+
+    try:
+        edit_ids(_labels(value))
+    except ValueError as exc:
+        unknown = str(exc).split(";")[0]  # the full list is `pmlm policy edits`
+        raise typer.BadParameter(f"{unknown}; `pmlm policy edits` lists the edits") from None
+    return value
+
+
 @policy_app.command("train")
 def train_cmd(
     workspace: WorkspaceOpt = None,
@@ -72,6 +87,14 @@ def train_cmd(
             "reward the model predicts (0: its mean).",
         ),
     ] = 0.0,
+    edits: Annotated[
+        str,
+        typer.Option(
+            callback=_edit_labels,
+            help="Only these edits, comma-separated labels ('add self,more peer'; "
+            "`pmlm policy edits` lists them); empty: every edit.",
+        ),
+    ] = "",
     llm_parallel: LLMParallelOpt = None,
 ) -> None:
     """Train the editing policy on training patients (answers through the cached LLM client)."""
@@ -93,6 +116,7 @@ def train_cmd(
         model_target=model_target.value,
         model_pessimism=model_pessimism,
         folds=folds,
+        edits=_labels(edits),
     )
     with bar("policy training: PPO steps") as tick:
         shown = tick if OUTPUT.show_bars() else None  # off a terminal: progress lines instead
@@ -122,6 +146,16 @@ def apply_cmd(
         f"{len(refined)} refined prompts (policy {policy.version}, mean {edits.mean():.1f} edits, "
         f"mean {refined['tokens'].mean():.0f} tokens) → {ws.table_path('prompts')}"
     )
+
+
+@policy_app.command("edits")
+def edits_cmd() -> None:
+    """The edits a policy can make, by label (what --edits takes)."""
+    from promptenv.editing import EDITS, STOP
+
+    for i, e in enumerate(EDITS):
+        if i != STOP:
+            console.print(e.label, markup=False)
 
 
 @policy_app.command("show")

@@ -12,7 +12,9 @@ switch style    concise ⇄ explanation (needs the style or self fragment)
 ==============  ==================================================================
 
 Invalid edits are masked (`edit_mask`), never punished; so is the edit that
-would undo the previous one (remove F right after add F, ...). An `EditCase` holds one
+would undo the previous one (remove F right after add F, ...). An edit space may be
+restricted to some edits by their labels (`allowed_mask`: ``("add self",)`` lets a
+policy only choose between stop and adding the self list). An `EditCase` holds one
 index encounter's context, signals and (for scoring only) the physician's next
 plan; `case_features` turns the context and signals into the fixed-size
 patient part of the observation, with no LLM call.
@@ -164,13 +166,40 @@ def config_features(config: PromptConfig, edits_used: int, max_edits: int) -> ND
     )
 
 
+def edit_ids(labels: Sequence[str]) -> tuple[int, ...]:
+    """The action ids of edit labels (``"add self"``); ValueError naming an unknown label."""
+    by_label = {e.label: i for i, e in enumerate(EDITS)}
+    unknown = [label for label in labels if label not in by_label]
+    if unknown:
+        raise ValueError(f"unknown edit {unknown[0]!r}; the edits are: {', '.join(by_label)}")
+    return tuple(by_label[label] for label in labels)
+
+
+def allowed_mask(labels: Sequence[str]) -> NDArray[np.bool_] | None:
+    """The edits a restricted edit space allows (stop and ``labels``); None when ``labels`` is
+    empty: every edit."""
+    if not labels:
+        return None
+    mask = np.zeros(N_EDITS, dtype=bool)
+    mask[STOP] = True
+    mask[list(edit_ids(labels))] = True
+    return mask
+
+
 def step_mask(
-    config: PromptConfig, last: int | None, edits_used: int, max_edits: int
+    config: PromptConfig,
+    last: int | None,
+    edits_used: int,
+    max_edits: int,
+    allowed: NDArray[np.bool_] | None = None,
 ) -> NDArray[np.bool_]:
-    """The edits allowed at one step of an episode: `edit_mask`, and only stop at the limit.
+    """The edits allowed at one step of an episode: `edit_mask`, within ``allowed``
+    (`allowed_mask`; None: every edit), and only stop at the limit.
 
     The environment's ``action_masks`` and a trained policy's edits both use it."""
     mask = edit_mask(config, last)
+    if allowed is not None:
+        mask &= allowed
     if edits_used >= max_edits:
         mask[:] = False
         mask[STOP] = True
@@ -358,10 +387,12 @@ __all__ = [
     "STOP",
     "Edit",
     "EditCase",
+    "allowed_mask",
     "apply_edit",
     "build_cases",
     "case_features",
     "config_features",
+    "edit_ids",
     "edit_mask",
     "inverse",
     "observation",

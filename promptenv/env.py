@@ -5,7 +5,8 @@ starts from the initial PMLM config; each step applies one edit
 (`promptenv.editing.EDITS`; invalid ones are masked by `action_masks`; an
 agent that ignores the mask and sends one anyway gets no change, and the step
 counts toward the limit, so every episode ends). The
-episode ends when the policy stops or after ``max_edits`` edits. Then, and only
+episode ends when the policy stops or after ``max_edits`` edits. ``edits``
+restricts the edits to some labels (`promptenv.editing.allowed_mask`). Then, and only
 then, the LLM answers the edited prompt and the answer is scored against the
 physician's next plan (`AnswerReward`).
 
@@ -44,6 +45,7 @@ from promptenv.editing import (
     N_PATIENT_FEATURES,
     STOP,
     EditCase,
+    allowed_mask,
     apply_edit,
     observation,
     step_mask,
@@ -156,6 +158,7 @@ class PromptEditEnv(gym.Env[NDArray[np.float32], np.int64]):
         reward: RewardFn,
         *,
         max_edits: int = 6,
+        edits: Sequence[str] = (),
         initial: PromptConfig = INITIAL_CONFIG,
         relative: bool = True,
         sequential: bool = False,
@@ -174,6 +177,9 @@ class PromptEditEnv(gym.Env[NDArray[np.float32], np.int64]):
         self.cases = list(cases)
         self.reward_fn = reward
         self.max_edits = max_edits
+        #: the edits episodes may make, by label (empty: every edit; `allowed_mask`)
+        self.allowed = tuple(edits)
+        self._allowed = allowed_mask(self.allowed)
         self.initial = initial
         self.relative = relative
         self.sequential = sequential
@@ -213,7 +219,7 @@ class PromptEditEnv(gym.Env[NDArray[np.float32], np.int64]):
 
     def action_masks(self) -> NDArray[np.bool_]:
         """Valid edits now (sb3-contrib's MaskablePPO reads this)."""
-        return step_mask(self.config, self.last, self.edits, self.max_edits)
+        return step_mask(self.config, self.last, self.edits, self.max_edits, self._allowed)
 
     def step(
         self, action: np.int64 | int

@@ -52,6 +52,7 @@ from promptenv.editing import (
     EDITS,
     STOP,
     EditCase,
+    allowed_mask,
     apply_edit,
     build_cases,
     observation,
@@ -141,6 +142,11 @@ class Policy:
         return self.info.settings.max_edits
 
     @property
+    def allowed_edits(self) -> tuple[str, ...]:
+        """The edits it may make, by label (empty: every edit)."""
+        return self.info.settings.edits
+
+    @property
     def start(self) -> PromptConfig:
         """The config its edits start from (the best fixed config on validation)."""
         return self.info.start.config
@@ -158,8 +164,9 @@ class Policy:
         if self.falls_back_to_start:
             return config, trace
         last: int | None = None
+        allowed = allowed_mask(self.allowed_edits)
         for edits in range(self.max_edits + 1):
-            mask = step_mask(config, last, edits, self.max_edits)
+            mask = step_mask(config, last, edits, self.max_edits, allowed)
             obs = observation(case.features, config, edits, self.max_edits)
             action, _ = self.model.predict(obs, action_masks=mask, deterministic=deterministic)
             a = int(action)
@@ -190,12 +197,18 @@ class Policy:
         return out
 
 
-def policy_in_training(model: Any, start: PromptConfig, max_edits: int) -> Policy:
-    """The network being trained (``model``) as a `Policy` that edits ``start``: it edits as
-    the saved policy will (nothing of training's record is needed for that)."""
+def policy_in_training(
+    model: Any, start: PromptConfig, max_edits: int, edits: Sequence[str] = ()
+) -> Policy:
+    """The network being trained (``model``) as a `Policy` that edits ``start`` (within
+    ``edits``, by label; empty: every edit): it edits as the saved policy will (nothing of
+    training's record is needed for that)."""
     return Policy(
         model,
-        PolicyInfo(settings=PolicySettings(max_edits=max_edits), start=StartConfig(config=start)),
+        PolicyInfo(
+            settings=PolicySettings(max_edits=max_edits, edits=tuple(edits)),
+            start=StartConfig(config=start),
+        ),
     )
 
 
@@ -211,7 +224,7 @@ def validation_gains(
     Each encounter's edited config and start config are answered in one batch, in that order
     (``progress`` follows its LLM calls); the start configs' answers are usually in the
     reward's memory already (`choose_start` answered them)."""
-    policy = policy_in_training(model, env.initial, env.max_edits)
+    policy = policy_in_training(model, env.initial, env.max_edits, env.allowed)
     pairs = [
         pair
         for case, (config, _) in zip(env.cases, policy.edit_many(env.cases), strict=True)
@@ -525,12 +538,17 @@ def make_training(
     """The PPO model on the training encounters (LLM rewards) and the validation environment,
     both starting from ``start``."""
     env = PromptEditEnv(
-        episodes.train, episodes.reward, max_edits=settings.max_edits, initial=start.config
+        episodes.train,
+        episodes.reward,
+        max_edits=settings.max_edits,
+        edits=settings.edits,
+        initial=start.config,
     )
     eval_env = PromptEditEnv(
         episodes.validation,
         episodes.reward,
         max_edits=settings.max_edits,
+        edits=settings.edits,
         initial=start.config,
         sequential=True,
     )

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.workspace import Workspace
-from promptenv.editing import EDIT_SPACE_VERSION, EDITS, K_LADDER
+from promptenv.editing import EDIT_SPACE_VERSION, EDITS, K_LADDER, edit_ids
 from promptenv.encounters import CALIBRATION_ENCOUNTERS, EVAL_PARAMS
 from promptenv.llm import GenerationParams
 from promptenv.prompts import INITIAL_CONFIG, PromptConfig
@@ -85,6 +85,8 @@ class PolicySettings:
     n_validation: int = 16
     max_per_patient: int = 2
     max_edits: int = 6
+    #: the edits the policy may make, by label (``("add self",)``); empty: every edit
+    edits: tuple[str, ...] = ()
     timesteps: int = 2048
     n_steps: int = 128
     batch_size: int = 64
@@ -120,6 +122,8 @@ class PolicySettings:
     params: GenerationParams = field(default_factory=lambda: EVAL_PARAMS)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "edits", tuple(self.edits))  # a JSON list reads back as one
+        edit_ids(self.edits)  # an unknown label is a one-line error here, before anything loads
         if self.model_target not in MODEL_TARGETS:
             raise ValueError(
                 f"model_target {self.model_target!r} is not one of {', '.join(MODEL_TARGETS)}"

@@ -28,8 +28,11 @@ The proxy (`coverage_proxy`)
     observation never does.
 
 The loop (`learn_with_reward_model`), with ``B`` = ``settings.max_llm_calls``
-    1. seed: the LLM answers each training encounter's fixed prompts
-       (`promptenv.prompts.CONFIG_METHODS`; the initial ones are answered already);
+    1. seed: the LLM answers each training encounter's start config, then its other
+       fixed prompts (`promptenv.prompts.CONFIG_METHODS`; the initial ones are answered
+       already); in a restricted edit space (``settings.edits``) the start's one-edit
+       neighbours in it instead of the fixed prompts (what the first policy can reach,
+       which no fixed prompt shows the model);
     2. each of ``settings.model_rounds`` rounds:
        a. fit the model on every scored training answer;
        b. PPO for ``settings.model_timesteps`` steps against the model (a
@@ -65,8 +68,12 @@ from numpy.typing import NDArray
 from stable_baselines3.common.callbacks import BaseCallback
 
 from promptenv.editing import (
+    STOP,
     EditCase,
+    allowed_mask,
+    apply_edit,
     config_features,
+    step_mask,
 )
 from promptenv.env import AnswerReward, PromptEditEnv
 from promptenv.llm.client import progress_lines
@@ -289,18 +296,30 @@ class ScoredAnswers:
         return RewardModel(seed=seed).fit(np.stack([self.rows[i] for i in keep]), np.asarray(y))
 
 
+def one_edit_neighbours(config: PromptConfig, edits: Sequence[str]) -> list[PromptConfig]:
+    """The configs one edit of a restricted edit space (``edits``, by label) makes of
+    ``config``; none when the space is not restricted (every edit: too many to seed)."""
+    allowed = allowed_mask(edits)
+    if allowed is None:
+        return []
+    mask = step_mask(config, None, 0, 1, allowed)
+    return [apply_edit(config, int(a)) for a in np.flatnonzero(mask) if a != STOP]
+
+
 def policy_configs(
     model: Any,
     cases: Sequence[EditCase],
     start: PromptConfig,
     max_edits: int,
+    edits: Sequence[str] = (),
     deterministic: bool = True,
 ) -> list[PromptConfig]:
-    """The config the policy ends at for each case (sampled when not ``deterministic``):
-    `promptenv.policy.Policy.edit` on the model being trained."""
+    """The config the policy ends at for each case (sampled when not ``deterministic``),
+    within ``edits`` (by label; empty: every edit): `promptenv.policy.Policy.edit` on the
+    model being trained."""
     from promptenv.policy import policy_in_training
 
-    policy = policy_in_training(model, start, max_edits)
+    policy = policy_in_training(model, start, max_edits, edits)
     return [config for config, _ in policy.edit_many(cases, deterministic)]
 
 
@@ -414,12 +433,13 @@ def out_of_fold_gains(
         fitted = data.fit(settings.seed + f, settings.model_target, leave_out)
         known = {key: v for key, v in data.known.items() if key[0] not in leave_out}
         scored = ModelReward.of(known, fitted, proxy, settings, start.config)
-        env = PromptEditEnv(inside, scored, max_edits=max_edits, initial=start.config)
+        env = PromptEditEnv(
+            inside, scored, max_edits=max_edits, edits=settings.edits, initial=start.config
+        )
         fold_model = make_model(env, replace(settings, seed=settings.seed + f))
         fold_model.learn(total_timesteps=steps)
-        chosen += zip(
-            outside, policy_configs(fold_model, outside, start.config, max_edits), strict=True
-        )
+        configs = policy_configs(fold_model, outside, start.config, max_edits, settings.edits)
+        chosen += zip(outside, configs, strict=True)
     new = sum(not reward.is_answered(c, cfg) for c, cfg in chosen)
     if new > room:
         say(
@@ -459,7 +479,8 @@ def learn_with_reward_model(
     validation weights and the out-of-fold gains (`out_of_fold_gains`, with
     ``settings.folds`` > 1) are in the returned log; the scored answers are in ``data`` when
     one is given (empty)."""
-    log, budget, max_edits = TrainingLog(), settings.max_llm_calls, settings.max_edits
+    log, budget = TrainingLog(), settings.max_llm_calls
+    max_edits, edits = settings.max_edits, settings.edits
     proxy = CoverageProxy(reward.scorer)
     if data is None:
         data = ScoredAnswers()
@@ -477,8 +498,12 @@ def learn_with_reward_model(
         return max(0, min(share, left() - keep))
 
     # the start config first: the "gain" target needs its answer on each encounter
-    methods = sorted(CONFIG_METHODS, key=lambda m: fixed_config(m) != start.config)
-    seed = [(c, fixed_config(m)) for m in methods for c in train_cases]
+    # in a restricted edit space, only what the policy can reach in one edit: the fixed
+    # prompts outside it would spend the budget on configs it may never reach
+    configs = [start.config, *one_edit_neighbours(start.config, edits)]
+    if not edits:
+        configs += [fixed_config(m) for m in CONFIG_METHODS if fixed_config(m) != start.config]
+    seed = [(c, config) for config in configs for c in train_cases]
     # validating the first policy is kept back, not the out-of-fold check: the seed comes first
     data.add(
         reward,
@@ -487,12 +512,16 @@ def learn_with_reward_model(
         max_edits,
         room(left(), len(eval_env.cases)),
         say,
-        "fixed prompts on training",
+        "start and its one-edit neighbours on training" if edits else "fixed prompts on training",
     )
     for r in range(rounds):
         fitted = data.fit(settings.seed + r, settings.model_target)
         scored = ModelReward.of(data.known, fitted, proxy, settings, start.config)
-        model.set_env(PromptEditEnv(train_cases, scored, max_edits=max_edits, initial=start.config))
+        model.set_env(
+            PromptEditEnv(
+                train_cases, scored, max_edits=max_edits, edits=edits, initial=start.config
+            )
+        )
         # set_env's new vector env is unseeded: its episodes would start from fresh entropy,
         # and two trainings with the same settings would differ
         model.get_env().seed(settings.seed + r)
@@ -514,7 +543,7 @@ def learn_with_reward_model(
         heading = list(
             zip(
                 train_cases,
-                policy_configs(model, train_cases, start.config, max_edits),
+                policy_configs(model, train_cases, start.config, max_edits, edits),
                 strict=True,
             )
         )
@@ -523,7 +552,9 @@ def learn_with_reward_model(
             for _ in range(4)
             for pair in zip(
                 train_cases,
-                policy_configs(model, train_cases, start.config, max_edits, deterministic=False),
+                policy_configs(
+                    model, train_cases, start.config, max_edits, edits, deterministic=False
+                ),
                 strict=True,
             )
         ]

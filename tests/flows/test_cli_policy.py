@@ -63,6 +63,7 @@ def test_policy_train_with_the_reward_model_and_batched_answers(
     with echo_llm() as (_, backend):
         args = ["--reward-model", "--model-rounds", "2", "--timesteps", "64", "--n-train", "4"]
         args += ["--n-validation", "2", "--max-llm-calls", "30", "--llm-parallel", "3"]
+        args += ["--edits", "add self, fewer self"]
         trained = runner.invoke(
             app, ["policy", "train", "-w", str(ws), "--backend", backend, *args]
         )
@@ -72,6 +73,20 @@ def test_policy_train_with_the_reward_model_and_batched_answers(
     assert info["settings"]["reward_model"] and info["settings"]["model_rounds"] == 2
     assert info["training"]["llm_calls"] <= 30
     assert 1 <= len(info["training"]["validation_curve"]) <= 2
+    assert info["settings"]["edits"] == ["add self", "fewer self"]
 
     bad = runner.invoke(app, ["policy", "train", "-w", str(ws), "--llm-parallel", "0"])
     assert bad.exit_code == 2 and "--llm-parallel" in bad.output
+
+
+def test_policy_edits_lists_what_edits_takes_and_an_unknown_one_is_a_one_line_error(
+    tmp_path: Path,
+) -> None:
+    listed = runner.invoke(app, ["policy", "edits"])
+    assert listed.exit_code == 0
+    labels = listed.output.splitlines()
+    assert "add self" in labels and "fewer peer" in labels and "stop" not in labels
+    bad = runner.invoke(app, ["policy", "train", "-w", str(tmp_path), "--edits", "add selff"])
+    assert bad.exit_code == 2
+    assert "'add selff'" in bad.output and "pmlm policy edits" in bad.output
+    assert "Traceback" not in bad.output and not (tmp_path / "models").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -18,6 +19,7 @@ from promptenv.editing import (
     N_EDITS,
     STOP,
     EditCase,
+    allowed_mask,
     apply_edit,
     build_cases,
     edit_mask,
@@ -196,3 +198,48 @@ def test_every_fixed_config_reaches_every_other_within_the_edit_limit() -> None:
                     depth[nxt] = depth[cfg] + 1
                     queue.append(nxt)
         assert all(target in depth for target in configs.values())
+
+
+def test_a_restricted_edit_space_allows_only_its_edits_and_stop(cases: list[EditCase]) -> None:
+    """``edits`` (by label) restricts the environment's masks, a masked step changes nothing,
+    and MaskablePPO's policy, in training and as a saved policy would edit, stays within it."""
+    from sb3_contrib import MaskablePPO
+
+    from promptenv.policy import policy_in_training
+    from promptenv.prompts import fixed_config
+
+    allowed = ("add self", "fewer self")
+    inside = {action(label) for label in allowed} | {STOP}
+    peer = fixed_config("peer")
+    env = PromptEditEnv(cases, words_reward, max_edits=3, edits=allowed, initial=peer)
+    env.reset(seed=0)
+    assert set(np.flatnonzero(env.action_masks())) == {STOP, action("add self")}
+    assert edit_mask(peer)[action("add style")]  # valid, but outside the space: masked
+    env.step(action("add style"))
+    assert env.config == peer and env.edits == 1
+    env.step(action("add self"))
+    assert set(np.flatnonzero(env.action_masks())) == {STOP, action("fewer self")}
+
+    model = MaskablePPO("MlpPolicy", env, n_steps=32, batch_size=16, seed=0, device="cpu")
+    model.learn(64)
+    for deterministic in (True, False):
+        policy = policy_in_training(model, peer, 3, allowed)
+        for config, trace in policy.edit_many(cases, deterministic):
+            assert set(trace) <= set(allowed)
+            assert config.fragments in (peer.fragments, ("self", "peer"))
+    unrestricted = allowed_mask(())
+    assert unrestricted is None
+    mask = allowed_mask(allowed)
+    assert mask is not None and set(np.flatnonzero(mask)) == inside
+    with pytest.raises(ValueError, match="unknown edit 'add selff'"):
+        PromptEditEnv(cases, words_reward, edits=("add selff",))
+
+    # a saved policy's settings carry the space, and read back as they were
+    from promptenv.policy import PolicySettings
+
+    saved = json.loads(json.dumps(PolicySettings(edits=allowed).to_json(), default=str))
+    assert saved["edits"] == list(allowed)
+    assert PolicySettings.from_json(saved).edits == allowed
+    assert PolicySettings.from_json({k: v for k, v in saved.items() if k != "edits"}).edits == ()
+    with pytest.raises(ValueError, match="unknown edit 'add selff'"):
+        PolicySettings(edits=("add selff",))

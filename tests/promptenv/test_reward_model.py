@@ -289,3 +289,51 @@ def test_the_reward_model_loop_is_reproducible(
     weights = [p.model.policy.state_dict() for p in runs]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_a_restricted_edit_space_seeds_the_start_s_neighbours_and_trains_within_it(
+    default_tables: dict[str, pd.DataFrame], tmp_path: Path
+) -> None:
+    """With ``edits``, the seed is what one allowed edit makes of the start (not the fixed
+    prompts outside the space), and the trained policy edits only within the space."""
+    from promptenv.prompts import fixed_config
+    from promptenv.reward_model import one_edit_neighbours
+
+    peer = fixed_config("peer")
+    assert one_edit_neighbours(peer, ()) == []  # every edit: too many to seed
+    assert one_edit_neighbours(peer, ("add self", "fewer self")) == [
+        apply_edit(peer, next(i for i, e in enumerate(EDITS) if e.label == "add self"))
+    ]  # fewer self needs the self list in
+    settings = PolicySettings(
+        n_train=8,
+        n_validation=4,
+        n_steps=64,
+        batch_size=32,
+        n_epochs=2,
+        n_calibration=4,
+        max_llm_calls=200,
+        reward_model=True,
+        model_rounds=2,
+        model_timesteps=128,
+        keep_best=False,  # no fall-back: the edits are the network's
+        edits=("add self", "fewer self"),
+    )
+    client = LLMClient(EchoBackend(), workspace=tmp_path / "ws")
+    _, calibration = calibrated_scorer(client, default_tables, 4)
+    result = train_policy(
+        client,
+        default_tables,
+        history_signals(default_tables),  # type: ignore[arg-type]
+        tmp_path / "policy",
+        settings,
+        calibration=calibration,
+    )
+    loaded = load_policy(tmp_path / "policy")
+    assert loaded.allowed_edits == settings.edits
+    idx = default_tables["index_encounters"]
+    rows = pick_training_encounters(idx, "train", 30, 0.5, 2, 1)
+    cases = build_cases(default_tables, rows, history_signals(default_tables))  # type: ignore[arg-type]
+    for policy in (result.policy, loaded):
+        for deterministic in (True, False):
+            for _, trace in policy.edit_many(cases, deterministic):
+                assert set(trace) <= set(settings.edits)
