@@ -416,9 +416,11 @@ def write_evaluation(ws: Workspace, result: Evaluation, client: LLMClient) -> Ev
         "on plan-item recall.\n\n"
     )
     path = ws.reports_dir / "evaluation.md"
-    section = paired_section(result.results, EvalSettings())
+    settings = EvalSettings()
+    section = paired_section(result.results, settings)
     paired = "\n\n" + section if section else ""
-    sentence = verdict(result.results)
+    # the same resamples as the paired table: its figures are the sentence's, sign flipped
+    sentence = verdict(result.results, reps=settings.bootstrap, seed=settings.seed)
     closing = f"\n\n**{sentence}**" if sentence else ""
     atomic_write_bytes(
         path, (header + markdown_table(result.table) + paired + closing + "\n").encode()

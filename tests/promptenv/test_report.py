@@ -176,6 +176,19 @@ def test_pmlm_evaluate_writes_the_report_with_the_workspaces_recommender_table(
     assert "LLM cache: 4 hits, 9 misses." in report and "| blend |" in report
     assert (ws.reports_dir / RECSYS_PLOT).exists()
     assert capsys.readouterr().out == ""  # a step writes files, never the console
+    # the closing sentence's pmlm − best is the paired table's best − pmlm, sign flipped
+    table = written.table.read_text()
+    said = re.search(r"best fixed prompt on them \((\w+), \d\.\d+\): (.+?\])", table)
+    assert said, table
+    best, sentence_ci = said.groups()
+    row = re.search(rf"\| obstetric \| recall \| {best} \| \d+ \| \d+ \| \**(.+?)\** \|", table)
+    assert row, table
+    difference, low, high = re.findall(r"[+-]\d\.\d+", row.group(1))
+    flip = str.maketrans("+-", "-+")
+    assert (
+        sentence_ci
+        == f"{difference.translate(flip)} [{high.translate(flip)}, {low.translate(flip)}]"
+    )
 
 
 def test_the_html_report_shows_the_workspaces_saved_policy(tmp_path: Path) -> None:

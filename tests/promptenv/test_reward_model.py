@@ -6,6 +6,7 @@ reproducible and move with the edits, and every call it receives is counted.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,20 @@ from promptenv.reward_model import (
 )
 
 pytestmark = pytest.mark.slow  # PPO rounds with the echo LLM: about half a minute
+
+#: A few PPO steps in 2 rounds against the reward model, on 8 training encounters.
+SMALL = PolicySettings(
+    n_train=8,
+    n_validation=4,
+    n_steps=64,
+    batch_size=32,
+    n_epochs=2,
+    n_calibration=4,
+    max_llm_calls=90,
+    reward_model=True,
+    model_rounds=2,
+    model_timesteps=128,
+)
 
 
 def _random_configs(rng: np.random.Generator, n: int) -> list[PromptConfig]:
@@ -259,18 +274,7 @@ def test_the_reward_model_loop_is_reproducible(
     same validation curve and the same weights."""
     import torch
 
-    settings = PolicySettings(
-        n_train=8,
-        n_validation=4,
-        n_steps=64,
-        batch_size=32,
-        n_epochs=2,
-        n_calibration=4,
-        max_llm_calls=90,
-        reward_model=True,
-        model_rounds=2,
-        model_timesteps=128,
-    )
+    settings = SMALL
     runs = []
     for name in ("first", "second"):
         client = LLMClient(EchoBackend(), workspace=tmp_path / name)
@@ -304,17 +308,9 @@ def test_a_restricted_edit_space_seeds_the_start_s_neighbours_and_trains_within_
     assert one_edit_neighbours(peer, ("add self", "fewer self")) == [
         apply_edit(peer, next(i for i, e in enumerate(EDITS) if e.label == "add self"))
     ]  # fewer self needs the self list in
-    settings = PolicySettings(
-        n_train=8,
-        n_validation=4,
-        n_steps=64,
-        batch_size=32,
-        n_epochs=2,
-        n_calibration=4,
+    settings = dataclasses.replace(
+        SMALL,
         max_llm_calls=200,
-        reward_model=True,
-        model_rounds=2,
-        model_timesteps=128,
         keep_best=False,  # no fall-back: the edits are the network's
         edits=("add self", "fewer self"),
     )
