@@ -232,17 +232,8 @@ def test_the_reward_model_loop_never_spends_more_than_its_llm_budget(
     client = LLMClient(backend, workspace=tmp_path / "ws")
     _, calibration = calibrated_scorer(client, default_tables, 4)
     before = backend.calls
-    settings = PolicySettings(
-        n_train=16,
-        n_validation=4,
-        n_steps=64,
-        batch_size=32,
-        n_epochs=4,
-        n_calibration=4,
-        max_llm_calls=budget,
-        reward_model=True,
-        model_rounds=4,
-        model_timesteps=128,
+    settings = dataclasses.replace(
+        SMALL, n_train=16, n_epochs=4, max_llm_calls=budget, model_rounds=4
     )
     result = train_policy(
         client,
