@@ -31,7 +31,7 @@ from pipelines.index import ContextStore
 from pipelines.ingest import load_tables
 from pipelines.workspace import Workspace
 from promptenv.calibration import workspace_calibration
-from promptenv.editing import EDITS, apply_edit, build_cases
+from promptenv.editing import UnknownEditError, apply_edit, build_cases, edit_ids
 from promptenv.encounters import references
 from promptenv.env import AnswerReward
 from promptenv.llm import LLMClient
@@ -45,11 +45,12 @@ DEFAULT_EDITS = "add self;add self,fewer self,fewer self;add style"
 
 def edited(config: PromptConfig, labels: str) -> PromptConfig:
     """``config`` after the comma-separated edits ``labels`` (``add self,fewer self``)."""
-    by_label = {e.label: i for i, e in enumerate(EDITS)}
-    for label in (part.strip() for part in labels.split(",")):
-        if label not in by_label:
-            raise SystemExit(f"unknown edit {label!r}; known: {', '.join(by_label)}")
-        config = apply_edit(config, by_label[label])
+    try:
+        actions = edit_ids([part.strip() for part in labels.split(",")])
+    except UnknownEditError as exc:
+        raise SystemExit(str(exc)) from None
+    for action in actions:
+        config = apply_edit(config, action)
     return config
 
 

@@ -28,13 +28,14 @@ def _labels(value: str) -> tuple[str, ...]:
 
 
 def _edit_labels(value: str) -> str:
-    from promptenv.editing import edit_ids
+    from promptenv.editing import UnknownEditError, edit_ids
 
     try:
         edit_ids(_labels(value))
-    except ValueError as exc:
-        unknown = str(exc).split(";")[0]  # the full list is `pmlm policy edits`
-        raise typer.BadParameter(f"{unknown}; `pmlm policy edits` lists the edits") from None
+    except UnknownEditError as exc:  # the full list is `pmlm policy edits`
+        raise typer.BadParameter(
+            f"unknown edit {exc.label!r}; `pmlm policy edits` lists the edits"
+        ) from None
     return value
 
 

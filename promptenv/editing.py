@@ -166,12 +166,21 @@ def config_features(config: PromptConfig, edits_used: int, max_edits: int) -> ND
     )
 
 
+class UnknownEditError(ValueError):
+    """An edit label that is not in `EDITS` (``label``)."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        known = ", ".join(e.label for e in EDITS)
+        super().__init__(f"unknown edit {label!r}; the edits are: {known}")
+
+
 def edit_ids(labels: Sequence[str]) -> tuple[int, ...]:
-    """The action ids of edit labels (``"add self"``); ValueError naming an unknown label."""
+    """The action ids of edit labels (``"add self"``); `UnknownEditError` for an unknown one."""
     by_label = {e.label: i for i, e in enumerate(EDITS)}
     unknown = [label for label in labels if label not in by_label]
     if unknown:
-        raise ValueError(f"unknown edit {unknown[0]!r}; the edits are: {', '.join(by_label)}")
+        raise UnknownEditError(unknown[0])
     return tuple(by_label[label] for label in labels)
 
 
@@ -387,6 +396,7 @@ __all__ = [
     "STOP",
     "Edit",
     "EditCase",
+    "UnknownEditError",
     "allowed_mask",
     "apply_edit",
     "build_cases",

@@ -73,7 +73,7 @@ from promptenv.editing import (
     allowed_mask,
     apply_edit,
     config_features,
-    step_mask,
+    edit_mask,
 )
 from promptenv.env import AnswerReward, PromptEditEnv
 from promptenv.llm.client import progress_lines
@@ -302,8 +302,9 @@ def one_edit_neighbours(config: PromptConfig, edits: Sequence[str]) -> list[Prom
     allowed = allowed_mask(edits)
     if allowed is None:
         return []
-    mask = step_mask(config, None, 0, 1, allowed)
-    return [apply_edit(config, int(a)) for a in np.flatnonzero(mask) if a != STOP]
+    return [
+        apply_edit(config, int(a)) for a in np.flatnonzero(edit_mask(config) & allowed) if a != STOP
+    ]
 
 
 def policy_configs(

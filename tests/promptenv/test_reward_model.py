@@ -16,7 +16,7 @@ from echo_llm import EchoBackend, history_signals
 from scipy.stats import spearmanr
 
 from promptenv.calibration import calibrated_scorer
-from promptenv.editing import EDITS, apply_edit, build_cases, edit_mask
+from promptenv.editing import EDITS, apply_edit, build_cases, edit_ids, edit_mask
 from promptenv.llm import LLMClient
 from promptenv.policy import PolicySettings, load_policy, pick_training_encounters, train_policy
 from promptenv.prompts import INITIAL_CONFIG, PromptConfig, assemble
@@ -297,7 +297,7 @@ def test_a_restricted_edit_space_seeds_the_start_s_neighbours_and_trains_within_
     peer = fixed_config("peer")
     assert one_edit_neighbours(peer, ()) == []  # every edit: too many to seed
     assert one_edit_neighbours(peer, ("add self", "fewer self")) == [
-        apply_edit(peer, next(i for i, e in enumerate(EDITS) if e.label == "add self"))
+        apply_edit(peer, edit_ids(("add self",))[0])
     ]  # fewer self needs the self list in
     settings = dataclasses.replace(
         SMALL,
