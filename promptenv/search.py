@@ -9,16 +9,20 @@ case: the final config, the edit trace, and the LLM calls it spent to choose.
   edits as the policy made for that case, from the policy's start config (or a
   fixed number from the initial config); no LLM call.
 - `PerPatientSearch` ("search_N"): black-box random search with N LLM calls per
-  patient: the initial config and N − 1 random edit sequences (1 to
+  patient: the start config and N − 1 random edit sequences of it (1 to
   ``max_edits`` edits, seeded per encounter) are each answered and scored
   against THIS patient's physician plan; the best is kept. It therefore sees
   the reference it is scored on: an optimistic, expensive comparison point (the
   cost a per-patient optimiser pays), not a deployable method. Search with 4
-  calls tries the first 4 of the 16 candidates of search with 16 calls.
+  calls tries the first 4 of the 16 candidates of search with 16 calls. The
+  start config is the policy's (the best fixed config on validation) when the
+  evaluation has a policy, as for `RandomEdits`, else the initial config: the
+  search and the policy then edit the same prompt, and the search is never worse
+  than that prompt on the plan it scores against.
 - The same search scored against the patient's **last plan known at the index
   time** ("search_last_N"): what a per-patient optimiser can do in deployment,
   where the next plan is not written yet. Same candidates, so the same answers
-  (the cache serves them); a patient with no earlier plan keeps the initial
+  (the cache serves them); a patient with no earlier plan keeps the start
   config and spends no call.
 """
 
@@ -99,6 +103,7 @@ class PerPatientSearch:
 
     ``target``: ``"next_plan"`` scores against the plan the case is evaluated on
     (optimistic); ``"last_plan"`` against the last plan known at the index time.
+    ``start``: the config tried first and edited by every other candidate.
     """
 
     n_calls: int
@@ -106,6 +111,7 @@ class PerPatientSearch:
     seed: int = 0
     concurrency: int = 1
     target: str = "next_plan"
+    start: PromptConfig = INITIAL_CONFIG
 
     def __post_init__(self) -> None:
         if self.target not in SEARCH_TARGETS:
@@ -129,13 +135,13 @@ class PerPatientSearch:
 
     def candidates(self, case: EditCase) -> list[tuple[PromptConfig, tuple[str, ...]]]:
         rng = np.random.default_rng(case_seed(case.encounter_id, self.seed + 1))
-        out: list[tuple[PromptConfig, tuple[str, ...]]] = [(INITIAL_CONFIG, ())]
-        seen = {INITIAL_CONFIG}
+        out: list[tuple[PromptConfig, tuple[str, ...]]] = [(self.start, ())]
+        seen = {self.start}
         attempts = 0
         while len(out) < self.n_calls and attempts < 50 * self.n_calls:
             attempts += 1
             n = int(rng.integers(1, self.max_edits + 1))
-            cfg, trace = random_edits(INITIAL_CONFIG, n, rng)
+            cfg, trace = random_edits(self.start, n, rng)
             if cfg not in seen:
                 seen.add(cfg)
                 out.append((cfg, tuple(trace)))
@@ -156,8 +162,8 @@ class PerPatientSearch:
         answered = iter(reward.answer_many(pairs, concurrency=self.concurrency))
         out = []
         for cands in plans:
-            if not cands:  # nothing to score against: the initial config, no call
-                out.append(EditChoice(INITIAL_CONFIG, (), 0, {"search_target": "none"}))
+            if not cands:  # nothing to score against: the start config, no call
+                out.append(EditChoice(self.start, (), 0, {"search_target": "none"}))
                 continue
             rewards = [next(answered).score.reward for _ in cands]
             best = int(np.argmax(rewards))
@@ -200,7 +206,8 @@ def edit_methods(
     """The edit methods ``names`` (see `is_edit_method`); ``pmlm`` needs a policy.
 
     ``random_edits`` makes as many edits per case as the policy does when there
-    is one, else 3; search draws up to ``max_edits`` edits per candidate.
+    is one, else 3; search draws up to ``max_edits`` edits per candidate. Both
+    edit the policy's start config when there is a policy, else the initial config.
     """
     out: dict[str, EditMethod] = {}
     for name in names:
@@ -217,7 +224,11 @@ def edit_methods(
         elif (spec := _search_spec(name)) is not None:
             target, n = spec
             out[name] = PerPatientSearch(
-                n, policy.max_edits if policy else max_edits, seed=seed, target=target
+                n,
+                policy.max_edits if policy else max_edits,
+                seed=seed,
+                target=target,
+                start=policy.start if policy else INITIAL_CONFIG,
             )
     return out
 

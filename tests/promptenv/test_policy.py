@@ -461,6 +461,40 @@ def test_per_patient_search_keeps_its_best_candidate_and_counts_its_calls(
         edit_methods(["pmlm"], None)
 
 
+def test_search_edits_the_start_config_it_is_given(
+    default_tables: dict[str, pd.DataFrame], tmp_path: Path
+) -> None:
+    from functools import reduce
+
+    from promptenv.editing import apply_edit, edit_ids
+    from promptenv.policy import policy_in_training
+    from promptenv.prompts import fixed_config
+
+    peer = fixed_config("peer")
+    cases = obstetric_test_cases(default_tables, 3)
+    reward = AnswerReward(
+        LLMClient(EchoBackend(), workspace=tmp_path), PlanScorer(threshold=0.5), SHORT.params
+    )
+    search = PerPatientSearch(8, start=peer)
+    for case in cases:
+        cands = search.candidates(case)
+        assert cands[0] == (peer, ()) and len({cfg for cfg, _ in cands}) == 8
+        # every other candidate is peer with its trace of edits applied
+        for cfg, trace in cands[1:]:
+            assert 1 <= len(trace) <= search.max_edits
+            assert reduce(apply_edit, edit_ids(trace), peer) == cfg
+    chosen = search(cases, reward)
+    for case, choice in zip(cases, chosen, strict=True):
+        assert choice.llm_calls == 8
+        assert reward(case, choice.config) >= reward(case, peer)
+    # the evaluation's search starts where the policy does
+    policy = policy_in_training(FirstEdit(), peer, 3)
+    made = edit_methods(["search_4", "search_last_4"], policy)
+    assert all(isinstance(m, PerPatientSearch) and m.start == peer for m in made.values())
+    alone = edit_methods(["search_4"], None)["search_4"]
+    assert isinstance(alone, PerPatientSearch) and alone.start == INITIAL_CONFIG
+
+
 def test_search_on_the_last_known_plan_never_sees_the_next_plan(
     default_tables: dict[str, pd.DataFrame], tmp_path: Path
 ) -> None:
@@ -513,13 +547,15 @@ def test_evaluation_compares_edit_methods_with_their_llm_calls(
     tmp_path: Path,
 ) -> None:
     result, _, _ = trained
+    start = result.policy.info.start.method
+    fixed = list(dict.fromkeys(["general", "pmlm_initial", start, "oracle"]))
     client = LLMClient(EchoBackend(), workspace=tmp_path)
     said: list[str] = []
     evaluation = evaluate_methods(
         client,
         default_tables,
         history_signals(default_tables),  # type: ignore[arg-type]
-        ["general", "pmlm_initial", "oracle"],
+        fixed,
         EvalSettings(n_obstetric=4, n_adult=3, n_calibration=4, bootstrap=50),
         progress=said.append,
         edit_methods=edit_methods(["pmlm", "random_edits", "search_4"], result.policy),
@@ -528,9 +564,7 @@ def test_evaluation_compares_edit_methods_with_their_llm_calls(
     assert any(line.startswith("search_4: answers to choose from: ") for line in said), said
     table = evaluation.table
     assert set(table["method"]) == {
-        "general",
-        "pmlm_initial",
-        "oracle",
+        *fixed,
         "random_edits",
         "pmlm",
         "search_4",
@@ -538,8 +572,9 @@ def test_evaluation_compares_edit_methods_with_their_llm_calls(
     calls = table.set_index(["subset", "method"])["llm_calls_per_patient"]
     assert calls[("obstetric", "search_4")] == 4 and calls[("obstetric", "pmlm")] == 0
     res = evaluation.results.pivot_table(index="encounter_id", columns="method", values="reward")
-    # search tries the initial config first, so it never does worse on the patient it searched for
-    assert (res["search_4"] >= res["pmlm_initial"] - 1e-9).all()
+    # search tries the policy's start config first, so it never does worse than that prompt on
+    # the patient it searched for
+    assert (res["search_4"] >= res[start] - 1e-9).all()
     prov = evaluation.results
     assert len(prov[prov["method"] == "pmlm"]) == len(res)
 
