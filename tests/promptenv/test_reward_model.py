@@ -18,7 +18,13 @@ from scipy.stats import spearmanr
 from promptenv.calibration import calibrated_scorer
 from promptenv.editing import EDITS, apply_edit, build_cases, edit_ids, edit_mask
 from promptenv.llm import LLMClient
-from promptenv.policy import PolicySettings, load_policy, pick_training_encounters, train_policy
+from promptenv.policy import (
+    PolicySettings,
+    TrainedPolicy,
+    load_policy,
+    pick_training_encounters,
+    train_policy,
+)
 from promptenv.prompts import INITIAL_CONFIG, PromptConfig, assemble
 from promptenv.reward import PlanScorer
 from promptenv.reward_model import (
@@ -46,6 +52,26 @@ SMALL = PolicySettings(
     model_rounds=2,
     model_timesteps=128,
 )
+
+
+def _train(
+    tables: dict[str, pd.DataFrame], workspace: Path, settings: PolicySettings
+) -> tuple[TrainedPolicy, int]:
+    """Calibrate on 4 validation encounters with the echo LLM, then train with ``settings``:
+    the result and the answers training (not the calibration) asked the backend for."""
+    backend = EchoBackend()
+    client = LLMClient(backend, workspace=workspace)
+    _, calibration = calibrated_scorer(client, tables, 4)
+    before = backend.calls
+    result = train_policy(
+        client,
+        tables,
+        history_signals(tables),  # type: ignore[arg-type]
+        workspace / "policy",
+        settings,
+        calibration=calibration,
+    )
+    return result, backend.calls - before
 
 
 def _random_configs(rng: np.random.Generator, n: int) -> list[PromptConfig]:
@@ -228,22 +254,10 @@ def test_the_reward_model_loop_never_spends_more_than_its_llm_budget(
 ) -> None:
     """Counted at the backend, after calibration: every answer training asked for, the
     initial prompts', the fixed prompts', the rounds' and the validations' included."""
-    backend = EchoBackend()
-    client = LLMClient(backend, workspace=tmp_path / "ws")
-    _, calibration = calibrated_scorer(client, default_tables, 4)
-    before = backend.calls
     settings = dataclasses.replace(
         SMALL, n_train=16, n_epochs=4, max_llm_calls=budget, model_rounds=4
     )
-    result = train_policy(
-        client,
-        default_tables,
-        history_signals(default_tables),  # type: ignore[arg-type]
-        tmp_path / "policy",
-        settings,
-        calibration=calibration,
-    )
-    spent = backend.calls - before
+    result, spent = _train(default_tables, tmp_path / "ws", settings)
     training = result.policy.info.training
     assert spent <= budget
     assert training.llm_calls == spent  # the log counts what reached the backend
@@ -255,7 +269,7 @@ def test_the_reward_model_loop_never_spends_more_than_its_llm_budget(
     else:
         assert spent > 45  # a larger budget is used, between the rounds
     # the saved policy loads and edits like the trained one
-    assert load_policy(tmp_path / "policy").info.settings.reward_model
+    assert load_policy(result.path).info.settings.reward_model
 
 
 def test_the_reward_model_loop_is_reproducible(
@@ -266,19 +280,7 @@ def test_the_reward_model_loop_is_reproducible(
     import torch
 
     settings = SMALL
-    runs = []
-    for name in ("first", "second"):
-        client = LLMClient(EchoBackend(), workspace=tmp_path / name)
-        _, calibration = calibrated_scorer(client, default_tables, 4)
-        result = train_policy(
-            client,
-            default_tables,
-            history_signals(default_tables),  # type: ignore[arg-type]
-            tmp_path / name / "policy",
-            settings,
-            calibration=calibration,
-        )
-        runs.append(result.policy)
+    runs = [_train(default_tables, tmp_path / name, settings)[0].policy for name in ("a", "b")]
     first, second = (p.info.training.validation_curve for p in runs)
     assert first == second
     weights = [p.model.policy.state_dict() for p in runs]
@@ -305,17 +307,8 @@ def test_a_restricted_edit_space_seeds_the_start_s_neighbours_and_trains_within_
         keep_best=False,  # no fall-back: the edits are the network's
         edits=("add self", "fewer self"),
     )
-    client = LLMClient(EchoBackend(), workspace=tmp_path / "ws")
-    _, calibration = calibrated_scorer(client, default_tables, 4)
-    result = train_policy(
-        client,
-        default_tables,
-        history_signals(default_tables),  # type: ignore[arg-type]
-        tmp_path / "policy",
-        settings,
-        calibration=calibration,
-    )
-    loaded = load_policy(tmp_path / "policy")
+    result, _ = _train(default_tables, tmp_path / "ws", settings)
+    loaded = load_policy(result.path)
     assert loaded.allowed_edits == settings.edits
     idx = default_tables["index_encounters"]
     rows = pick_training_encounters(idx, "train", 30, 0.5, 2, 1)
