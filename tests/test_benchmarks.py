@@ -37,3 +37,83 @@ def test_benchmark_imports_and_prints_help(path: Path, monkeypatch: pytest.Monke
         module.main()
     assert exited.value.code == 0
     assert "usage:" in out.getvalue()
+
+
+def _load(name: str, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    path = Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_edit_gains_power_counts_the_draws_whose_interval_is_above_zero(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import numpy as np
+
+    eg = _load("edit_gains", monkeypatch)
+    patients = np.array([f"p{i // 2}" for i in range(80)], dtype=object)
+    rng = np.random.default_rng(1)
+    clear = 0.5 + rng.normal(0, 0.01, 80)  # every patient gains: every interval is above 0
+    noise = rng.normal(0, 1, 80) - rng.normal(0, 1, 80).mean()
+    assert eg.power(clear, patients, 10, 20, 200) == pytest.approx((clear.mean(), 1.0))
+    mean, share = eg.power(noise, patients, 10, 40, 200)
+    assert 0.0 <= share < 0.3  # a zero-mean gain rarely clears it (5% expected)
+    assert mean == pytest.approx(noise.mean())
+
+
+def test_edit_gains_history_features_read_only_the_plans_before_the_index(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from types import SimpleNamespace
+
+    import numpy as np
+    import pandas as pd
+
+    from promptenv.editing import EditCase
+    from promptenv.prompts import fixed_config
+
+    eg = _load("edit_gains", monkeypatch)
+    plans = pd.DataFrame(
+        {
+            "encounter_id": ["e1", "e2"],
+            "time": pd.to_datetime(["2020-01-01", "2021-01-01"]),
+            "n_items": [2, 2],
+            "plan_text": ["a b", "b c"],
+        }
+    )
+    items = pd.DataFrame(
+        {
+            "encounter_id": ["e1", "e1", "e2", "e2"],
+            "display": ["a", "b", "b", "c"],
+            "position": [0, 1, 0, 1],
+        }
+    )
+
+    def case(n_plans: int) -> EditCase:
+        ctx = SimpleNamespace(reference_plans=plans.iloc[:n_plans], plan_items=items)
+        return EditCase(
+            f"x{n_plans}",
+            ctx,
+            None,
+            np.zeros(1, np.float32),  # type: ignore[arg-type]
+            reference_items=("next plan item",),
+        )
+
+    seen: list[tuple[str, ...]] = []
+
+    def proxy(scored: EditCase, config: object) -> float:
+        seen.append(scored.reference_items)
+        return 0.25 if config == fixed_config("peer") else 0.75
+
+    candidates = {"peer": fixed_config("peer"), "self": fixed_config("self")}
+    got = eg.history_features([case(0), case(1), case(2)], candidates, proxy)
+    # has a plan, plans / 10, Jaccard of the last two, cover per candidate, cover − peer's
+    np.testing.assert_allclose(got[0], [0, 0, 0, 0, 0, 0])
+    np.testing.assert_allclose(got[1], [1, 0.1, 0, 0.25, 0.75, 0.5])
+    np.testing.assert_allclose(got[2], [1, 0.2, 1 / 3, 0.25, 0.75, 0.5])
+    assert ("next plan item",) not in seen  # scored against the last plan, never the next
+    assert seen[-1] == ("b", "c")
