@@ -199,10 +199,16 @@ def print_methods(rows: list[dict[str, Any]], title: str) -> None:
             f"{r['llm_calls_per_patient']:.0f}",
         )
     console.print(table)
+    import pandas as pd
+
+    from promptenv.evaluate import above_oracle
+
     console.print(
-        "gap closed = (method − general) / (oracle − general); oracle is told the plan (a "
-        "ceiling, not deployable); pmlm = the policy's prompts, no LLM call per patient."
+        "gap closed = (method − general) / (oracle − general); oracle is told the plan (not "
+        "deployable); pmlm = the policy's prompts, no LLM call per patient."
     )
+    if note := above_oracle(pd.DataFrame(rows)):
+        console.print(note)
 
 
 def check_plan_options(plans: str, plan_header: list[str] | None) -> tuple[str, ...] | None:

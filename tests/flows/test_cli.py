@@ -164,3 +164,21 @@ def _pmlm(prefect_api: str, *args: str) -> str:
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-5000:]
     return output
+
+
+def test_the_methods_table_says_when_a_method_is_above_the_oracle(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from flows.cli import print_methods
+
+    row = {"subset": "adult", "n": 4, "recall_lo": 0.0, "recall_hi": 1.0, "gap_closed": 0.0}
+    rows = [
+        row | {"method": "general", "recall": 0.0, "llm_calls_per_patient": 0},
+        row | {"method": "peer", "recall": 0.5, "llm_calls_per_patient": 0, "gap_closed": 2.0},
+        row | {"method": "oracle", "recall": 0.25, "llm_calls_per_patient": 0, "gap_closed": 1.0},
+    ]
+    print_methods(rows, "methods")
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Above the oracle (adult: peer)" in out
+    print_methods([r for r in rows if r["method"] != "peer"], "methods")
+    assert "Above the oracle" not in capsys.readouterr().out

@@ -106,3 +106,20 @@ def test_the_report_compares_against_the_policy_when_it_was_evaluated() -> None:
     initial_only = rows.assign(method=rows["method"].replace({"pmlm": "peer"}))
     assert paired_baseline(initial_only) == "pmlm_initial"
     assert "| obstetric | recall | peer | 12 | 6 |" in paired_section(initial_only, EvalSettings())
+
+
+def test_above_oracle_names_the_methods_that_beat_the_oracle_per_subset() -> None:
+    from promptenv.evaluate import above_oracle
+
+    table = pd.DataFrame(
+        {
+            "subset": ["adult"] * 3 + ["obstetric"] * 3,
+            "method": ["general", "peer", "oracle"] * 2,
+            "recall": [0.0, 0.5, 0.25, 0.0, 0.5, 0.6],
+        }
+    )
+    note = above_oracle(table)
+    assert note.startswith("Above the oracle (adult: peer)")
+    assert "obstetric" not in note
+    assert above_oracle(table[table["subset"] == "obstetric"]) == ""
+    assert above_oracle(table[table["method"] != "oracle"]) == ""  # no oracle evaluated
