@@ -183,11 +183,12 @@ def print_methods(rows: list[dict[str, Any]], title: str) -> None:
     """The evaluation's table in terminal width: recall with its interval, gap closed, calls
     (`reports/evaluation.md` has every metric)."""
     table = Table(title=title)
+    # no cell wraps: the table fits 80 columns with the longest method name and interval
     for column in ("subset", "method", "n"):
-        table.add_column(column, justify="right" if column == "n" else "left")
-    table.add_column("plan-item recall [95% CI]", justify="right")
-    table.add_column("gap closed", justify="right")
-    table.add_column("LLM calls / patient", justify="right")
+        table.add_column(column, justify="right" if column == "n" else "left", no_wrap=True)
+    table.add_column("plan-item recall\n[95% CI]", justify="right", no_wrap=True)
+    table.add_column("gap\nclosed", justify="right", no_wrap=True)
+    table.add_column("LLM calls\n/ patient", justify="right", no_wrap=True)
     for r in rows:
         gap = r.get("gap_closed")
         table.add_row(

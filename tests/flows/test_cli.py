@@ -180,5 +180,10 @@ def test_the_methods_table_says_when_a_method_is_above_the_oracle(
     print_methods(rows, "methods")
     out = " ".join(capsys.readouterr().out.split())
     assert "Above the oracle (adult: peer)" in out
+    long = row | {"subset": "obstetric", "method": "search_last_16", "n": 120, "recall": 0.2}
+    print_methods([long | {"llm_calls_per_patient": 16, "gap_closed": -0.43}], "methods")
+    lines = capsys.readouterr().out.splitlines()
+    assert max(map(len, lines)) <= 80  # a terminal of 80 columns (rich's default when piped)
+    assert any("search_last_16" in ln and "0.200 [0.000, 1.000]" in ln for ln in lines), lines
     print_methods([r for r in rows if r["method"] != "peer"], "methods")
     assert "Above the oracle" not in capsys.readouterr().out
