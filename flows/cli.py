@@ -182,6 +182,10 @@ def print_summary(summary: dict[str, Any], title: str = "Cohort summary") -> Non
 def print_methods(rows: list[dict[str, Any]], title: str) -> None:
     """The evaluation's table in terminal width: recall with its interval, gap closed, calls
     (`reports/evaluation.md` has every metric)."""
+    import pandas as pd
+
+    from promptenv.evaluate import above_oracle
+
     table = Table(title=title)
     # no cell wraps: the table fits 80 columns with the longest method name and interval
     for column in ("subset", "method", "n"):
@@ -200,10 +204,6 @@ def print_methods(rows: list[dict[str, Any]], title: str) -> None:
             f"{r['llm_calls_per_patient']:.0f}",
         )
     console.print(table)
-    import pandas as pd
-
-    from promptenv.evaluate import above_oracle
-
     console.print(
         "gap closed = (method − general) / (oracle − general); oracle is told the plan (not "
         "deployable); pmlm = the policy's prompts, no LLM call per patient."

@@ -128,7 +128,8 @@ def aggregate(results: pd.DataFrame, settings: EvalSettings) -> pd.DataFrame:
 def above_oracle(table: pd.DataFrame) -> str:
     """A sentence naming, per subset, the methods whose mean recall is above the oracle's
     (the oracle is told the plan, but a small LLM does not always repeat it, so it is no
-    ceiling there and their gap closed exceeds 1); "" when there is none."""
+    ceiling there and their gap closed, above 1 when the oracle beats general, is no share
+    of a gap); "" when there is none."""
     if table.empty or "oracle" not in set(table["method"]):
         return ""
     parts = []
@@ -143,7 +144,7 @@ def above_oracle(table: pd.DataFrame) -> str:
         return ""
     return (
         f"Above the oracle ({'; '.join(parts)}): the LLM told the plan did not repeat all of "
-        "it, so the oracle is no ceiling there and gap closed exceeds 1."
+        "it, so the oracle is no ceiling there and their gap closed is no share of a gap."
     )
 
 
