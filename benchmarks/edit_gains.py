@@ -14,6 +14,8 @@ with the workspace's calibrated `PlanScorer`. For each candidate it prints:
   patients' encounters, predicts that it beats peer (leave-one-patient-out, scikit-learn's
   extra trees on the policy's own observation features `EditCase.features`, the reward
   model's learner): is the per-patient choice predictable from what a policy sees?
+  With more than one candidate, a last row per subset chooses among all of them (the
+  one with the highest predicted gain, if it is above 0; else peer);
 - the same choice with the patient's plan history added to those features
   (`history_features`: what her earlier plans, known at the index time, say; the
   policy's observation does not hold them): would that information make it predictable?
@@ -102,15 +104,28 @@ def history_features(
     return np.asarray(rows, dtype=np.float32)
 
 
-def loo_choice_gain(features: np.ndarray, gain: np.ndarray, patients: np.ndarray) -> np.ndarray:
-    """Per encounter: ``gain`` where a model fitted on the other patients predicts a gain > 0,
-    else 0 (the encounter keeps peer)."""
+def loo_predicted_gain(features: np.ndarray, gain: np.ndarray, patients: np.ndarray) -> np.ndarray:
+    """Per encounter: the gain a model fitted on the OTHER patients' encounters predicts."""
     predicted = np.zeros(len(gain))
     for patient in np.unique(patients):
         out = patients == patient
         model = ExtraTreesRegressor(64, min_samples_leaf=3, random_state=0)
         predicted[out] = model.fit(features[~out], gain[~out]).predict(features[out])
-    return np.where(predicted > 0, gain, 0.0)
+    return predicted
+
+
+def loo_choice_gain(features: np.ndarray, gain: np.ndarray, patients: np.ndarray) -> np.ndarray:
+    """Per encounter: ``gain`` where a model fitted on the other patients predicts a gain > 0,
+    else 0 (the encounter keeps peer)."""
+    return np.where(loo_predicted_gain(features, gain, patients) > 0, gain, 0.0)
+
+
+def best_choice_gain(predicted: np.ndarray, gains: np.ndarray) -> np.ndarray:
+    """Per encounter (rows), the gain of the candidate (columns) with the highest predicted
+    gain when that prediction is > 0, else 0 (peer)."""
+    best = predicted.argmax(axis=1)
+    rows = np.arange(len(best))
+    return np.where(predicted[rows, best] > 0, gains[rows, best], 0.0)
 
 
 def power(
@@ -204,6 +219,19 @@ def main() -> None:
                 powers.append((subset, name, *power(
                     chosen, patients[mask], args.power_patients, args.power_draws, 1000
                 )))  # fmt: skip
+        if len(candidates) > 2:  # the choice among all candidates (and peer) per encounter
+            gains = np.stack(
+                [(metric[n]["recall"] - base["recall"])[mask] for n in list(candidates)[1:]], 1
+            )
+            predicted = np.stack(
+                [loo_predicted_gain(features[mask], g, patients[mask]) for g in gains.T], 1
+            )
+            best = best_choice_gain(predicted, gains)
+            bci = cluster_bootstrap_ci(best, patients[mask], args.reps, 0)
+            print(
+                f"| {subset} | the best of them by features | {int(mask.sum())} | | | | | "
+                f"{best.mean():+.3f} [{bci[0]:+.3f}, {bci[1]:+.3f}] | |"
+            )
     print(f"\npeer: recall {base['recall'].mean():.3f}, reward {base['reward'].mean():.3f}")
     for subset, name, gain, share in powers:
         print(

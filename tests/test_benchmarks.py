@@ -117,3 +117,14 @@ def test_edit_gains_history_features_read_only_the_plans_before_the_index(
     np.testing.assert_allclose(got[2], [1, 0.2, 1 / 3, 0.25, 0.75, 0.5])
     assert ("next plan item",) not in seen  # scored against the last plan, never the next
     assert seen[-1] == ("b", "c")
+
+
+def test_edit_gains_best_choice_takes_the_highest_predicted_gain_or_peer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import numpy as np
+
+    eg = _load("edit_gains", monkeypatch)
+    predicted = np.array([[0.1, 0.3], [-0.2, -0.1], [0.5, 0.0]])
+    gains = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    np.testing.assert_array_equal(eg.best_choice_gain(predicted, gains), [2.0, 0.0, 5.0])
