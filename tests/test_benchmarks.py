@@ -19,17 +19,24 @@ import pytest
 BENCHMARKS = sorted((Path(__file__).parent.parent / "benchmarks").glob("*.py"))
 
 
+def _load(name: str, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """Import ``benchmarks/NAME.py`` (its imports and definitions, not its ``main``)."""
+    path = Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_there_are_benchmarks() -> None:
     assert len(BENCHMARKS) >= 10
 
 
 @pytest.mark.parametrize("path", BENCHMARKS, ids=lambda p: p.name)
 def test_benchmark_imports_and_prints_help(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = importlib.util.spec_from_file_location(f"benchmark_{path.stem}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
+    module = _load(path.stem, monkeypatch)
     assert callable(getattr(module, "main", None)), f"{path.name} has no main()"
     monkeypatch.setattr(sys, "argv", [path.name, "--help"])
     out = io.StringIO()
@@ -37,16 +44,6 @@ def test_benchmark_imports_and_prints_help(path: Path, monkeypatch: pytest.Monke
         module.main()
     assert exited.value.code == 0
     assert "usage:" in out.getvalue()
-
-
-def _load(name: str, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    path = Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_edit_gains_power_counts_the_draws_whose_interval_is_above_zero(
