@@ -198,11 +198,14 @@ def main() -> None:
     powers: list[tuple[str, str, float, float]] = []
     for subset, mask in (("all", np.ones(len(cases), bool)), ("obstetric", obstetric),
                          ("adult", ~obstetric)):  # fmt: skip
+        gains, predicted = [], []  # per candidate: recall − peer, its predicted gain
         for name in list(candidates)[1:]:
             got = metric[name]
             d = {m: (got[m] - base[m])[mask] for m in base}
             ci = {m: cluster_bootstrap_ci(d[m], patients[mask], args.reps, 0) for m in base}
-            chosen = loo_choice_gain(features[mask], d["recall"], patients[mask])
+            gains.append(d["recall"])
+            predicted.append(loo_predicted_gain(features[mask], d["recall"], patients[mask]))
+            chosen = np.where(predicted[-1] > 0, d["recall"], 0.0)
             cci = cluster_bootstrap_ci(chosen, patients[mask], args.reps, 0)
             hist = loo_choice_gain(with_history[mask], d["recall"], patients[mask])
             hci = cluster_bootstrap_ci(hist, patients[mask], args.reps, 0)
@@ -220,13 +223,7 @@ def main() -> None:
                     chosen, patients[mask], args.power_patients, args.power_draws, 1000
                 )))  # fmt: skip
         if len(candidates) > 2:  # the choice among all candidates (and peer) per encounter
-            gains = np.stack(
-                [(metric[n]["recall"] - base["recall"])[mask] for n in list(candidates)[1:]], 1
-            )
-            predicted = np.stack(
-                [loo_predicted_gain(features[mask], g, patients[mask]) for g in gains.T], 1
-            )
-            best = best_choice_gain(predicted, gains)
+            best = best_choice_gain(np.stack(predicted, 1), np.stack(gains, 1))
             bci = cluster_bootstrap_ci(best, patients[mask], args.reps, 0)
             print(
                 f"| {subset} | the best of them by features | {int(mask.sum())} | | | | | "
