@@ -52,7 +52,7 @@ from promptenv.paired import cluster_bootstrap_ci
 from promptenv.policy import PolicySettings, pick_episodes
 from promptenv.prompts import PromptConfig, fixed_config
 from promptenv.reward_model import CoverageProxy
-from promptenv.search import PerPatientSearch
+from promptenv.search import PerPatientSearch, known_plans
 from promptenv.steps import WorkspaceSignals
 
 DEFAULT_EDITS = "add self;add self,fewer self,fewer self;add style"
@@ -71,11 +71,8 @@ def edited(config: PromptConfig, labels: str) -> PromptConfig:
 
 def _item_sets(case: EditCase) -> list[set[str]]:
     """The item sets of the patient's plans known at the index time, oldest first."""
-    ctx = case.context
-    plans = ctx.reference_plans[ctx.reference_plans["n_items"] > 0]
-    plans = plans.sort_values(["time", "encounter_id"])
-    items = ctx.plan_items.groupby("encounter_id")["display"].apply(set)
-    return [items.get(e, set()) for e in plans["encounter_id"]]
+    items = case.context.plan_items.groupby("encounter_id")["display"].apply(set)
+    return [items.get(e, set()) for e in known_plans(case)["encounter_id"]]
 
 
 def history_features(

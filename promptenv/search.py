@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
+import pandas as pd
 
 from promptenv.editing import EditCase, random_edits
 from promptenv.env import AnswerReward, EditChoice, EditMethod
@@ -80,16 +81,22 @@ class RandomEdits:
         return out
 
 
+def known_plans(case: EditCase) -> pd.DataFrame:
+    """The patient's plans with items recorded at or before the case's index time (its
+    context), oldest first."""
+    plans = case.context.reference_plans
+    return plans[plans["n_items"] > 0].sort_values(["time", "encounter_id"])
+
+
 def last_known_plan(case: EditCase) -> tuple[tuple[str, ...], str] | None:
     """(item displays, plan text) of the latest plan with items recorded at or before
     the case's index time (its context), or None when there is none."""
-    ctx = case.context
-    plans = ctx.reference_plans
-    plans = plans[plans["n_items"] > 0]
+    plans = known_plans(case)
     if plans.empty:
         return None
-    last = plans.sort_values(["time", "encounter_id"]).iloc[-1]
-    items = ctx.plan_items[ctx.plan_items["encounter_id"] == last["encounter_id"]]
+    last = plans.iloc[-1]
+    items = case.context.plan_items
+    items = items[items["encounter_id"] == last["encounter_id"]]
     return tuple(items.sort_values("position")["display"]), str(last["plan_text"])
 
 
@@ -243,5 +250,6 @@ __all__ = [
     "case_seed",
     "edit_methods",
     "is_edit_method",
+    "known_plans",
     "last_known_plan",
 ]

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from echo_llm import history_signals
 from stable_baselines3.common.env_checker import check_env
+from stable_baselines3.common.logger import Logger
 
 from promptenv.editing import (
     EDITS,
@@ -221,6 +222,7 @@ def test_a_restricted_edit_space_allows_only_its_edits_and_stop(cases: list[Edit
     assert set(np.flatnonzero(env.action_masks())) == {STOP, action("fewer self")}
 
     model = MaskablePPO("MlpPolicy", env, n_steps=32, batch_size=16, seed=0, device="cpu")
+    model.set_logger(Logger(folder=None, output_formats=[]))  # else an empty /tmp/SB3-<date>
     model.learn(64)
     for deterministic in (True, False):
         policy = policy_in_training(model, peer, 3, allowed)

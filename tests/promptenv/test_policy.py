@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from echo_llm import EchoBackend, history_signals
+from stable_baselines3.common.logger import Logger
 
 from promptenv.editing import EditCase, build_cases
 from promptenv.env import AnswerReward
@@ -160,6 +161,7 @@ def test_maskable_ppo_learns_the_edits_that_pay(
     model = MaskablePPO(
         "MlpPolicy", env, n_steps=128, batch_size=64, learning_rate=1e-3, seed=0, device="cpu"
     )
+    model.set_logger(Logger(folder=None, output_formats=[]))  # else an empty /tmp/SB3-<date>
     model.learn(1536)
     policy = Policy(model, PolicyInfo(settings=PolicySettings(max_edits=6)))
     initial = np.mean([shorter(c, INITIAL_CONFIG) for c in cases])
