@@ -109,8 +109,17 @@ class Embedder:
         if self._model is None:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             from sentence_transformers import SentenceTransformer
+            from transformers.utils import logging as hf_logging
 
-            self._model = SentenceTransformer(str(self.path), device="cpu")
+            # a local model's "Loading weights" bar is noise in the main job's output;
+            # the caller's own setting is restored after
+            shown = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()
+            try:
+                self._model = SentenceTransformer(str(self.path), device="cpu")
+            finally:
+                if shown:
+                    hf_logging.enable_progress_bar()
         return self._model
 
     def embed(self, texts: Sequence[str]) -> NDArray[np.float32]:

@@ -103,3 +103,18 @@ def test_choose_threshold_bounds_false_matches() -> None:
         choose_threshold([0.1], negatives)
     with pytest.raises(ValueError):
         choose_threshold([], [0.1])
+
+
+def test_loading_the_embedder_prints_no_progress_bar_and_keeps_the_callers_setting(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    from transformers.utils import logging as hf_logging
+
+    from promptenv.reward import Embedder
+
+    hf_logging.enable_progress_bar()  # as in a fresh process
+    capfd.readouterr()
+    assert Embedder().embed(["routine antenatal care"]).shape == (1, 384)
+    out, err = capfd.readouterr()
+    assert "Loading weights" not in out + err
+    assert hf_logging.is_progress_bar_enabled()
