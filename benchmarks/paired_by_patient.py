@@ -7,6 +7,11 @@ too), against any base method and on any subset. Reads the per-answer rows that
 
     .venv/bin/python benchmarks/paired_by_patient.py pmlm-workspace/reports/evaluation_results.parquet \\
         --base pmlm_initial --metric recall --subset obstetric
+
+Several files (one per cohort, each with its own trained or fallen-back policy) are
+pooled: their patients are kept apart even where two cohorts reuse an id, so the
+interval resamples the patients of all cohorts together. A pooled ``pmlm`` row is what
+each cohort deployed, not one policy.
 """
 
 from __future__ import annotations
@@ -37,16 +42,36 @@ def paired_by_patient(
     )
 
 
+def pooled(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """The per-answer rows of several evaluations as one, each cohort's patient and encounter
+    ids prefixed by its position (``0:``, ``1:``, ...); one frame is returned unchanged."""
+    if len(frames) == 1:
+        return frames[0]
+    tagged = [
+        rows.assign(
+            patient_id=f"{i}:" + rows["patient_id"].astype(str),
+            encounter_id=f"{i}:" + rows["encounter_id"].astype(str),
+        )
+        for i, rows in enumerate(frames)
+    ]
+    return pd.concat(tagged, ignore_index=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", type=Path, help="reports/evaluation_results.parquet")
+    parser.add_argument(
+        "results",
+        type=Path,
+        nargs="+",
+        help="reports/evaluation_results.parquet; several (one per cohort) are pooled",
+    )
     parser.add_argument("--base", default="pmlm_initial")
     parser.add_argument("--metric", default="recall")
     parser.add_argument("--subset", choices=["obstetric", "adult", "all"], default="obstetric")
     parser.add_argument("--draws", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    rows = pd.read_parquet(args.results)
+    rows = pooled([pd.read_parquet(path) for path in args.results])
     if args.subset != "all":
         rows = rows[rows[f"in_{args.subset}"]]
     print(

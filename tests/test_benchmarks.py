@@ -125,3 +125,32 @@ def test_edit_gains_best_choice_takes_the_highest_predicted_gain_or_peer(
     predicted = np.array([[0.1, 0.3], [-0.2, -0.1], [0.5, 0.0]])
     gains = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
     np.testing.assert_array_equal(eg.best_choice_gain(predicted, gains), [2.0, 0.0, 5.0])
+
+
+def test_paired_by_patient_pools_cohorts_and_keeps_their_patients_apart(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import pandas as pd
+
+    pbp = _load("paired_by_patient", monkeypatch)
+
+    def cohort(gain: float) -> pd.DataFrame:  # two patients, p1 and p2, in every cohort
+        return pd.DataFrame(
+            [
+                {"encounter_id": f"e{p}{k}", "patient_id": f"p{p}", "method": m, "recall": r}
+                for p in (1, 2)
+                for k in range(p)  # p1 has one encounter, p2 two
+                for m, r in (("peer", 0.5), ("pmlm", 0.5 + gain * p))
+            ]
+        )
+
+    one, two = cohort(0.1), cohort(-0.1)
+    assert pbp.pooled([one]) is one
+    table = pbp.paired_by_patient(pbp.pooled([one, two]), "peer", "recall", draws=200)
+    row = table.set_index("method").loc["pmlm"]
+    assert (row["encounters"], row["patients"]) == (6, 4)  # p1 of one cohort is not p1 of the other
+    # the encounter-weighted mean over both cohorts: (0.1 + 0.2 + 0.2) − (0.1 + 0.2 + 0.2) = 0
+    assert row["recall - peer"] == pytest.approx(0.0)
+    assert row["ci_low"] < 0 < row["ci_high"]
+    alone = pbp.paired_by_patient(one, "peer", "recall", draws=200).set_index("method")
+    assert alone.loc["pmlm", "recall - peer"] == pytest.approx(0.5 / 3, abs=1e-3)  # rounded
