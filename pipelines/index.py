@@ -25,10 +25,13 @@ from pipelines.schemas import INDEX_ENCOUNTERS, SPLITS
 DEFAULT_SPLIT_SEED: Final = 0
 DEFAULT_FRACTIONS: Final = (0.7, 0.15, 0.15)
 
-#: Words that mark obstetric care in encounter types, reasons and event displays.
+#: Words that mark obstetric care in encounter types, reasons and event displays. Labour
+#: is a whole word and not the labour force: "Laboratory test" and the social-history
+#: finding "Not in labor force" (recorded at general check-ups, men's too) are not
+#: obstetric.
 OBSTETRIC_PATTERN: Final = re.compile(
     r"pregnan|prenatal|antenatal|antepartum|obstetric|fetal|fetus|gestation|"
-    r"labor|delivery|postpartum|postnatal|miscarriage|eclampsia|trimester|"
+    r"\blabou?r\b(?!\s+force)|delivery|postpartum|postnatal|miscarriage|eclampsia|trimester|"
     r"cesarean|caesarean|placent|amnio|episiotomy|childbirth|tubal pregnancy",
     re.IGNORECASE,
 )

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from pipelines.clinical import active_pregnancies
-from pipelines.index import context_as_of, split_of
-from pipelines.schemas import INDEX_ENCOUNTERS, SPLITS
+from pipelines.index import OBSTETRIC_PATTERN, _obstetric_flags, context_as_of, split_of
+from pipelines.schemas import EVENTS, INDEX_ENCOUNTERS, SPLITS
 
 
 def test_split_is_per_patient_deterministic_and_near_its_fractions() -> None:
@@ -131,3 +131,52 @@ def test_leakage_guard_cuts_a_planted_future(default_tables: dict[str, pd.DataFr
 def test_unknown_encounter_is_a_clear_error(default_tables: dict[str, pd.DataFrame]) -> None:
     with pytest.raises(KeyError, match="is not an index encounter"):
         context_as_of(default_tables, "no-such-encounter")
+
+
+@pytest.mark.parametrize(
+    ("display", "obstetric"),
+    [
+        ("Medical induction of labor (procedure)", True),
+        ("Augmentation of labor (procedure)", True),
+        ("Labour pains (finding)", True),
+        ("Premature labor", True),
+        ("Instrumental delivery (procedure)", True),
+        ("Pre-eclampsia (disorder)", True),
+        ("Preeclampsia", True),
+        ("Auscultation of the fetal heart (procedure)", True),
+        ("Laboratory test (procedure)", False),
+        ("Not in labor force (finding)", False),
+        ("Collaborative care", False),
+        ("General examination of patient (procedure)", False),
+    ],
+)
+def test_the_obstetric_pattern_reads_labour_as_a_word(display: str, obstetric: bool) -> None:
+    assert bool(OBSTETRIC_PATTERN.search(display)) is obstetric
+
+
+def test_a_mans_check_up_with_the_labour_force_finding_is_not_obstetric() -> None:
+    """Synthea records "Not in labor force" at general check-ups, men's too: it flagged them."""
+    t0 = pd.Timestamp("2025-01-01", tz="UTC")
+    idx = pd.DataFrame(
+        {"encounter_id": ["e1", "e2"], "patient_id": ["m", "w"], "index_time": [t0, t0]}
+    )
+    enc = pd.DataFrame(
+        {
+            "encounter_id": ["e1", "e2"],
+            "type_display": ["General examination of patient (procedure)", "Prenatal visit"],
+            "reason_display": [None, None],
+        }
+    )
+    shown = {
+        "Not in labor force (finding)": "observation",
+        "Laboratory test (procedure)": "procedure",
+    }
+    events = pd.DataFrame(
+        [
+            {"event_id": f"v{i}", "patient_id": "m", "encounter_id": "e1", "time": t0}
+            | {"recorded_time": t0, "kind": kind, "display": display}
+            for i, (display, kind) in enumerate(shown.items())
+        ],
+        columns=EVENTS.names,
+    )
+    assert _obstetric_flags(idx, enc, events).tolist() == [False, True]
