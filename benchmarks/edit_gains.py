@@ -111,10 +111,15 @@ def loo_predicted_gain(features: np.ndarray, gain: np.ndarray, patients: np.ndar
     return predicted
 
 
+def choice_gain(predicted: np.ndarray, gain: np.ndarray) -> np.ndarray:
+    """Per encounter: ``gain`` where ``predicted`` is > 0, else 0 (the encounter keeps peer)."""
+    return np.where(predicted > 0, gain, 0.0)
+
+
 def loo_choice_gain(features: np.ndarray, gain: np.ndarray, patients: np.ndarray) -> np.ndarray:
     """Per encounter: ``gain`` where a model fitted on the other patients predicts a gain > 0,
     else 0 (the encounter keeps peer)."""
-    return np.where(loo_predicted_gain(features, gain, patients) > 0, gain, 0.0)
+    return choice_gain(loo_predicted_gain(features, gain, patients), gain)
 
 
 def best_choice_gain(predicted: np.ndarray, gains: np.ndarray) -> np.ndarray:
@@ -202,7 +207,7 @@ def main() -> None:
             ci = {m: cluster_bootstrap_ci(d[m], patients[mask], args.reps, 0) for m in base}
             gains.append(d["recall"])
             predicted.append(loo_predicted_gain(features[mask], d["recall"], patients[mask]))
-            chosen = np.where(predicted[-1] > 0, d["recall"], 0.0)
+            chosen = choice_gain(predicted[-1], d["recall"])
             cci = cluster_bootstrap_ci(chosen, patients[mask], args.reps, 0)
             hist = loo_choice_gain(with_history[mask], d["recall"], patients[mask])
             hci = cluster_bootstrap_ci(hist, patients[mask], args.reps, 0)
