@@ -184,7 +184,7 @@ def print_methods(rows: list[dict[str, Any]], title: str) -> None:
     (`reports/evaluation.md` has every metric)."""
     import pandas as pd
 
-    from promptenv.evaluate import above_oracle
+    from promptenv.evaluate import gap_note
 
     table = Table(title=title)
     # no cell wraps: the table fits 80 columns with the longest method name and interval
@@ -208,7 +208,7 @@ def print_methods(rows: list[dict[str, Any]], title: str) -> None:
         "gap closed = (method − general) / (oracle − general); oracle is told the plan (not "
         "deployable); pmlm = the policy's prompts, no LLM call per patient."
     )
-    if note := above_oracle(pd.DataFrame(rows)):
+    if note := gap_note(pd.DataFrame(rows)):
         console.print(note)
 
 

@@ -154,7 +154,7 @@ def evaluate_cmd(
     ] = False,
 ) -> None:
     """Compare methods on the same test encounters with the same LLM; write the table to reports/."""
-    from promptenv.evaluate import EvalSettings, above_oracle, markdown_table
+    from promptenv.evaluate import EvalSettings, gap_note, markdown_table
     from promptenv.judge import PlanJudge
     from promptenv.llm import BackendConfigError, BackendSpecError
     from promptenv.steps import (
@@ -198,7 +198,7 @@ def evaluate_cmd(
             tick=tick,
         )
     console.print(markdown_table(result.table), markup=False)
-    if note := above_oracle(result.table):
+    if note := gap_note(result.table):
         console.print(note, markup=False)
     if files.verdict:
         console.print(f"\n{files.verdict}", markup=False, soft_wrap=True)

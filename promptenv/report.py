@@ -32,7 +32,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from pipelines.workspace import atomic_write_bytes
-from promptenv.evaluate import SUBSETS, Evaluation, above_oracle, markdown_table
+from promptenv.evaluate import SUBSETS, Evaluation, gap_note, markdown_table
 
 REPORT_FILE = "report.md"
 RECALL_PLOT = "report_recall.png"
@@ -283,7 +283,7 @@ def write_report(
         "Means over the same test encounters with bootstrap 95% confidence intervals "
         "[low, high]; gap closed = (method − general) / (oracle − general) on plan-item recall; "
         "LLM calls/patient = calls spent to build one prompt (one more call answers it). "
-        + above_oracle(table),
+        + gap_note(table),
         "",
         markdown_table(table),
         "",

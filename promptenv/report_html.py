@@ -34,7 +34,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from pipelines.workspace import atomic_write_bytes
-from promptenv.evaluate import Evaluation, above_oracle
+from promptenv.evaluate import Evaluation, gap_note
 from promptenv.policy_info import PolicyInfo, ValidationPoint
 from promptenv.report import (
     calls_figure,
@@ -371,7 +371,7 @@ def render_html(
         _img(recall_figure(table), "Plan-item recall per method with 95% CIs", "recall-plot"),
         '<h2 id="gap">Gap closed</h2>',
         "<p>(method − general) / (oracle − general) on plan-item recall: 0% is the general "
-        f"prompt, 100% the oracle that is told the plan. {_h(above_oracle(table))}</p>",
+        f"prompt, 100% the oracle that is told the plan. {_h(gap_note(table))}</p>",
         _gap_bars(table),
         '<h2 id="calls">Quality against LLM calls per patient</h2>',
         _img(calls_figure(table), "Recall and reward against LLM calls", "calls-plot"),

@@ -33,7 +33,7 @@ from pipelines.ingest import load_tables
 from pipelines.schemas import PATIENT_TABLES
 from pipelines.workspace import MissingTableError, Workspace, atomic_write_bytes
 from promptenv.encounters import CALIBRATION_ENCOUNTERS
-from promptenv.evaluate import EvalSettings, Evaluation, above_oracle
+from promptenv.evaluate import EvalSettings, Evaluation, gap_note
 from promptenv.fragments import PatientSignals
 from promptenv.llm import LLMClient
 from promptenv.policy import Policy, PolicySettings, TrainedPolicy, load_policy
@@ -413,7 +413,7 @@ def write_evaluation(ws: Workspace, result: Evaluation, client: LLMClient) -> Ev
         f"# Methods compared\n\nLLM: {result.llm}. Matching threshold {result.calibration['threshold']} "
         f"({result.calibration['chosen_on']}). LLM cache: {stats.hits} hits, {stats.misses} misses.\n\n"
         "Means with bootstrap 95% confidence intervals; gap closed = (method − general) / (oracle − general) "
-        f"on plan-item recall. {above_oracle(result.table)}\n\n"
+        f"on plan-item recall. {gap_note(result.table)}\n\n"
     )
     path = ws.reports_dir / "evaluation.md"
     settings = EvalSettings()
