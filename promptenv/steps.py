@@ -404,7 +404,7 @@ def write_evaluation(ws: Workspace, result: Evaluation, client: LLMClient) -> Ev
     from promptenv.paired import paired_section
     from promptenv.report import write_report
     from promptenv.report_html import write_html_report
-    from promptenv.verdict import verdict
+    from promptenv.verdict import closing_verdict
 
     ws.reports_dir.mkdir(parents=True, exist_ok=True)
     result.results.to_parquet(ws.reports_dir / "evaluation_results.parquet", index=False)
@@ -420,7 +420,7 @@ def write_evaluation(ws: Workspace, result: Evaluation, client: LLMClient) -> Ev
     section = paired_section(result.results, settings)
     paired = "\n\n" + section if section else ""
     # the same resamples as the paired table: its figures are the sentence's, sign flipped
-    sentence = verdict(result.results, reps=settings.bootstrap, seed=settings.seed)
+    sentence = closing_verdict(result.results, reps=settings.bootstrap, seed=settings.seed)
     closing = f"\n\n**{sentence}**" if sentence else ""
     atomic_write_bytes(
         path, (header + markdown_table(result.table) + paired + closing + "\n").encode()

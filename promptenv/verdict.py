@@ -1,5 +1,8 @@
 """The evaluation in one plain sentence: did PMLM beat the best fixed prompt and the bare question?
 
+`closing_verdict` is the sentence the evaluation ends with: on obstetric test
+encounters, or on adult ones where there is no obstetric encounter.
+
 `verdict` compares the policy's prompts (``pmlm``) on the evaluated test
 encounters with two others, on plan-item recall, paired over the encounters
 both answered, with 95% intervals bootstrapped over PATIENTS
@@ -21,6 +24,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
+from promptenv.evaluate import SUBSETS
 from promptenv.paired import paired_table
 
 #: Fixed prompts a deployment could use (no plan, no LLM call per patient), the bare question first.
@@ -95,4 +99,20 @@ def verdict(
     )
 
 
-__all__ = ["FIXED_PROMPTS", "verdict"]
+def closing_verdict(results: pd.DataFrame, reps: int = 10_000, seed: int = 0) -> str:
+    """The evaluation's closing sentence: `verdict` on the first subset of `SUBSETS`
+    (obstetric) the evaluation holds encounters of, saying so when it is not the first (a
+    cohort of men has no obstetric encounter); "" when there is nothing to judge."""
+    first = SUBSETS[0]
+    for subset in SUBSETS:
+        column = f"in_{subset}"
+        if column not in results or not results[column].any():
+            continue
+        sentence = verdict(results, subset, reps=reps, seed=seed)
+        if subset == first or not sentence:
+            return sentence
+        return f"No {first} encounter among the test patients evaluated. {sentence}"
+    return ""
+
+
+__all__ = ["FIXED_PROMPTS", "closing_verdict", "verdict"]

@@ -88,3 +88,18 @@ def test_prompts_that_are_the_best_fixed_ones_are_said_to_be_the_same() -> None:
     assert "(peer, " in sentence and "+0.000 [+0.000, +0.000]" in sentence
     assert "-0.000" not in sentence
     assert "PMLM gives the same recall as the best fixed prompt on them (peer)" in sentence
+
+
+def test_without_obstetric_encounters_the_sentence_is_on_the_adult_ones() -> None:
+    from promptenv.verdict import closing_verdict
+
+    rows = _results({"general": 0.1, "peer": 0.4, "pmlm": 0.4}, 0.02)
+    assert closing_verdict(rows, reps=500).startswith("On 20 obstetric test encounters")
+    men = rows.assign(in_obstetric=False, in_adult=True)  # a cohort of men
+    sentence = closing_verdict(men, reps=500)
+    assert sentence.startswith(
+        "No obstetric encounter among the test patients evaluated. On 20 adult test encounters"
+    )
+    assert sentence.endswith("and beats the bare question (general).")
+    assert closing_verdict(men[men["method"] != "pmlm"], reps=500) == ""
+    assert closing_verdict(men.assign(in_adult=False), reps=500) == ""
