@@ -282,9 +282,12 @@ def evaluate(
     n_calibration: int = CALIBRATION_ENCOUNTERS,
     seed: int = 0,
     max_calls: int | None = None,
+    make_up: bool = False,
 ) -> EvaluationOutcome:
     """Compare ``methods`` (default: every method of `promptenv.prompts.METHODS`) on the same
-    test encounters with the LLM named by ``backend``; writes ``reports/evaluation.md``."""
+    test encounters with the LLM named by ``backend``; writes ``reports/evaluation.md``.
+    ``make_up``: where one subset has fewer test encounters than asked, the other makes up
+    the difference."""
     outcome: EvaluationOutcome = evaluate_with_llm(
         _workspace(workspace),
         backend,
@@ -294,6 +297,7 @@ def evaluate(
         n_calibration,
         seed,
         max_calls,
+        make_up,
     )
     publish_flow_summary(
         "pmlm-evaluate",
@@ -355,7 +359,8 @@ def pmlm_pipeline(
     """The main job: build (data, recommender) → train_policy → refine (signals, then the
     initial and the policy's prompts, one table) → evaluate → export.
 
-    ``n_obstetric`` and ``n_adult`` test encounters are evaluated with the LLM
+    ``n_obstetric`` and ``n_adult`` test encounters (one subset's shortfall made up by the
+    other: a cohort of men gets ``n_obstetric + n_adult`` adult ones) are evaluated with the LLM
     ``backend`` (``eval_methods``, default `MAIN_JOB_METHODS`); ``task_runner`` (threads or dask, with ``dask_address``) runs
     the batches of signals and prompts (refine's); ``policy_timesteps`` PPO steps on ``policy_encounters``
     training encounters train the policy (see `quick_policy_settings`). ``ingest``: the
@@ -395,6 +400,7 @@ def pmlm_pipeline(
         n_obstetric=n_obstetric,
         n_adult=n_adult,
         n_calibration=n_calibration,
+        make_up=True,
     )
     exported = export(ws, [*prompt_methods, "pmlm"])
     publish_flow_summary(

@@ -343,8 +343,10 @@ def evaluate_with_llm(
     n_calibration: int,
     seed: int = 0,
     max_calls: int | None = None,
+    make_up: bool = False,
 ) -> EvaluationOutcome:
-    """Every method on the same test encounters with one LLM (`promptenv.steps.evaluate_workspace`)."""
+    """Every method on the same test encounters with one LLM (`promptenv.steps.evaluate_workspace`);
+    ``make_up``: one subset's shortfall of encounters is taken from the other."""
     from promptenv.evaluate import EvalSettings, markdown_table
     from promptenv.steps import budgeted_client, evaluate_workspace, policy_if_needed
 
@@ -352,7 +354,11 @@ def evaluate_with_llm(
     policy = policy_if_needed(ws, list(methods))
     client = budgeted_client(backend, ws, max_calls)
     settings = EvalSettings(
-        n_obstetric=n_obstetric, n_adult=n_adult, n_calibration=n_calibration, seed=seed
+        n_obstetric=n_obstetric,
+        n_adult=n_adult,
+        n_calibration=n_calibration,
+        seed=seed,
+        make_up=make_up,
     )
     result, files = evaluate_workspace(
         ws, client, methods, settings, progress=_progress(), policy=policy

@@ -14,7 +14,8 @@ encounters, the seed or the calibration encounters' plans changed
 (`Calibration.fingerprint`).
 
 How many encounters: `CALIBRATION_ENCOUNTERS` (20: 10 obstetric, 10 adult
-validation encounters of 14 patients on the default cohort). With the local
+validation encounters of 14 patients on the default cohort; one subset's shortfall
+is made up by the other). With the local
 SmolLM2 the threshold's sd over five sample seeds was 0.025 on 20 encounters and
 0.033 on 40: more encounters of the same 19 validation patients do not steady
 it, and 20 cost half the calls (docs/policy.md).
@@ -92,9 +93,13 @@ class Calibration:
 
 
 def calibration_encounters(index: pd.DataFrame, n: int, seed: int = 0) -> pd.DataFrame:
-    """The validation encounters that choose the threshold: ``n // 2`` obstetric, ``n // 2`` adult."""
+    """The validation encounters that choose the threshold: ``n // 2`` obstetric, ``n // 2``
+    adult, and where one subset has fewer (a cohort of men has no obstetric encounter), the
+    other makes up the difference."""
+    half = n // 2
     return pick_encounters(
-        index, EvalSettings(split="validation", n_obstetric=n // 2, n_adult=n // 2, seed=seed)
+        index,
+        EvalSettings(split="validation", n_obstetric=half, n_adult=half, seed=seed, make_up=True),
     )
 
 
@@ -185,6 +190,22 @@ def calibration_fingerprint(
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def describe(rows: pd.DataFrame, asked: int) -> str:
+    """The calibration encounters in words: how many, of which subsets and patients, and
+    why fewer than ``asked`` when the validation split holds no more."""
+    ob, ad = int(rows["in_obstetric"].sum()), int(rows["in_adult"].sum())
+    text = (
+        f"{len(rows)} validation encounters ({ob} obstetric, {ad} adult; "
+        f"{rows['patient_id'].nunique()} patients)"
+    )
+    if ob + ad < 2 * (asked // 2):
+        text += (
+            f": {asked} were asked, and the validation split has no more at "
+            f"{EvalSettings().max_per_patient} per patient"
+        )
+    return text
+
+
 def calibrated_scorer(
     client: LLMClient,
     tables: Mapping[str, pd.DataFrame],
@@ -201,7 +222,7 @@ def calibrated_scorer(
     rows = calibration_encounters(tables["index_encounters"], n_encounters, seed)
     refs = references(tables, rows)
     if progress:
-        progress(f"calibrating the matching threshold on {len(rows)} validation encounters")
+        progress(f"calibrating the matching threshold on {describe(rows, n_encounters)}")
     scorer = PlanScorer()
     found = calibrate_threshold(client, rows, refs, scorer, params, concurrency, max_false_match)
     calibration = Calibration(

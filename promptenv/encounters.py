@@ -11,7 +11,7 @@ choose their encounters here.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -39,15 +39,34 @@ class EvalSettings:
     bootstrap: int = 1000
     n_calibration: int = CALIBRATION_ENCOUNTERS
     max_false_match: float = 0.05
+    #: where one subset has fewer encounters than asked (a cohort of men has no obstetric
+    #: one), the other makes up the difference
+    make_up: bool = False
 
 
 def pick_encounters(index: pd.DataFrame, settings: EvalSettings) -> pd.DataFrame:
     """Index encounters of ``settings.split`` in both subsets: at most ``max_per_patient`` per
-    patient, seeded.
+    patient, seeded; with ``make_up``, one subset's shortfall is taken from the other (the
+    samples are seeded prefixes, so the encounters chosen without it stay chosen).
 
     Returns the chosen rows of ``index_encounters`` with boolean columns
     ``in_obstetric`` and ``in_adult`` (an encounter may be in both).
     """
+    chosen = _pick(index, settings)
+    if settings.make_up:
+        short_obstetric = settings.n_obstetric - int(chosen["in_obstetric"].sum())
+        short_adult = settings.n_adult - int(chosen["in_adult"].sum())
+        if short_obstetric > 0 or short_adult > 0:
+            more = replace(
+                settings,
+                n_obstetric=settings.n_obstetric + max(short_adult, 0),
+                n_adult=settings.n_adult + max(short_obstetric, 0),
+            )
+            chosen = _pick(index, more)
+    return chosen
+
+
+def _pick(index: pd.DataFrame, settings: EvalSettings) -> pd.DataFrame:
     pool = index[index["split"] == settings.split]
     rng = np.random.default_rng(settings.seed)
 

@@ -94,3 +94,31 @@ def test_a_stored_calibration_that_is_not_one_says_what_to_do(tmp_path: Path) ->
     path.write_text("[1, 2]")
     with pytest.raises(ValueError, match="delete it"):
         read_calibration(path)
+
+
+def test_a_subset_the_validation_split_lacks_is_made_up_by_the_other(
+    default_tables: dict[str, pd.DataFrame],
+) -> None:
+    from promptenv.calibration import calibration_encounters, describe
+    from promptenv.encounters import pick_encounters
+
+    index = default_tables["index_encounters"]
+    usual = calibration_encounters(index, 20)
+    assert (usual["in_obstetric"].sum(), usual["in_adult"].sum()) == (10, 10)
+    men = index.assign(is_obstetric=False)  # a cohort with no obstetric encounter
+    only_adult = calibration_encounters(men, 20)
+    assert (only_adult["in_obstetric"].sum(), only_adult["in_adult"].sum()) == (0, 20)
+    # topping up keeps the adult encounters chosen without it
+    plain = pick_encounters(men, EvalSettings(split="validation", n_obstetric=10, n_adult=10))
+    assert len(plain) == 10 and set(plain["encounter_id"]) < set(only_adult["encounter_id"])
+    assert describe(only_adult, 20) == (
+        f"20 validation encounters (0 obstetric, 20 adult; "
+        f"{only_adult['patient_id'].nunique()} patients)"
+    )
+    # a validation split of two patients holds no more than 3 encounters of each per subset
+    two = sorted(index.loc[index["split"] == "validation", "patient_id"].unique())[:2]
+    small = men[men["split"].ne("validation") | men["patient_id"].isin(two)]
+    few = calibration_encounters(small, 20)
+    assert len(few) <= 6 and describe(few, 20).endswith(
+        ": 20 were asked, and the validation split has no more at 3 per patient"
+    )

@@ -158,3 +158,20 @@ def test_gap_note_names_the_methods_that_beat_the_oracle_per_subset() -> None:
     assert "obstetric" not in note
     assert gap_note(table[table["subset"] == "obstetric"]) == ""
     assert gap_note(table[table["method"] != "oracle"]) == ""  # no oracle evaluated
+
+
+def test_the_main_jobs_sample_makes_up_a_missing_subset_from_the_other(
+    default_tables: dict[str, pd.DataFrame],
+) -> None:
+    from promptenv.encounters import pick_encounters
+
+    index = default_tables["index_encounters"]
+    asked = EvalSettings(n_obstetric=12, n_adult=4, make_up=True)
+    usual = pick_encounters(index, asked)
+    assert usual.equals(pick_encounters(index, EvalSettings(n_obstetric=12, n_adult=4)))
+    men = index.assign(is_obstetric=False)
+    made_up = pick_encounters(men, asked)
+    assert (made_up["in_obstetric"].sum(), made_up["in_adult"].sum()) == (0, 16)
+    exact = pick_encounters(men, EvalSettings(n_obstetric=12, n_adult=4))  # pmlm evaluate's
+    assert (exact["in_obstetric"].sum(), exact["in_adult"].sum()) == (0, 4)
+    assert set(exact["encounter_id"]) < set(made_up["encounter_id"])  # kept, and 12 more
