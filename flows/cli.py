@@ -413,7 +413,7 @@ def run_cmd(
         str,
         typer.Option(
             "--task-runner",
-            help="Where the batches of signals and prompts run: threads (this process) "
+            help="Where the batches of signals and prompts run: threads (2 in this process) "
             "or dask (a local cluster, or the scheduler of --dask-address).",
         ),
     ] = "threads",

@@ -202,6 +202,38 @@ def test_the_build_on_a_two_worker_dask_cluster_gives_the_same_prompt_table(
     assert on_dask.equals(_prompts(built_workspace).drop(columns="created_at"))
 
 
+def test_the_flows_fan_batches_out_to_a_bounded_pool_of_threads(prefect_server: str) -> None:
+    """Prefect's default thread pool is unbounded: every batch of Eunomia's prompt table ran
+    at once, each with its own copy of the training states (13.1 GB)."""
+    import threading
+    import time
+
+    from prefect import flow, task
+
+    from flows.pipeline import build, make_task_runner, refine, refresh
+
+    lock, running, most = threading.Lock(), [0], [0]
+
+    @task
+    def batch(i: int) -> int:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.2)
+        with lock:
+            running[0] -= 1
+        return i
+
+    @flow(task_runner=make_task_runner())
+    def fan_out() -> list[int]:
+        return list(batch.map(range(8)).result())
+
+    assert fan_out() == list(range(8))
+    assert most[0] == 2
+    for fanned in (build, refresh, refine):
+        assert fanned.task_runner == make_task_runner()  # the same bound (Prefect compares it)
+
+
 def test_task_runner_and_source_are_checked() -> None:
     from flows.pipeline import make_task_runner
     from flows.tasks import prepare_cohort
