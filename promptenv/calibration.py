@@ -14,7 +14,7 @@ encounters, the seed or the calibration encounters' plans changed
 (`Calibration.fingerprint`).
 
 How many encounters: `CALIBRATION_ENCOUNTERS` (20: 10 obstetric, 10 adult
-validation encounters of 14 patients on the default cohort; one subset's shortfall
+validation encounters of 9 patients on the default cohort; one subset's shortfall
 is made up by the other). With the local
 SmolLM2 the threshold's sd over five sample seeds was 0.025 on 20 encounters and
 0.033 on 40: more encounters of the same 19 validation patients do not steady
