@@ -27,6 +27,7 @@ from pipelines.export import (
     sql_engine,
     write_jsonl,
 )
+from pipelines.lock import LOCK_FILE
 from pipelines.workspace import MissingTableError, Workspace
 from promptenv.prompt_table import PROMPTS_SCHEMA
 
@@ -345,8 +346,13 @@ def test_sql_readers_see_the_old_or_the_new_row_count_never_part(
 
 
 def snapshot(folder: Path) -> dict[str, Any]:
-    """Everything a reader of an export can read: file bytes and the SQL rows."""
-    files = {p.name: p.read_bytes() for p in folder.iterdir() if p.suffix != ".sqlite"}
+    """Everything a reader of an export can read: file bytes and the SQL rows (not the lock
+    file, which names its last holder and when: two exports a second apart differ there)."""
+    files = {
+        p.name: p.read_bytes()
+        for p in folder.iterdir()
+        if p.suffix != ".sqlite" and p.name != LOCK_FILE
+    }
     rows = read_sql(f"sqlite:///{folder / 'prompts.sqlite'}", "prompts", PROMPTS_SCHEMA)
     return {"files": files, "sql": rows}
 

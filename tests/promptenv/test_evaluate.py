@@ -110,7 +110,7 @@ def test_the_report_compares_against_the_policy_when_it_was_evaluated() -> None:
 
 
 def test_no_gap_closed_where_the_oracle_is_hardly_above_general() -> None:
-    from promptenv.evaluate import MIN_GAP, EvalSettings, aggregate, gap_note
+    from promptenv.evaluate import MIN_GAP, aggregate, gap_note
 
     # the main job's adult rows on 2026-12-07: oracle 0.042, general 0.021, self 0.292
     recall = {"general": 0.021, "self": 0.292, "peer": 0.0, "oracle": 0.042}
